@@ -1,0 +1,80 @@
+"""The model package contract shared by training, the registry, the deployer and the edge.
+
+A model package is a directory (or a Greengrass artifact folder) holding
+``model.onnx`` and ``model.json`` (the model card).  The ONNX graph takes
+``INPUT_NAME`` shaped ``(batch, len(FEATURES), *WINDOW_SHAPE)`` float32 of
+z-scored, denoised features and returns ``OUTPUT_NAME`` of the same shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+# The sample's six features, in model input order.
+FEATURES = ("roll", "pitch", "yaw", "wind_speed_rps", "rps", "voltage")
+WINDOW = 100  # samples per window
+WINDOW_SHAPE = (10, 10)  # a window reshaped for the Conv2d autoencoder
+STRIDE = 10  # a window is scored every STRIDE new samples
+INPUT_NAME = "windows"
+OUTPUT_NAME = "reconstruction"
+OPSET = 17
+MODEL_FILE = "model.onnx"
+CARD_FILE = "model.json"
+CARD_SCHEMA_VERSION = 1
+DEFAULT_FALSE_ALARM_RATE = 0.001  # per window, on held-out normal data
+
+# Keys every model card carries (more are welcome).
+CARD_KEYS = (
+    "schema_version", "version", "features", "statistics", "window", "thresholds", "opset",
+    "input_name", "output_name", "data_fingerprint", "metrics", "onnx_sha256", "created_at",
+    "preprocessing",
+)
+
+
+class ModelPackageError(ValueError):
+    """A model package that must not be used (missing, corrupt, mismatched)."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_card(model_dir: str | Path, verify: bool = True) -> dict[str, Any]:
+    """Read ``model.json`` and, with ``verify``, check ``model.onnx`` against its sha256.
+
+    Raises ModelPackageError with a one-line reason; never returns a card whose
+    ONNX file does not match it.
+    """
+    model_dir = Path(model_dir)
+    card_path, onnx_path = model_dir / CARD_FILE, model_dir / MODEL_FILE
+    if not card_path.is_file():
+        raise ModelPackageError(f"{card_path}: model card missing")
+    if not onnx_path.is_file():
+        raise ModelPackageError(f"{onnx_path}: ONNX file missing")
+    try:
+        card = json.loads(card_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelPackageError(f"{card_path}: not valid JSON ({exc})") from None
+    if not isinstance(card, dict):
+        raise ModelPackageError(f"{card_path}: not a JSON object")
+    missing = [k for k in CARD_KEYS if k not in card]
+    if missing:
+        raise ModelPackageError(f"{card_path}: missing keys {', '.join(missing)}")
+    if card["schema_version"] != CARD_SCHEMA_VERSION:
+        raise ModelPackageError(f"{card_path}: unsupported schema_version {card['schema_version']!r}")
+    if len(card["features"]) != len(card["statistics"]["mean"]):
+        raise ModelPackageError(f"{card_path}: features and statistics disagree")
+    if verify:
+        actual = sha256_file(onnx_path)
+        if actual != card["onnx_sha256"]:
+            raise ModelPackageError(
+                f"{onnx_path}: sha256 {actual[:12]}... does not match the model card's {card['onnx_sha256'][:12]}..."
+            )
+    return card

@@ -1,0 +1,64 @@
+"""Every topic name windfleet uses, in one place.
+
+Local topics travel on the device's bus (Greengrass IPC pub/sub or the local
+Mosquitto); ``telemetry`` goes to the cloud (IoT Core, or the local broker's
+cloud account).  Turbine ids are ``{thing}-t{n:02d}`` so the broker ACL can grant
+a gateway exactly its own turbines.
+"""
+
+PREFIX = "windfleet"
+
+
+def readings(turbine_id: str) -> str:
+    """Simulator -> detector: batches of sensor samples."""
+    return f"{PREFIX}/turbines/{turbine_id}/readings"
+
+
+def labels(turbine_id: str) -> str:
+    """Simulator -> anyone scoring a run: ground truth of injected anomalies."""
+    return f"{PREFIX}/turbines/{turbine_id}/labels"
+
+
+def scores(turbine_id: str) -> str:
+    """Detector -> forwarder: one message per scored window."""
+    return f"{PREFIX}/turbines/{turbine_id}/scores"
+
+
+def health(thing: str) -> str:
+    """Each component -> forwarder (and the local runtime): state and counters."""
+    return f"{PREFIX}/devices/{thing}/health"
+
+
+def logs(thing: str) -> str:
+    """Components -> forwarder: warnings and errors worth sending to the cloud."""
+    return f"{PREFIX}/devices/{thing}/logs"
+
+
+def telemetry(thing: str) -> str:
+    """Forwarder -> cloud (IoT Core topic): sequenced batches."""
+    return f"{PREFIX}/fleet/{thing}/telemetry"
+
+
+def turbine_id(thing: str, index: int) -> str:
+    return f"{thing}-t{index:02d}"
+
+
+def turbine_of(topic: str) -> str:
+    """``windfleet/turbines/{id}/...`` -> ``id``; ValueError for anything else."""
+    parts = topic.split("/")
+    if len(parts) != 4 or parts[0] != PREFIX or parts[1] != "turbines":
+        raise ValueError(f"not a turbine topic: {topic!r}")
+    return parts[2]
+
+
+def thing_of(topic: str) -> str:
+    """``windfleet/{devices|fleet}/{thing}/...`` -> ``thing``."""
+    parts = topic.split("/")
+    if len(parts) != 4 or parts[0] != PREFIX or parts[1] not in ("devices", "fleet"):
+        raise ValueError(f"not a device topic: {topic!r}")
+    return parts[2]
+
+
+# Wildcard forms for subscribers that serve many turbines or devices (MQTT syntax).
+ALL_TELEMETRY = f"{PREFIX}/fleet/+/telemetry"
+ALL_HEALTH = f"{PREFIX}/devices/+/health"
