@@ -30,7 +30,7 @@ DEFAULT_FALSE_ALARM_RATE = 0.001  # per window, on held-out normal data
 CARD_KEYS = (
     "schema_version", "version", "features", "statistics", "window", "thresholds", "opset",
     "input_name", "output_name", "data_fingerprint", "metrics", "onnx_sha256", "created_at",
-    "preprocessing",
+    "preprocessing", "self_test",
 )
 
 
@@ -78,3 +78,22 @@ def load_card(model_dir: str | Path, verify: bool = True) -> dict[str, Any]:
                 f"{onnx_path}: sha256 {actual[:12]}... does not match the model card's {card['onnx_sha256'][:12]}..."
             )
     return card
+
+
+def window_errors(inputs, reconstructions):
+    """Per-window, per-feature reconstruction error: mean squared error over the
+    window's ``WINDOW_SHAPE`` cells.  ``(k, F, 10, 10)`` x2 -> ``(k, F)``.
+
+    The one definition training (thresholds), evaluation and the edge share.
+    """
+    diff = inputs - reconstructions
+    return (diff * diff).mean(axis=(2, 3))
+
+
+def self_test_input():
+    """The deterministic input whose errors the card's ``self_test`` records at export
+    time; the edge recomputes them before trusting a model (catches a card that
+    belongs to another model, a truncated graph, a runtime that computes differently)."""
+    import numpy as np
+
+    return np.random.default_rng(0).standard_normal((4, len(FEATURES), *WINDOW_SHAPE)).astype(np.float32)

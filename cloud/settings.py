@@ -1,0 +1,108 @@
+"""Every knob of the cloud layer, in one documented place.
+
+Names
+    ``MODEL_GROUP``, ``BUCKET``, ``THING_GROUP`` are the defaults every command
+    uses; each can be overridden on the command line or through the
+    ``WINDFLEET_MODEL_GROUP`` / ``WINDFLEET_BUCKET`` / ``WINDFLEET_THING_GROUP``
+    environment variables (the Lambda functions are configured that way).
+
+Component versions
+    An approval of model package version ``N`` becomes component version
+    ``MODEL_COMPONENT_VERSION.format(n=N)`` (``1.0.N``).  Component versions are
+    immutable in Greengrass, so each package version maps to exactly one
+    component version and a repeated approval maps to the same one (idempotent).
+    The suite's own bundled model recipe must therefore not use ``1.0.N`` with
+    ``N >= 1`` (use ``1.0.0`` or ``0.x``).
+
+Deployment policies (``DEPLOYMENT_POLICIES``)
+    ``failureHandlingPolicy: ROLLBACK`` -- a device whose deployment fails goes
+    back to its previous component set.  ``componentUpdatePolicy``
+    ``NOTIFY_COMPONENTS`` with ``timeoutInSeconds`` -- components may defer an
+    update (the detector does while it saves its window tails) but never for
+    longer than the timeout.  ``configurationValidationPolicy`` bounds how long
+    components may take to validate a configuration change.
+
+IoT job rollout (``IOT_JOB_CONFIGURATION``)
+    Exponential rollout starting at ``baseRatePerMinute`` devices per minute,
+    multiplied by ``incrementFactor`` each time ``numberOfSucceededThings``
+    more devices succeeded, never above ``maximumPerMinute``.  The deployment is
+    cancelled for the rest of the fleet when more than ``thresholdPercentage``
+    of at least ``minNumberOfExecutedThings`` devices FAILED or TIMED_OUT.
+    A device that does not finish within ``inProgressTimeoutInMinutes`` is
+    TIMED_OUT, so a deployment never hangs.
+
+Waiting for a component (``COMPONENT_POLL_*``)
+    ``create_component_version`` is asynchronous: the deployer polls
+    ``describe_component`` every ``COMPONENT_POLL_INTERVAL`` seconds (backing off
+    to ``COMPONENT_POLL_MAX_INTERVAL``) for at most ``COMPONENT_POLL_TIMEOUT``
+    seconds until the version is DEPLOYABLE.
+"""
+
+from __future__ import annotations
+
+import os
+
+MODEL_GROUP = os.environ.get("WINDFLEET_MODEL_GROUP", "windfleet-anomaly")
+BUCKET = os.environ.get("WINDFLEET_BUCKET", "windfleet-artifacts")
+THING_GROUP = os.environ.get("WINDFLEET_THING_GROUP", "windfleet-fleet")
+
+# Greengrass component names of the suite (DESIGN.md "Components").
+SIMULATOR = "com.windfleet.TurbineSimulator"
+DETECTOR = "com.windfleet.AnomalyDetector"
+FORWARDER = "com.windfleet.LogForwarder"
+MODEL_COMPONENT = "com.windfleet.AnomalyModel"
+SUITE = (SIMULATOR, DETECTOR, FORWARDER, MODEL_COMPONENT)
+
+MODEL_COMPONENT_VERSION = "1.0.{n}"
+COMPONENT_PUBLISHER = "windfleet"
+
+# S3 key layout (same on AWS and in the local store).
+MODEL_PREFIX = "models/{group}/{digest}/"  # registry copies, content-addressed by the ONNX sha256
+COMPONENT_PREFIX = "{name}/{version}/"  # like `gdk component publish`: s3://bucket/Name/Version/file
+
+DEPLOYMENT_POLICIES = {
+    "failureHandlingPolicy": "ROLLBACK",
+    "componentUpdatePolicy": {"action": "NOTIFY_COMPONENTS", "timeoutInSeconds": 60},
+    "configurationValidationPolicy": {"timeoutInSeconds": 30},
+}
+
+IOT_JOB_CONFIGURATION = {
+    "jobExecutionsRolloutConfig": {
+        "exponentialRate": {
+            "baseRatePerMinute": 5,
+            "incrementFactor": 2.0,
+            "rateIncreaseCriteria": {"numberOfSucceededThings": 5},
+        },
+        "maximumPerMinute": 50,
+    },
+    "abortConfig": {
+        "criteriaList": [
+            {"failureType": "FAILED", "action": "CANCEL", "thresholdPercentage": 20.0,
+             "minNumberOfExecutedThings": 3},
+            {"failureType": "TIMED_OUT", "action": "CANCEL", "thresholdPercentage": 20.0,
+             "minNumberOfExecutedThings": 3},
+        ]
+    },
+    "timeoutConfig": {"inProgressTimeoutInMinutes": 15},
+}
+
+COMPONENT_POLL_INTERVAL = 1.0
+COMPONENT_POLL_MAX_INTERVAL = 10.0
+COMPONENT_POLL_TIMEOUT = 300.0
+
+# AWS provisioning names (``windfleet cloud provision``).
+APPROVAL_RULE = "windfleet-model-approved"
+APPROVAL_FUNCTION = "windfleet-approval"
+INGEST_FUNCTION = "windfleet-ingest"
+TELEMETRY_RULE = "windfleet_telemetry"  # IoT rule names allow no '-'
+LAMBDA_ROLE = "windfleet-lambda"
+LAMBDA_RUNTIME = "python3.12"
+LAMBDA_TIMEOUT = 300  # the approval handler waits for a component to become DEPLOYABLE
+LOG_GROUP = "/windfleet/telemetry"
+LOG_RETENTION_DAYS = 30
+DASHBOARD = "windfleet"
+
+
+def model_component_version(package_version: int | str) -> str:
+    """Model package version ``N`` -> component version ``1.0.N``."""
+    return MODEL_COMPONENT_VERSION.format(n=int(package_version))

@@ -1,0 +1,211 @@
+"""The one preprocessing implementation shared by training, evaluation and the edge.
+
+Pipeline for a window of ``WINDOW`` consecutive samples (rows) of raw features:
+
+1. raw features: quaternion -> (roll, pitch, yaw), plus wind_speed_rps, rps, voltage
+   (``model_contract.FEATURES`` order);
+2. yaw is unwrapped inside the window and shifted by whole turns so the window's
+   mean lies in [-pi, pi): a turbine facing due south must not look like a jump of
+   2*pi when its yaw crosses the +/-pi seam;
+3. z-score with the statistics stored in the model card;
+4. wavelet denoising (PyWavelets, ``db4``, 2 levels, soft threshold): the detail
+   thresholds are per feature, fixed at training time from the training data's
+   noise level (``noise_sigma``) instead of re-estimated per window, so a fault's
+   strong high-frequency content is kept rather than mistaken for noise;
+5. reshape ``(features, WINDOW)`` -> ``(features, 10, 10)``.
+
+Every step works on one window at a time (batched over windows), so a streaming
+consumer that keeps the last ``WINDOW`` samples per turbine gets exactly the
+numbers training got: :class:`StreamWindower` + :func:`prepare` are the edge path,
+:func:`sliding_windows` + :func:`prepare` the offline path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pywt
+
+from .model_contract import FEATURES, STRIDE, WINDOW, WINDOW_SHAPE
+
+WAVELET = "db4"
+LEVEL = 2
+YAW = FEATURES.index("yaw")
+MAX_GAP = 5  # NaN/inf runs up to this many samples are interpolated; longer runs are rejected
+
+
+class DataError(ValueError):
+    """Input that cannot be turned into model windows (one-line reason)."""
+
+
+def euler_from_quaternion(qw, qx, qy, qz) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unit quaternion -> ZYX Euler angles (roll, pitch, yaw) in radians."""
+    qw, qx, qy, qz = (np.asarray(a, dtype=np.float64) for a in (qw, qx, qy, qz))
+    roll = np.arctan2(2 * (qw * qx + qy * qz), 1 - 2 * (qx * qx + qy * qy))
+    pitch = np.arcsin(np.clip(2 * (qw * qy - qz * qx), -1.0, 1.0))
+    yaw = np.arctan2(2 * (qw * qz + qx * qy), 1 - 2 * (qy * qy + qz * qz))
+    return roll, pitch, yaw
+
+
+def raw_features(samples: Mapping[str, Any] | Sequence[Mapping[str, float]]) -> np.ndarray:
+    """Sensor samples -> ``(n, len(FEATURES))`` float64 in model order.
+
+    Accepts either a mapping of equal-length arrays (the simulator, a CSV) or a
+    list of sample dicts (a readings payload).
+    """
+    if not isinstance(samples, Mapping):
+        keys = ("qw", "qx", "qy", "qz", "wind_speed_rps", "rps", "voltage")
+        cols = np.array([[s[k] for k in keys] for s in samples], dtype=np.float64).reshape(-1, len(keys))
+        samples = dict(zip(keys, cols.T))
+    roll, pitch, yaw = euler_from_quaternion(samples["qw"], samples["qx"], samples["qy"], samples["qz"])
+    columns = {"roll": roll, "pitch": pitch, "yaw": yaw}
+    out = np.empty((len(roll), len(FEATURES)))
+    for j, name in enumerate(FEATURES):
+        out[:, j] = columns[name] if name in columns else np.asarray(samples[name], dtype=np.float64)
+    return out
+
+
+def sliding_windows(x: np.ndarray, window: int = WINDOW, stride: int = STRIDE) -> tuple[np.ndarray, np.ndarray]:
+    """``(n, F)`` -> windows ``(k, window, F)`` and each window's last row index ``(k,)``.
+
+    Windows end at rows ``window-1, window-1+stride, ...`` -- the rows at which a
+    streaming consumer that started at row 0 emits them.
+    """
+    n = len(x)
+    if n < window:
+        return np.empty((0, window, x.shape[1])), np.empty(0, dtype=np.int64)
+    view = np.lib.stride_tricks.sliding_window_view(x, window, axis=0)[::stride]  # (k, F, window)
+    ends = np.arange(window - 1, n, stride)[: len(view)]
+    return np.ascontiguousarray(view.transpose(0, 2, 1)), ends
+
+
+def _unwrap_yaw(w: np.ndarray) -> np.ndarray:
+    yaw = np.unwrap(w[:, :, YAW], axis=1)
+    turns = np.floor((yaw.mean(axis=1, keepdims=True) + math.pi) / (2 * math.pi))
+    w = w.copy()
+    w[:, :, YAW] = yaw - 2 * math.pi * turns
+    return w
+
+
+def standardize(w: np.ndarray, stats: Mapping[str, Sequence[float]]) -> np.ndarray:
+    """Windows ``(k, window, F)`` raw -> z-scored ``(k, F, window)`` (yaw unwrapped first)."""
+    w = _unwrap_yaw(w)
+    z = (w - np.asarray(stats["mean"])) / np.asarray(stats["std"])
+    return z.transpose(0, 2, 1)
+
+
+def denoise(z: np.ndarray, noise_sigma: Sequence[float]) -> np.ndarray:
+    """Soft-threshold the detail coefficients of ``(k, F, window)`` z-scored windows.
+
+    Threshold per feature: the universal threshold sigma * sqrt(2 ln window).
+    """
+    coeffs = pywt.wavedec(z, WAVELET, level=LEVEL, axis=-1, mode="periodization")
+    lam = (np.asarray(noise_sigma) * math.sqrt(2 * math.log(z.shape[-1])))[None, :, None]
+    for i in range(1, len(coeffs)):
+        c = coeffs[i]
+        coeffs[i] = np.sign(c) * np.maximum(np.abs(c) - lam, 0.0)
+    return pywt.waverec(coeffs, WAVELET, axis=-1, mode="periodization")[..., : z.shape[-1]]
+
+
+def estimate_noise_sigma(raw_windows: np.ndarray, stats: Mapping[str, Sequence[float]]) -> list[float]:
+    """Per-feature noise level in z units: median over windows of MAD/0.6745 of the finest details."""
+    z = standardize(raw_windows, stats)
+    detail = pywt.wavedec(z, WAVELET, level=1, axis=-1, mode="periodization")[1]
+    mad = np.median(np.abs(detail - np.median(detail, axis=-1, keepdims=True)), axis=-1) / 0.6745
+    return np.median(mad, axis=0).tolist()
+
+
+def fit_statistics(raw: np.ndarray) -> dict[str, list[float]]:
+    """Mean/std per feature over normal training rows (yaw as unwrapped in windows)."""
+    windows, _ = sliding_windows(raw, WINDOW, WINDOW)
+    flat = _unwrap_yaw(windows).reshape(-1, raw.shape[1]) if len(windows) else raw
+    std = flat.std(axis=0)
+    stats = {"mean": flat.mean(axis=0).tolist(), "std": np.where(std > 1e-9, std, 1.0).tolist()}
+    stats["noise_sigma"] = estimate_noise_sigma(windows, stats) if len(windows) else [0.0] * raw.shape[1]
+    return stats
+
+
+def prepare(raw_windows: np.ndarray, stats: Mapping[str, Sequence[float]]) -> np.ndarray:
+    """Raw windows ``(k, WINDOW, F)`` -> model input ``(k, F, 10, 10)`` float32."""
+    z = denoise(standardize(raw_windows, stats), stats["noise_sigma"])
+    return z.reshape(len(z), z.shape[1], *WINDOW_SHAPE).astype(np.float32)
+
+
+def clean_gaps(x: np.ndarray, max_gap: int = MAX_GAP) -> np.ndarray:
+    """Interpolate runs of NaN/inf up to ``max_gap`` rows; DataError for longer runs.
+
+    Policy: short dropouts (a few samples at 20 Hz) are sensor glitches worth
+    bridging; a longer outage is missing data, and inventing it would train or
+    score the model on fiction.
+    """
+    x = np.array(x, dtype=np.float64)
+    bad = ~np.isfinite(x)
+    if not bad.any():
+        return x
+    for j in range(x.shape[1]):
+        col, b = x[:, j], bad[:, j]
+        if not b.any():
+            continue
+        if b.all():
+            raise DataError(f"column {j} has no finite values")
+        run, longest, start = 0, 0, 0
+        for i, v in enumerate(b):
+            run = run + 1 if v else 0
+            if run > longest:
+                longest, start = run, i - run + 1
+        if longest > max_gap:
+            raise DataError(f"{longest} consecutive non-finite values in feature {j} from row {start} (at most {max_gap} are interpolated)")
+        idx = np.arange(len(col))
+        col[b] = np.interp(idx[b], idx[~b], col[~b])
+    return x
+
+
+class StreamWindower:
+    """Per-turbine streaming windows: feed consecutive rows, get a window every STRIDE rows.
+
+    A contiguous stream emits the windows :func:`sliding_windows` cuts from the same
+    rows.  Redelivered rows (``seq`` already seen, e.g. a QoS1 duplicate) are dropped;
+    a gap in ``seq`` (lost readings) restarts the window so no window spans missing
+    data.  ``state()``/``from_state()`` let the detector keep its tail across a restart.
+    """
+
+    def __init__(self, window: int = WINDOW, stride: int = STRIDE):
+        self.window, self.stride = window, stride
+        self.buf = np.empty((0, len(FEATURES)))
+        self.next_seq: int | None = None
+        self.count = 0  # contiguous rows seen since the last (re)start
+
+    def push(self, seq: int, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """Append rows starting at ``seq``; return ``[(window_end_seq, window (WINDOW, F)), ...]``."""
+        rows = np.asarray(rows, dtype=np.float64).reshape(-1, len(FEATURES))
+        if self.next_seq is not None and seq < self.next_seq:
+            skip = self.next_seq - seq
+            if skip >= len(rows):
+                return []
+            rows, seq = rows[skip:], self.next_seq
+        if self.next_seq is not None and seq != self.next_seq:
+            self.buf, self.count = self.buf[:0], 0
+        self.next_seq = seq + len(rows)
+        buf = np.concatenate([self.buf, rows])
+        base = len(self.buf)
+        out = []
+        for k in range(len(rows)):
+            self.count += 1
+            if self.count >= self.window and (self.count - self.window) % self.stride == 0:
+                end = base + k + 1
+                out.append((seq + k, buf[end - self.window : end]))
+        self.buf = buf[-(self.window - 1):]
+        return out
+
+    def state(self) -> dict:
+        return {"buf": self.buf.tolist(), "next_seq": self.next_seq, "count": self.count}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any], window: int = WINDOW, stride: int = STRIDE) -> "StreamWindower":
+        w = cls(window, stride)
+        w.buf = np.asarray(state["buf"], dtype=np.float64).reshape(-1, len(FEATURES))
+        w.next_seq, w.count = state["next_seq"], int(state["count"])
+        return w

@@ -1,0 +1,257 @@
+"""Turbine simulation: physically plausible sensor streams with labelled anomalies.
+
+One :class:`Turbine` is a small state machine advanced ``step(n)`` samples at a
+time, so the same code serves offline training (``simulate``) and the live
+simulator component.  Everything is deterministic for a seed.
+
+Physics, per sample at ``rate`` Hz:
+
+- wind: a slow mean-reverting drift (site weather), turbulence (Ornstein-Uhlenbeck,
+  intensity ~12 %) and gusts (Poisson onsets, 1-cos shape); direction wanders slowly
+  over the whole circle (the sample's IMU yaw spans it: std 1.81 rad);
+- rotor speed follows a power curve (cut-in, rated, cut-out) through first-order
+  inertia; voltage follows rotor speed (generator) as a 0-1023 ADC value;
+- orientation quaternion: nacelle yaw tracks wind direction through a deadband yaw
+  drive; roll/pitch carry tower sway (~0.35 Hz, grows with thrust), 1P/3P rotor
+  harmonics and sensor noise;
+- anemometer and rotor speed are pulse counts per second, as in the sample.
+
+Units are chosen so long-run statistics match the sample's real turbine
+(DESIGN.md): roll/pitch ~ 0.016 rad std, wind_speed_rps ~ 2.15 mean, rps ~ 1.6 mean,
+voltage ~ 48 mean.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+KINDS = (
+    "bearing_vibration",
+    "rotor_imbalance",
+    "voltage_fault",
+    "stuck_sensor",
+    "yaw_misalignment",
+    "overspeed",
+)
+NORMAL = ""  # label of a normal sample
+
+# Power curve, in m/s and rotor pulses per second.
+CUT_IN, RATED, CUT_OUT = 3.0, 11.0, 25.0
+RPS_PER_MS = 0.2  # rotor pulses/s per m/s below rated (constant tip-speed ratio)
+ANEMO_PER_MS = 0.27  # anemometer pulses/s per m/s
+VOLTS_PER_RPS = 29.5  # ADC counts per rotor pulse/s
+STUCK_CHANNELS = ("wind_speed_rps", "rps", "voltage")
+
+
+@dataclass(frozen=True)
+class Anomaly:
+    """An injected fault covering samples ``start <= i < start + duration`` of one turbine."""
+
+    kind: str
+    start: int
+    duration: int
+    severity: float  # 0..1, scales the effect
+    channel: str = ""  # stuck_sensor: which channel sticks
+
+    @property
+    def end(self) -> int:
+        return self.start + self.duration
+
+
+def random_schedule(
+    rng: np.random.Generator,
+    n_samples: int,
+    rate: float,
+    per_hour: float = 6.0,
+    kinds: tuple[str, ...] = KINDS,
+    min_seconds: float = 20.0,
+    max_seconds: float = 90.0,
+    start_after: float = 30.0,
+) -> list[Anomaly]:
+    """Non-overlapping anomalies at ``per_hour`` on average, kinds drawn uniformly."""
+    out: list[Anomaly] = []
+    t = int(start_after * rate)
+    mean_gap = 3600.0 / per_hour * rate
+    while True:
+        t += int(rng.exponential(mean_gap)) + int(min_seconds * rate)
+        duration = int(rng.uniform(min_seconds, max_seconds) * rate)
+        if t + duration >= n_samples:
+            return out
+        kind = kinds[int(rng.integers(len(kinds)))]
+        channel = STUCK_CHANNELS[int(rng.integers(len(STUCK_CHANNELS)))] if kind == "stuck_sensor" else ""
+        out.append(Anomaly(kind, t, duration, float(rng.uniform(0.5, 1.0)), channel))
+        t += duration
+
+
+def _ou(x: float, mean: float, tau: float, sigma: float, dt: float, noise: float) -> float:
+    """One exact Ornstein-Uhlenbeck step with stationary std ``sigma``."""
+    a = math.exp(-dt / tau)
+    return mean + (x - mean) * a + sigma * math.sqrt(1.0 - a * a) * noise
+
+
+@dataclass
+class Turbine:
+    """One simulated turbine.  ``step(n)`` returns the next n samples as arrays."""
+
+    turbine_id: str
+    seed: int
+    rate: float = 20.0
+    anomalies: list[Anomaly] = field(default_factory=list)
+    mean_wind: float = 8.0
+    t0: float = 0.0  # epoch seconds of sample 0
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.seed)
+        r = self.rng
+        self.i = 0
+        self.site = self.mean_wind + r.normal(0, 0.8)
+        self.slow = self.site + r.normal(0, 1.6)
+        self.turb = 0.0
+        self.direction = r.uniform(-math.pi, math.pi)
+        self.yaw = self.direction + r.normal(0, 0.1)
+        self.rotor = RPS_PER_MS * self.slow
+        self.phase = r.uniform(0, 2 * math.pi)  # rotor azimuth
+        self.sway = np.zeros(2)  # tower sway state (roll, pitch), damped oscillators
+        self.sway_v = np.zeros(2)
+        self.gust_left, self.gust_len, self.gust_amp = 0, 1, 0.0
+        self.temperature = 25.0 + r.normal(0, 3)
+        self.offsets = np.array([-0.008, 0.001]) + r.normal(0, 0.002, 2)
+        self._stuck_value: dict[int, float] = {}
+
+    def _active(self, i: int) -> Anomaly | None:
+        for a in self.anomalies:
+            if a.start <= i < a.end:
+                return a
+        return None
+
+    def step(self, n: int) -> dict[str, np.ndarray]:
+        """Advance n samples.  Returns arrays keyed by sensor name plus ``label`` (kind or "")."""
+        dt, r = 1.0 / self.rate, self.rng
+        noise = r.standard_normal((n, 8))
+        out = {k: np.empty(n) for k in (
+            "ts", "rps", "wind_speed_rps", "voltage", "roll", "pitch", "yaw",
+            "temperature", "vibration", "pitch_angle")}
+        labels = np.empty(n, dtype=object)
+        omega = 2 * math.pi * 0.35  # tower first mode
+        for j in range(n):
+            i = self.i + j
+            a = self._active(i)
+            # --- wind
+            self.slow = _ou(self.slow, self.site, 900.0, 1.6, dt, noise[j, 0])
+            v_mean = max(self.slow, 0.0)
+            self.turb = _ou(self.turb, 0.0, 4.0, 0.12 * v_mean, dt, noise[j, 1])
+            if self.gust_left <= 0 and r.random() < dt / 90.0:
+                self.gust_len = int(r.uniform(4, 12) * self.rate)
+                self.gust_left, self.gust_amp = self.gust_len, r.uniform(1.0, 3.5)
+            gust = 0.0
+            if self.gust_left > 0:
+                k = self.gust_len - self.gust_left
+                gust = 0.5 * self.gust_amp * (1 - math.cos(2 * math.pi * k / self.gust_len))
+                self.gust_left -= 1
+            v = max(v_mean + self.turb + gust, 0.0)
+            self.direction += 0.004 * math.sqrt(dt) * noise[j, 2] * 10
+            # --- yaw drive: deadband then a slow slew toward the wind
+            target_yaw = self.direction + (a.severity * 0.9 if a and a.kind == "yaw_misalignment" else 0.0)
+            err = math.remainder(target_yaw - self.yaw, 2 * math.pi)
+            if abs(err) > 0.12:
+                self.yaw += math.copysign(min(0.01 * dt, abs(err)), err)  # ~0.6 deg/s slew
+            misalign = math.remainder(self.direction - self.yaw, 2 * math.pi)
+            # --- rotor through the power curve with inertia
+            if v < CUT_IN or v > CUT_OUT:
+                target = 0.02
+            else:
+                target = RPS_PER_MS * min(v, RATED) * math.cos(misalign) ** 2
+            if a and a.kind == "overspeed":
+                target = max(target, RPS_PER_MS * RATED) * (1.35 + 0.5 * a.severity)
+            self.rotor += (target - self.rotor) * (dt / 4.0)
+            rps = max(self.rotor + 0.03 * noise[j, 3], 0.0)
+            self.phase += 2 * math.pi * self.rotor * dt
+            # --- tower sway: damped oscillator driven by turbulent thrust
+            thrust = (self.rotor / (RPS_PER_MS * RATED)) ** 2
+            force = np.array([0.6, 1.0]) * thrust * (0.5 + 1.6 * noise[j, 4:6])
+            acc = force * 0.02 * omega**2 - 2 * 0.05 * omega * self.sway_v - omega**2 * self.sway
+            self.sway_v += acc * dt
+            self.sway += self.sway_v * dt
+            harmonic = 0.0015 * thrust * math.sin(3 * self.phase)
+            roll = self.offsets[0] + self.sway[0] + harmonic + 0.004 * noise[j, 6]
+            pitch = self.offsets[1] + self.sway[1] + 0.5 * harmonic + 0.004 * noise[j, 7]
+            vibration = 0.02 + 0.05 * thrust + 0.005 * abs(noise[j, 4])
+            if a and a.kind == "bearing_vibration":
+                amp = 0.02 * a.severity
+                hf = amp * math.sin(2 * math.pi * 6.3 * i * dt) * (1 + 0.3 * noise[j, 5])
+                roll += hf
+                pitch += 0.7 * hf
+                vibration += 0.4 * a.severity
+            if a and a.kind == "rotor_imbalance":
+                amp = 0.03 * a.severity * max(thrust, 0.3)
+                roll += amp * math.sin(self.phase)
+                pitch += 0.5 * amp * math.cos(self.phase)
+                vibration += 0.2 * a.severity
+            voltage = VOLTS_PER_RPS * rps * (1 + 0.01 * noise[j, 3]) + 0.8 * abs(noise[j, 0])
+            if a and a.kind == "voltage_fault":
+                if (a.start // 7) % 2:  # a spike episode
+                    voltage += (250 + 500 * a.severity) * (r.random() < 0.3)
+                else:  # a sag
+                    voltage *= 1 - 0.7 * a.severity
+            self.temperature = _ou(self.temperature, 20 + 25 * thrust, 600.0, 1.0, dt, noise[j, 2])
+            values = {
+                "ts": self.t0 + i * dt, "rps": rps, "wind_speed_rps": ANEMO_PER_MS * v + 0.02 * noise[j, 1],
+                "voltage": min(max(voltage, 0.0), 1023.0), "roll": roll, "pitch": pitch,
+                "yaw": math.remainder(self.yaw + 0.003 * noise[j, 7], 2 * math.pi),
+                "temperature": self.temperature, "vibration": vibration,
+                "pitch_angle": max(0.0, (v - RATED) * 2.2) if v <= CUT_OUT else 90.0,
+            }
+            if a and a.kind == "stuck_sensor":
+                stuck = self._stuck_value.setdefault(a.start, values[a.channel] * (1 - a.severity))
+                values[a.channel] = stuck
+            for k, val in values.items():
+                out[k][j] = val
+            labels[j] = a.kind if a else NORMAL
+        self.i += n
+        out.update(_quaternion(out["roll"], out["pitch"], out["yaw"]))
+        out["label"] = labels
+        return out
+
+
+def _quaternion(roll: np.ndarray, pitch: np.ndarray, yaw: np.ndarray) -> dict[str, np.ndarray]:
+    """ZYX Euler angles -> unit quaternion (qw, qx, qy, qz), as an IMU reports it."""
+    cr, sr = np.cos(roll / 2), np.sin(roll / 2)
+    cp, sp = np.cos(pitch / 2), np.sin(pitch / 2)
+    cy, sy = np.cos(yaw / 2), np.sin(yaw / 2)
+    return {
+        "qw": cr * cp * cy + sr * sp * sy,
+        "qx": sr * cp * cy - cr * sp * sy,
+        "qy": cr * sp * cy + sr * cp * sy,
+        "qz": cr * cp * sy - sr * sp * cy,
+    }
+
+
+def turbine_seed(seed: int, index: int) -> int:
+    """Independent per-turbine seed: turbines differ, runs repeat."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def simulate(
+    turbines: int = 4,
+    seconds: float = 3600.0,
+    rate: float = 20.0,
+    seed: int = 0,
+    anomalies_per_hour: float = 6.0,
+    kinds: tuple[str, ...] = KINDS,
+    prefix: str = "sim",
+) -> list[dict[str, np.ndarray]]:
+    """Simulate a fleet offline.  Each item holds the sensor arrays, ``label`` and ``turbine_id``."""
+    n = int(seconds * rate)
+    fleet = []
+    for k in range(turbines):
+        s = turbine_seed(seed, k)
+        schedule = random_schedule(np.random.default_rng(s + 1), n, rate, anomalies_per_hour, kinds) if anomalies_per_hour > 0 else []
+        t = Turbine(f"{prefix}-t{k:02d}", s, rate, schedule)
+        data = t.step(n)
+        data["turbine_id"] = t.turbine_id
+        data["anomalies"] = schedule
+        fleet.append(data)
+    return fleet
