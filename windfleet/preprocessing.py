@@ -82,17 +82,28 @@ def sliding_windows(x: np.ndarray, window: int = WINDOW, stride: int = STRIDE) -
     return np.ascontiguousarray(view.transpose(0, 2, 1)), ends
 
 
-def _unwrap_yaw(w: np.ndarray) -> np.ndarray:
-    yaw = np.unwrap(w[:, :, YAW], axis=1)
-    turns = np.floor((yaw.mean(axis=1, keepdims=True) + math.pi) / (2 * math.pi))
+def _circular(stats: Mapping[str, Any] | None) -> tuple[int, ...]:
+    """Indices of angle features to unwrap: ``stats["circular"]`` when the statistics
+    say so (a CSV model without yaw stores ``[]``), else yaw of ``FEATURES``."""
+    if stats is not None and "circular" in stats:
+        return tuple(int(i) for i in stats["circular"])
+    return (YAW,)
+
+
+def _unwrap_yaw(w: np.ndarray, circular: Sequence[int] = (YAW,)) -> np.ndarray:
+    if not len(circular) or len(w) == 0:
+        return w
     w = w.copy()
-    w[:, :, YAW] = yaw - 2 * math.pi * turns
+    for j in circular:
+        yaw = np.unwrap(w[:, :, j], axis=1)
+        turns = np.floor((yaw.mean(axis=1, keepdims=True) + math.pi) / (2 * math.pi))
+        w[:, :, j] = yaw - 2 * math.pi * turns
     return w
 
 
 def standardize(w: np.ndarray, stats: Mapping[str, Sequence[float]]) -> np.ndarray:
     """Windows ``(k, window, F)`` raw -> z-scored ``(k, F, window)`` (yaw unwrapped first)."""
-    w = _unwrap_yaw(w)
+    w = _unwrap_yaw(w, _circular(stats))
     z = (w - np.asarray(stats["mean"])) / np.asarray(stats["std"])
     return z.transpose(0, 2, 1)
 
@@ -115,16 +126,44 @@ def estimate_noise_sigma(raw_windows: np.ndarray, stats: Mapping[str, Sequence[f
     z = standardize(raw_windows, stats)
     detail = pywt.wavedec(z, WAVELET, level=1, axis=-1, mode="periodization")[1]
     mad = np.median(np.abs(detail - np.median(detail, axis=-1, keepdims=True)), axis=-1) / 0.6745
-    return np.median(mad, axis=0).tolist()
+    return [float(v) for v in np.median(mad, axis=0)]
 
 
-def fit_statistics(raw: np.ndarray) -> dict[str, list[float]]:
-    """Mean/std per feature over normal training rows (yaw as unwrapped in windows)."""
+def fit_statistics(raw: np.ndarray, circular: Sequence[int] | None = None) -> dict[str, list[float]]:
+    """Mean/std per feature over normal training rows (yaw as unwrapped in windows).
+
+    ``circular``: indices of angle columns to unwrap per window (default: yaw of
+    ``FEATURES`` when ``raw`` has those columns, none otherwise).
+    """
     windows, _ = sliding_windows(raw, WINDOW, WINDOW)
-    flat = _unwrap_yaw(windows).reshape(-1, raw.shape[1]) if len(windows) else raw
+    if len(windows):
+        return fit_statistics_windows(windows, circular)
+    circ = _default_circular(raw.shape[1], circular)
+    std = raw.std(axis=0)
+    stats = {"mean": raw.mean(axis=0).tolist(), "std": np.where(std > 1e-9, std, 1.0).tolist()}
+    stats["noise_sigma"] = [0.0] * raw.shape[1]
+    if circular is not None:
+        stats["circular"] = list(circ)
+    return stats
+
+
+def _default_circular(n_features: int, circular: Sequence[int] | None) -> tuple[int, ...]:
+    if circular is not None:
+        return tuple(int(i) for i in circular)
+    return (YAW,) if n_features == len(FEATURES) else ()
+
+
+def fit_statistics_windows(raw_windows: np.ndarray, circular: Sequence[int] | None = None) -> dict[str, list[float]]:
+    """Like :func:`fit_statistics` from raw windows ``(k, WINDOW, F)`` already cut
+    (e.g. the normal windows of many turbines, which must not be glued together).
+    The windows may overlap; overlap only reweights the rows."""
+    circ = _default_circular(raw_windows.shape[2], circular)
+    flat = _unwrap_yaw(raw_windows, circ).reshape(-1, raw_windows.shape[2])
     std = flat.std(axis=0)
-    stats = {"mean": flat.mean(axis=0).tolist(), "std": np.where(std > 1e-9, std, 1.0).tolist()}
-    stats["noise_sigma"] = estimate_noise_sigma(windows, stats) if len(windows) else [0.0] * raw.shape[1]
+    stats: dict[str, list] = {"mean": flat.mean(axis=0).tolist(), "std": np.where(std > 1e-9, std, 1.0).tolist()}
+    if circular is not None or circ != (YAW,):
+        stats["circular"] = list(circ)
+    stats["noise_sigma"] = estimate_noise_sigma(raw_windows, stats)
     return stats
 
 

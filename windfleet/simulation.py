@@ -44,6 +44,14 @@ RPS_PER_MS = 0.2  # rotor pulses/s per m/s below rated (constant tip-speed ratio
 ANEMO_PER_MS = 0.27  # anemometer pulses/s per m/s
 VOLTS_PER_RPS = 29.5  # ADC counts per rotor pulse/s
 STUCK_CHANNELS = ("wind_speed_rps", "rps", "voltage")
+YAW_SLEW = 0.05  # rad/s (~3 deg/s): a small turbine's yaw drive (the sample's rotor turns ~1.6 rev/s)
+# Fault effects, tuned so every kind is physically visible in the six model features
+# (see the training report): a yaw fault steers 0.6-0.9 rad off the wind; a bearing
+# fault adds a 6.3 Hz nacelle vibration of up to 0.035 rad; an imbalanced rotor rocks
+# the nacelle once per turn by up to 0.045 rad (at least half of that at low wind).
+YAW_FAULT_BASE, YAW_FAULT_SPAN = 0.3, 0.6
+BEARING_AMP = 0.035
+IMBALANCE_AMP = 0.045  # 1P nacelle rocking of an imbalanced rotor (was 0.03, floor 0.3 of rated thrust)
 
 
 @dataclass(frozen=True)
@@ -127,93 +135,138 @@ class Turbine:
                 return a
         return None
 
+    # One row of standard normals per sample, drawn in one call per step(): numpy's
+    # Generator fills them in order, so step(1) x n and step(n) produce the same
+    # stream (the live simulator publishing small batches matches the offline one).
+    _DRAWS = 11
+
     def step(self, n: int) -> dict[str, np.ndarray]:
         """Advance n samples.  Returns arrays keyed by sensor name plus ``label`` (kind or "")."""
-        dt, r = 1.0 / self.rate, self.rng
-        noise = r.standard_normal((n, 8))
-        out = {k: np.empty(n) for k in (
-            "ts", "rps", "wind_speed_rps", "voltage", "roll", "pitch", "yaw",
-            "temperature", "vibration", "pitch_angle")}
+        dt = 1.0 / self.rate
+        noise = self.rng.standard_normal((n, self._DRAWS)).tolist()
+        cols = ("ts", "rps", "wind_speed_rps", "voltage", "roll", "pitch", "yaw",
+                "temperature", "vibration", "pitch_angle")
+        rows = [[0.0] * len(cols) for _ in range(n)]
         labels = np.empty(n, dtype=object)
         omega = 2 * math.pi * 0.35  # tower first mode
+        # hoisted constants of the per-sample loop (it is the simulator's hot path)
+        a_slow, a_turb, a_temp = math.exp(-dt / 900.0), math.exp(-dt / 4.0), math.exp(-dt / 600.0)
+        k_slow, k_turb, k_temp = (math.sqrt(1 - a * a) for a in (a_slow, a_turb, a_temp))
+        gust_z = _GUST_Z[round(self.rate, 6)] if round(self.rate, 6) in _GUST_Z else _upper_z(dt / 90.0)
+        _GUST_Z[round(self.rate, 6)] = gust_z
+        slew = YAW_SLEW * dt
+        sway_r, sway_p = float(self.sway[0]), float(self.sway[1])
+        v_r, v_p = float(self.sway_v[0]), float(self.sway_v[1])
+        off_r, off_p = float(self.offsets[0]), float(self.offsets[1])
+        rated_rps = RPS_PER_MS * RATED
         for j in range(n):
+            z = noise[j]
             i = self.i + j
-            a = self._active(i)
+            a = self._active(i) if self.anomalies else None
+            kind = a.kind if a else NORMAL
             # --- wind
-            self.slow = _ou(self.slow, self.site, 900.0, 1.6, dt, noise[j, 0])
+            self.slow = self.site + (self.slow - self.site) * a_slow + 1.6 * k_slow * z[0]
             v_mean = max(self.slow, 0.0)
-            self.turb = _ou(self.turb, 0.0, 4.0, 0.12 * v_mean, dt, noise[j, 1])
-            if self.gust_left <= 0 and r.random() < dt / 90.0:
-                self.gust_len = int(r.uniform(4, 12) * self.rate)
-                self.gust_left, self.gust_amp = self.gust_len, r.uniform(1.0, 3.5)
+            self.turb = self.turb * a_turb + 0.12 * v_mean * k_turb * z[1]
+            if self.gust_left <= 0 and z[8] > gust_z:
+                self.gust_len = int((8.0 + 2.0 * max(-2.0, min(2.0, z[9]))) * self.rate)
+                self.gust_left, self.gust_amp = self.gust_len, 2.25 + 0.6 * max(-2.0, min(2.0, z[10]))
             gust = 0.0
             if self.gust_left > 0:
                 k = self.gust_len - self.gust_left
                 gust = 0.5 * self.gust_amp * (1 - math.cos(2 * math.pi * k / self.gust_len))
                 self.gust_left -= 1
             v = max(v_mean + self.turb + gust, 0.0)
-            self.direction += 0.004 * math.sqrt(dt) * noise[j, 2] * 10
-            # --- yaw drive: deadband then a slow slew toward the wind
-            target_yaw = self.direction + (a.severity * 0.9 if a and a.kind == "yaw_misalignment" else 0.0)
+            self.direction += 0.04 * math.sqrt(dt) * z[2]
+            # --- yaw drive: deadband then a slew toward the wind (a yaw fault: toward an offset)
+            target_yaw = self.direction + (YAW_FAULT_BASE + YAW_FAULT_SPAN * a.severity if kind == "yaw_misalignment" else 0.0)
             err = math.remainder(target_yaw - self.yaw, 2 * math.pi)
-            if abs(err) > 0.12:
-                self.yaw += math.copysign(min(0.01 * dt, abs(err)), err)  # ~0.6 deg/s slew
+            if abs(err) > 0.12 or kind == "yaw_misalignment":
+                self.yaw += math.copysign(min(slew, abs(err)), err)
             misalign = math.remainder(self.direction - self.yaw, 2 * math.pi)
             # --- rotor through the power curve with inertia
             if v < CUT_IN or v > CUT_OUT:
                 target = 0.02
             else:
                 target = RPS_PER_MS * min(v, RATED) * math.cos(misalign) ** 2
-            if a and a.kind == "overspeed":
-                target = max(target, RPS_PER_MS * RATED) * (1.35 + 0.5 * a.severity)
+            if kind == "overspeed":
+                target = max(target, rated_rps) * (1.35 + 0.5 * a.severity)
             self.rotor += (target - self.rotor) * (dt / 4.0)
-            rps = max(self.rotor + 0.03 * noise[j, 3], 0.0)
+            rps = max(self.rotor + 0.03 * z[3], 0.0)
             self.phase += 2 * math.pi * self.rotor * dt
             # --- tower sway: damped oscillator driven by turbulent thrust
-            thrust = (self.rotor / (RPS_PER_MS * RATED)) ** 2
-            force = np.array([0.6, 1.0]) * thrust * (0.5 + 1.6 * noise[j, 4:6])
-            acc = force * 0.02 * omega**2 - 2 * 0.05 * omega * self.sway_v - omega**2 * self.sway
-            self.sway_v += acc * dt
-            self.sway += self.sway_v * dt
+            thrust = (self.rotor / rated_rps) ** 2
+            acc_r = 0.6 * thrust * (0.5 + 1.6 * z[4]) * 0.02 * omega**2 - 0.1 * omega * v_r - omega**2 * sway_r
+            acc_p = thrust * (0.5 + 1.6 * z[5]) * 0.02 * omega**2 - 0.1 * omega * v_p - omega**2 * sway_p
+            v_r += acc_r * dt
+            v_p += acc_p * dt
+            sway_r += v_r * dt
+            sway_p += v_p * dt
             harmonic = 0.0015 * thrust * math.sin(3 * self.phase)
-            roll = self.offsets[0] + self.sway[0] + harmonic + 0.004 * noise[j, 6]
-            pitch = self.offsets[1] + self.sway[1] + 0.5 * harmonic + 0.004 * noise[j, 7]
-            vibration = 0.02 + 0.05 * thrust + 0.005 * abs(noise[j, 4])
-            if a and a.kind == "bearing_vibration":
-                amp = 0.02 * a.severity
-                hf = amp * math.sin(2 * math.pi * 6.3 * i * dt) * (1 + 0.3 * noise[j, 5])
+            roll = off_r + sway_r + harmonic + 0.004 * z[6]
+            pitch = off_p + sway_p + 0.5 * harmonic + 0.004 * z[7]
+            vibration = 0.02 + 0.05 * thrust + 0.005 * abs(z[4])
+            if kind == "bearing_vibration":
+                amp = BEARING_AMP * a.severity
+                hf = amp * math.sin(2 * math.pi * 6.3 * i * dt) * (1 + 0.3 * z[5])
                 roll += hf
                 pitch += 0.7 * hf
                 vibration += 0.4 * a.severity
-            if a and a.kind == "rotor_imbalance":
-                amp = 0.03 * a.severity * max(thrust, 0.3)
+            elif kind == "rotor_imbalance":
+                amp = IMBALANCE_AMP * a.severity * max(thrust, 0.5)
                 roll += amp * math.sin(self.phase)
                 pitch += 0.5 * amp * math.cos(self.phase)
                 vibration += 0.2 * a.severity
-            voltage = VOLTS_PER_RPS * rps * (1 + 0.01 * noise[j, 3]) + 0.8 * abs(noise[j, 0])
-            if a and a.kind == "voltage_fault":
+            elif kind == "yaw_misalignment":
+                # yawed inflow: each blade's angle of attack varies once per turn -> 1P
+                # tilt/yaw moments on the nacelle, growing with the misalignment
+                amp = 0.02 * abs(math.sin(misalign)) * max(thrust, 0.3)
+                roll += amp * math.sin(self.phase + 1.0)
+                pitch += amp * math.cos(self.phase + 1.0)
+            voltage = VOLTS_PER_RPS * rps * (1 + 0.01 * z[3]) + 0.8 * abs(z[0])
+            if kind == "voltage_fault":
                 if (a.start // 7) % 2:  # a spike episode
-                    voltage += (250 + 500 * a.severity) * (r.random() < 0.3)
+                    voltage += (250 + 500 * a.severity) * (z[9] > 0.5244)  # ~30 % of samples
                 else:  # a sag
                     voltage *= 1 - 0.7 * a.severity
-            self.temperature = _ou(self.temperature, 20 + 25 * thrust, 600.0, 1.0, dt, noise[j, 2])
-            values = {
-                "ts": self.t0 + i * dt, "rps": rps, "wind_speed_rps": ANEMO_PER_MS * v + 0.02 * noise[j, 1],
-                "voltage": min(max(voltage, 0.0), 1023.0), "roll": roll, "pitch": pitch,
-                "yaw": math.remainder(self.yaw + 0.003 * noise[j, 7], 2 * math.pi),
-                "temperature": self.temperature, "vibration": vibration,
-                "pitch_angle": max(0.0, (v - RATED) * 2.2) if v <= CUT_OUT else 90.0,
-            }
-            if a and a.kind == "stuck_sensor":
-                stuck = self._stuck_value.setdefault(a.start, values[a.channel] * (1 - a.severity))
-                values[a.channel] = stuck
-            for k, val in values.items():
-                out[k][j] = val
-            labels[j] = a.kind if a else NORMAL
+            self.temperature = (20 + 25 * thrust) + (self.temperature - 20 - 25 * thrust) * a_temp + k_temp * z[2]
+            row = rows[j]
+            row[0] = self.t0 + i * dt
+            row[1] = rps
+            row[2] = ANEMO_PER_MS * v + 0.02 * z[1]
+            row[3] = min(max(voltage, 0.0), 1023.0)
+            row[4], row[5] = roll, pitch
+            row[6] = math.remainder(self.yaw + 0.003 * z[7], 2 * math.pi)
+            row[7], row[8] = self.temperature, vibration
+            row[9] = max(0.0, (v - RATED) * 2.2) if v <= CUT_OUT else 90.0
+            if kind == "stuck_sensor":
+                c = _COL[a.channel]
+                row[c] = self._stuck_value.setdefault(a.start, row[c] * (1 - a.severity))
+            labels[j] = kind
+        self.sway[:] = (sway_r, sway_p)
+        self.sway_v[:] = (v_r, v_p)
         self.i += n
+        arr = np.array(rows, dtype=np.float64).reshape(n, len(cols))
+        out = {k: arr[:, c].copy() for c, k in enumerate(cols)}
         out.update(_quaternion(out["roll"], out["pitch"], out["yaw"]))
         out["label"] = labels
         return out
+
+
+_COL = {"rps": 1, "wind_speed_rps": 2, "voltage": 3}
+_GUST_Z: dict[float, float] = {}
+
+
+def _upper_z(p: float) -> float:
+    """z with P(N(0,1) > z) = p (bisection on erfc; called once per rate)."""
+    lo, hi = 0.0, 40.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if 0.5 * math.erfc(mid / math.sqrt(2)) > p:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
 
 
 def _quaternion(roll: np.ndarray, pitch: np.ndarray, yaw: np.ndarray) -> dict[str, np.ndarray]:

@@ -14,18 +14,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..backends import split_s3_uri as split_uri
 from .errors import client_error, exceptions_namespace
 from .store import Store, atomic_write
-
-
-def split_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/key`` -> ``(bucket, key)``; ValueError for anything else."""
-    if not uri.startswith("s3://") or "/" not in uri[5:]:
-        raise ValueError(f"not an s3:// URI: {uri!r}")
-    bucket, key = uri[5:].split("/", 1)
-    if not bucket or not key:
-        raise ValueError(f"not an s3:// URI: {uri!r}")
-    return bucket, key
 
 
 class _Body(io.BytesIO):
@@ -33,8 +24,8 @@ class _Body(io.BytesIO):
 
 
 class LocalS3:
-    def __init__(self, store: Store):
-        self.store = store
+    def __init__(self, store: Store | str | Path | None = None):
+        self.store = store if isinstance(store, Store) else Store(store)
         self.exceptions = exceptions_namespace("NoSuchKey", "NoSuchBucket", "BucketAlreadyOwnedByYou")
 
     # -- paths ---------------------------------------------------------------

@@ -291,6 +291,8 @@ class Broker:
         """Generate the files, start Mosquitto and return once it accepts connections."""
         if self._proc is not None and self._proc.poll() is None:
             return self
+        if _listening(self.host, self.port):
+            raise BrokerError(f"mosquitto did not start: {self.url} is already in use")
         with self._locked():
             pass  # make sure credentials, passwd and acl exist
         self._write_config()
@@ -301,7 +303,8 @@ class Broker:
             start_new_session=True,  # Ctrl-C in a terminal goes to us, we stop it cleanly
         )
         deadline = time.monotonic() + timeout
-        while not _listening(self.host, self.port):
+        # Listening AND still alive: a process that failed to bind exits.
+        while not _listening(self.host, self.port) or self._proc.poll() is not None:
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 tail = self._log_tail()
                 self.stop()

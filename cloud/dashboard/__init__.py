@@ -1,0 +1,1 @@
+"""The operator dashboard (Starlette app in :mod:`.app`, CLI in :mod:`.cli`)."""

@@ -1,0 +1,158 @@
+"""``windfleet dashboard`` and ``windfleet ingest``.
+
+``dashboard`` serves the operator pages on loopback; when a local broker is
+running (``--broker-dir``, default ``<home>/broker``) or ``--broker HOST:PORT``
+is given, it also runs the ingest service in the same process, so one command
+shows a live fleet.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+
+from windfleet import jsonlog
+from windfleet.cloud.ingest import IngestService, TelemetryStore
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("WINDFLEET_HOME", "~/.windfleet")).expanduser()
+
+
+def local_cloud(home: Path) -> tuple[Any, Any]:
+    """``(registry, greengrass)`` of the local backend rooted at ``home``; ``(None, None)``
+    for the parts that are not available (the pages then say so)."""
+    registry = greengrass = None
+    try:
+        from windfleet.cloud.backends import Backend  # CLOUD helper's API
+    except ImportError:
+        return None, None
+    backend = Backend.local(home)
+    greengrass = getattr(backend, "greengrassv2", None)
+    try:
+        from windfleet.cloud.registry import Registry
+
+        registry = Registry(backend)
+    except ImportError:
+        registry = None
+    return registry, greengrass
+
+
+def _broker_target(broker: str | None, broker_dir: Path | None) -> tuple[str, int, str | None, str | None] | None:
+    if broker:
+        host, _, port = broker.rpartition(":")
+        return (host or "127.0.0.1", int(port), os.environ.get("WINDFLEET_BROKER_USER"),
+                os.environ.get("WINDFLEET_BROKER_PASSWORD"))
+    if broker_dir and broker_dir.is_dir():
+        try:
+            from windfleet.nucleus.broker import Broker
+        except ImportError:
+            return None
+        running = Broker.attach(broker_dir)
+        if running is not None:
+            user, password = running.cloud_credentials()
+            return running.host, running.port, user, password
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def register(group: click.Group) -> None:
+    @group.command("dashboard")
+    @click.option("--port", "-p", default=8050, show_default=True, type=click.IntRange(0, 65535))
+    @click.option("--host", default="127.0.0.1", show_default=True,
+                  help="Address to bind; anything but loopback requires the token for every request.")
+    @click.option("--home", type=click.Path(path_type=Path), default=None,
+                  help="Local backend store (registry, deployments); default $WINDFLEET_HOME or ~/.windfleet.")
+    @click.option("--store", type=click.Path(path_type=Path), default=None,
+                  help="Telemetry SQLite file; default <home>/telemetry.sqlite.")
+    @click.option("--broker", default=None, help="HOST:PORT to ingest telemetry from (credentials from "
+                  "WINDFLEET_BROKER_USER/WINDFLEET_BROKER_PASSWORD).")
+    @click.option("--broker-dir", type=click.Path(path_type=Path), default=None,
+                  help="Directory of a running local broker (default <home>/broker); its cloud account is used.")
+    @click.option("--no-ingest", is_flag=True, help="Serve the store only; do not subscribe to telemetry.")
+    @click.option("--token", envvar="WINDFLEET_DASHBOARD_TOKEN", default=None,
+                  help="Token for approve/reject (default: random, printed at start).")
+    def dashboard(port: int, host: str, home: Path | None, store: Path | None, broker: str | None,
+                  broker_dir: Path | None, no_ingest: bool, token: str | None) -> None:
+        """Serve the operator dashboard (fleet, turbines, anomalies, registry)."""
+        import uvicorn
+
+        from windfleet.cloud.dashboard.app import create_app
+
+        log = jsonlog.setup("windfleet.dashboard")
+        home = home or default_home()
+        telemetry = TelemetryStore(store or home / "telemetry.sqlite")
+        registry, greengrass = local_cloud(home)
+        loopback = _is_loopback(host)
+        app = create_app(telemetry, registry=registry, greengrass=greengrass, token=token,
+                         loopback_only_hosts=loopback)
+        service = None
+        target = None if no_ingest else _broker_target(broker, broker_dir or home / "broker")
+        if target:
+            service = IngestService(telemetry, *target, client_id=f"windfleet-dashboard-ingest").start(
+                wait_connected=None)
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+        server = uvicorn.Server(config)
+        started = threading.Event()
+
+        def announce() -> None:
+            started.wait()
+            bound = server.servers[0].sockets[0].getsockname()[1] if server.servers else port
+            click.echo(f"windfleet dashboard: http://{host if ':' not in host else f'[{host}]'}:{bound}/")
+            click.echo(f"token (approve/reject): {app.state.token}")
+            jsonlog.event(log, "dashboard started", host=host, port=bound, store=str(telemetry.path),
+                          ingest=f"{target[0]}:{target[1]}" if target else None,
+                          registry=registry is not None, deployments=greengrass is not None)
+
+        if not loopback:
+            click.echo(f"warning: bound to {host}; every request needs the token", err=True)
+
+        original_startup = server.startup
+
+        async def startup(sockets=None):  # announce once the port is really bound
+            await original_startup(sockets=sockets)
+            started.set()
+
+        server.startup = startup
+        threading.Thread(target=announce, daemon=True).start()
+        try:
+            server.run()
+        finally:
+            if service:
+                service.stop()
+            telemetry.close()
+
+    @group.command("ingest")
+    @click.option("--home", type=click.Path(path_type=Path), default=None)
+    @click.option("--store", type=click.Path(path_type=Path), default=None,
+                  help="Telemetry SQLite file; default <home>/telemetry.sqlite.")
+    @click.option("--broker", default=None, help="HOST:PORT (credentials from WINDFLEET_BROKER_USER/PASSWORD).")
+    @click.option("--broker-dir", type=click.Path(path_type=Path), default=None,
+                  help="Directory of a running local broker (default <home>/broker).")
+    @click.option("--max-age-days", default=7.0, show_default=True, type=click.FloatRange(min=0.001))
+    @click.option("--max-score-rows", default=5_000_000, show_default=True, type=click.IntRange(min=1000))
+    def ingest(home: Path | None, store: Path | None, broker: str | None, broker_dir: Path | None,
+               max_age_days: float, max_score_rows: int) -> None:
+        """Store fleet telemetry from the broker in SQLite (the dashboard's data)."""
+        from windfleet.cloud.ingest import run_ingest
+
+        jsonlog.setup("windfleet.ingest")
+        home = home or default_home()
+        target = _broker_target(broker, broker_dir or home / "broker")
+        if target is None:
+            raise click.ClickException("no broker: pass --broker HOST:PORT or start the local broker")
+        run_ingest(*target, store or home / "telemetry.sqlite", max_age_s=max_age_days * 86400,
+                   max_score_rows=max_score_rows)

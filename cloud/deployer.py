@@ -1,0 +1,378 @@
+"""Greengrass v2 deployments: model versions, the suite, and publishing components.
+
+``deploy_model(backend, package_version, files)`` is what an approval does:
+
+1. upload ``model.onnx`` + ``model.json`` to ``s3://<bucket>/com.windfleet.AnomalyModel/1.0.N/``;
+2. create component version ``1.0.N`` from an inline recipe (artifact-only,
+   ``Permission: Read: ALL`` so the detector can read it; the service fills the
+   digests); an existing version (``ConflictException``) is reused;
+3. poll ``describe_component`` until DEPLOYABLE (bounded, :mod:`.settings`);
+4. read the thing group's latest deployment (``list_deployments(targetArn,
+   historyFilter='LATEST_ONLY')`` + ``get_deployment``) and create a new one
+   with that component set plus this one model version -- a new deployment
+   REPLACES the target's set, so nothing else may be dropped.  Without a
+   deployment yet, it is the group's first: the whole published suite.  If the
+   latest deployment already carries this model version (a duplicate approval
+   event) nothing is created.
+
+Policies (rollback, update notification, rollout, abort, timeouts) come from
+:mod:`.settings`.  ``deploy_suite`` is ``windfleet deploy``; ``publish`` is
+``windfleet publish`` (``gdk component publish`` for every component of a
+``windfleet build`` output).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import tenacity
+from botocore.exceptions import ClientError
+
+from windfleet import jsonlog
+from windfleet.model_contract import CARD_FILE, MODEL_FILE
+
+from . import settings
+from .backends import Backend
+
+log = logging.getLogger("windfleet.cloud.deployer")
+
+PENDING_STATES = ("REQUESTED", "INITIATED")
+
+
+class DeployError(Exception):
+    """A deployment step that cannot succeed (component FAILED, nothing to deploy, ...)."""
+
+
+def _code(exc: ClientError) -> str:
+    return exc.response.get("Error", {}).get("Code", "")
+
+
+# ---------------------------------------------------------------------------- components
+def component_arn(backend: Backend, name: str, version: str | None = None, target_arn: str | None = None) -> str:
+    """A component (version) ARN in the thing group's partition, region and account."""
+    target_arn = target_arn or backend.thing_group_arn()
+    _, partition, _, region, account, _ = target_arn.split(":", 5)
+    arn = f"arn:{partition}:greengrass:{region}:{account}:components:{name}"
+    return f"{arn}:versions:{version}" if version else arn
+
+
+def model_recipe(version: str, uris: dict[str, str], card: dict | None = None,
+                 package_arn: str | None = None) -> dict:
+    """The inline recipe of one ``com.windfleet.AnomalyModel`` version (artifact-only component)."""
+    card = card or {}
+    return {
+        "RecipeFormatVersion": "2020-01-25",
+        "ComponentName": settings.MODEL_COMPONENT,
+        "ComponentVersion": version,
+        "ComponentType": "aws.greengrass.generic",
+        "ComponentDescription": f"windfleet anomaly model {card.get('version', '?')} "
+                                f"(onnx sha256 {str(card.get('onnx_sha256', '?'))[:12]})",
+        "ComponentPublisher": settings.COMPONENT_PUBLISHER,
+        "ComponentConfiguration": {"DefaultConfiguration": {
+            "ModelVersion": str(card.get("version", "")),
+            "OnnxSha256": str(card.get("onnx_sha256", "")),
+            "ModelPackageArn": package_arn or "",
+        }},
+        "Manifests": [{
+            "Platform": {"os": "linux"},
+            "Artifacts": [{"Uri": uri, "Unarchive": "NONE", "Permission": {"Read": "ALL", "Execute": "NONE"}}
+                          for uri in uris.values()],
+        }],
+    }
+
+
+def upload(backend: Backend, name: str, version: str, files: dict[str, bytes]) -> dict[str, str]:
+    """Put ``files`` under ``s3://<bucket>/<name>/<version>/``; returns ``{file name: uri}``."""
+    prefix = settings.COMPONENT_PREFIX.format(name=name, version=version)
+    uris = {}
+    for filename, data in files.items():
+        backend.s3.put_object(Bucket=backend.bucket, Key=prefix + filename, Body=data)
+        uris[filename] = backend.s3_uri(prefix + filename)
+    return uris
+
+
+def create_component(backend: Backend, recipe: dict | bytes, *, fmt: str = "json") -> tuple[str, bool]:
+    """``create_component_version``; returns ``(arn, created)`` -- an existing version is not an error."""
+    gg = backend.greengrassv2
+    if isinstance(recipe, dict):
+        name, version = recipe["ComponentName"], recipe["ComponentVersion"]
+        if fmt == "yaml":
+            import yaml
+
+            body = yaml.safe_dump(recipe, sort_keys=False).encode()
+        else:
+            body = json.dumps(recipe, indent=1).encode()
+    else:
+        raise TypeError("recipe must be a dict")
+    try:
+        resp = gg.create_component_version(inlineRecipe=body)
+        return resp["arn"], True
+    except ClientError as exc:
+        if _code(exc) != "ConflictException":
+            raise
+        jsonlog.event(log, "component version exists", component=name, version=version)
+        return component_arn(backend, name, version), False
+
+
+def wait_deployable(backend: Backend, arn: str, *, interval: float = settings.COMPONENT_POLL_INTERVAL,
+                    max_interval: float = settings.COMPONENT_POLL_MAX_INTERVAL,
+                    timeout: float = settings.COMPONENT_POLL_TIMEOUT) -> dict:
+    """Poll ``describe_component`` until DEPLOYABLE; DeployError if FAILED or still pending at ``timeout``."""
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_result(lambda d: d["status"]["componentState"] in PENDING_STATES),
+        wait=tenacity.wait_exponential(multiplier=interval, min=interval, max=max_interval),
+        stop=tenacity.stop_after_delay(timeout),
+        retry_error_callback=lambda state: state.outcome.result(),
+        reraise=True,
+    )
+    desc = retrying(lambda: backend.greengrassv2.describe_component(arn=arn))
+    state = desc["status"]["componentState"]
+    if state != "DEPLOYABLE":
+        detail = desc["status"].get("message") or json.dumps(desc["status"].get("errors") or {})
+        raise DeployError(f"{arn} is {state}, not DEPLOYABLE: {detail}")
+    return desc
+
+
+def latest_versions(backend: Backend) -> dict[str, str]:
+    """``{component name: latest version}`` of the account's own (PRIVATE) components."""
+    out, token = {}, None
+    while True:
+        kwargs: dict[str, Any] = {"scope": "PRIVATE"}
+        if token:
+            kwargs["nextToken"] = token
+        page = backend.greengrassv2.list_components(**kwargs)
+        for c in page.get("components", []):
+            out[c["componentName"]] = c["latestVersion"]["componentVersion"]
+        token = page.get("nextToken")
+        if not token:
+            return out
+
+
+# --------------------------------------------------------------------------- deployments
+def latest_deployment(backend: Backend, target_arn: str) -> dict | None:
+    """The target's latest deployment (``get_deployment`` shape), or None."""
+    gg = backend.greengrassv2
+    items = gg.list_deployments(targetArn=target_arn, historyFilter="LATEST_ONLY").get("deployments", [])
+    items = [d for d in items if d.get("targetArn", target_arn) == target_arn]
+    if not items:
+        return None
+    chosen = next((d for d in items if d.get("isLatestForTarget")), items[0])
+    return gg.get_deployment(deploymentId=chosen["deploymentId"])
+
+
+def merge(components: dict, updates: dict[str, str]) -> dict:
+    """The target's component set with ``updates`` (name -> version) applied; everything else kept."""
+    merged = {name: dict(spec) for name, spec in components.items()}
+    for name, version in updates.items():
+        spec = merged.get(name, {})
+        spec["componentVersion"] = version
+        merged[name] = spec
+    return merged
+
+
+def create_deployment(backend: Backend, target_arn: str, components: dict, name: str,
+                      previous: dict | None = None) -> dict:
+    """``create_deployment`` with windfleet's policies; a client token makes a retry idempotent."""
+    token = uuid.uuid5(uuid.NAMESPACE_URL, json.dumps(
+        [target_arn, components, previous.get("deploymentId") if previous else None], sort_keys=True))
+    return backend.greengrassv2.create_deployment(
+        targetArn=target_arn,
+        deploymentName=name,
+        components=components,
+        deploymentPolicies=settings.DEPLOYMENT_POLICIES,
+        iotJobConfiguration=settings.IOT_JOB_CONFIGURATION,
+        clientToken=str(token),
+    )
+
+
+def deploy_model(backend: Backend, package_version: int | str, files: dict[str, bytes], *,
+                 package_arn: str | None = None, thing_group: str | None = None,
+                 poll: dict | None = None) -> dict:
+    """Roll model package ``package_version`` (``files``: model.onnx, model.json) out to the thing group.
+
+    Returns ``{"status": "deployed"|"unchanged", "componentVersion", "deploymentId", "targetArn",
+    "componentCreated", "components"}``.
+    """
+    version = settings.model_component_version(package_version)
+    target = backend.thing_group_arn(thing_group)
+    card = json.loads(files[CARD_FILE]) if CARD_FILE in files else {}
+    uris = upload(backend, settings.MODEL_COMPONENT, version,
+                  {MODEL_FILE: files[MODEL_FILE], CARD_FILE: files[CARD_FILE]})
+    arn, created = create_component(backend, model_recipe(version, uris, card, package_arn))
+    if not created:
+        _check_same_model(backend, arn, card)
+    wait_deployable(backend, arn, **(poll or {}))
+
+    previous = latest_deployment(backend, target)
+    result = {"componentVersion": version, "targetArn": target, "componentCreated": created}
+    if previous is not None:
+        current = (previous.get("components") or {}).get(settings.MODEL_COMPONENT, {}).get("componentVersion")
+        if current == version:  # a duplicate approval event: already rolled out
+            return {"status": "unchanged", "deploymentId": previous["deploymentId"],
+                    "components": previous["components"], **result}
+        components = merge(previous.get("components") or {}, {settings.MODEL_COMPONENT: version})
+    else:  # the group's first deployment: the whole published suite with this model
+        available = latest_versions(backend)
+        missing = [c for c in settings.SUITE if c not in available]
+        if missing:
+            jsonlog.event(log, "first deployment without unpublished components", logging.WARNING,
+                          missing=missing)
+        components = merge({}, {c: available[c] for c in settings.SUITE if c in available})
+        components = merge(components, {settings.MODEL_COMPONENT: version})
+    resp = create_deployment(backend, target, components, f"windfleet model {version}", previous)
+    jsonlog.event(log, "deployment created", deployment=resp["deploymentId"], target=target,
+                  model=version, previous=previous["deploymentId"] if previous else None)
+    return {"status": "deployed", "deploymentId": resp["deploymentId"], "components": components, **result}
+
+
+def _check_same_model(backend: Backend, arn: str, card: dict) -> None:
+    """An existing model component version must hold this very model (a repeated approval),
+    never another one that happens to carry the same version (e.g. a hand-built bundle)."""
+    recipe = json.loads(backend.greengrassv2.get_component(arn=arn, recipeOutputFormat="JSON")["recipe"])
+    config = (recipe.get("ComponentConfiguration") or {}).get("DefaultConfiguration") or {}
+    if config.get("OnnxSha256") != card.get("onnx_sha256"):
+        raise DeployError(f"{arn} already exists with another model (OnnxSha256 "
+                          f"{str(config.get('OnnxSha256'))[:12]}...); component versions 1.0.N are reserved "
+                          "for model package N")
+
+
+def deploy_suite(backend: Backend, thing_group: str | None = None,
+                 versions: dict[str, str] | None = None) -> dict:
+    """``windfleet deploy``: the whole suite to a thing group (latest published versions).
+
+    The model keeps the version the group already runs, if any (the latest
+    published one may be a model that failed); ``versions`` overrides any of them.
+    """
+    target = backend.thing_group_arn(thing_group)
+    available = latest_versions(backend)
+    previous = latest_deployment(backend, target)
+    chosen = {c: available[c] for c in settings.SUITE if c in available}
+    running = (previous or {}).get("components") or {}
+    if settings.MODEL_COMPONENT in running:
+        chosen[settings.MODEL_COMPONENT] = running[settings.MODEL_COMPONENT]["componentVersion"]
+    chosen.update(versions or {})
+    missing = [c for c in settings.SUITE if c not in chosen]
+    if missing:
+        raise DeployError(f"not published: {', '.join(missing)} (run `windfleet build` and `windfleet publish`)")
+    components = merge(running, chosen)
+    resp = create_deployment(backend, target, components, "windfleet suite", previous)
+    jsonlog.event(log, "suite deployment created", deployment=resp["deploymentId"], target=target)
+    return {"status": "deployed", "deploymentId": resp["deploymentId"], "targetArn": target,
+            "components": components}
+
+
+# ------------------------------------------------------------------------------ publishing
+_RECIPE_NAME = re.compile(r"^(?P<name>.+)-(?P<version>\d+\.\d+\.\d+[^/]*)\.(?P<ext>yaml|yml|json)$")
+
+
+def _recipe_get(d: dict, key: str) -> Any:
+    return next((v for k, v in d.items() if isinstance(k, str) and k.lower() == key.lower()), None)
+
+
+def read_build(build_dir: str | Path) -> list[tuple[dict, str, Path]]:
+    """``greengrass-build/`` -> ``[(recipe, format, artifact dir)]`` (``R/<Name>-<Version>.yaml``,
+    ``A/<Name>/<Version>/``), checked for consistency."""
+    import yaml
+
+    build_dir = Path(build_dir)
+    recipes_dir = build_dir / "recipes"
+    if not recipes_dir.is_dir():
+        raise DeployError(f"{recipes_dir}: no recipes (run `windfleet build` first)")
+    out = []
+    for path in sorted(recipes_dir.iterdir()):
+        m = _RECIPE_NAME.match(path.name)
+        if not m:
+            continue
+        try:
+            recipe = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise DeployError(f"{path}: not a valid recipe ({exc})") from None
+        if not isinstance(recipe, dict):
+            raise DeployError(f"{path}: not a valid recipe (not a mapping)")
+        name, version = _recipe_get(recipe, "ComponentName"), str(_recipe_get(recipe, "ComponentVersion"))
+        if (name, version) != (m["name"], m["version"]):
+            raise DeployError(f"{path}: file name says {m['name']}-{m['version']}, recipe says {name}-{version}")
+        out.append((recipe, "json" if m["ext"] == "json" else "yaml", build_dir / "artifacts" / name / version))
+    if not out:
+        raise DeployError(f"{recipes_dir}: no <Name>-<Version>.yaml recipes (run `windfleet build` first)")
+    return out
+
+
+def publish(backend: Backend, build_dir: str | Path, *, poll: dict | None = None) -> list[dict]:
+    """Upload every component's artifacts and create its version; an existing version is reported.
+
+    Returns ``[{"component", "version", "arn", "status": "created"|"exists"}]``.
+    """
+    results = []
+    for recipe, fmt, artifact_dir in read_build(build_dir):
+        name, version = recipe["ComponentName"], str(recipe["ComponentVersion"])
+        files = {p.relative_to(artifact_dir).as_posix(): p for p in sorted(artifact_dir.rglob("*"))
+                 if p.is_file()} if artifact_dir.is_dir() else {}
+        by_basename = {Path(k).name: k for k in files}
+        prefix = settings.COMPONENT_PREFIX.format(name=name, version=version)
+        for manifest in _recipe_get(recipe, "Manifests") or []:
+            for artifact in _recipe_get(manifest, "Artifacts") or []:
+                uri_key = next((k for k in artifact if k.lower() == "uri"), "Uri")
+                uri = str(artifact.get(uri_key, ""))
+                if uri.startswith(("docker:", "greengrass:")):
+                    continue
+                base = uri.rstrip("/").rsplit("/", 1)[-1]
+                if base not in by_basename:
+                    raise DeployError(f"{name}-{version}: artifact {uri} has no file {base} in {artifact_dir}")
+                for k in [k for k in artifact if k.lower() in ("digest", "algorithm")]:
+                    del artifact[k]  # the service computes them
+                artifact[uri_key] = backend.s3_uri(prefix + by_basename[base])
+        upload(backend, name, version, {rel: p.read_bytes() for rel, p in files.items()})
+        arn, created = create_component(backend, recipe, fmt=fmt)
+        if created:
+            wait_deployable(backend, arn, **(poll or {}))
+        results.append({"component": name, "version": version, "arn": arn,
+                        "status": "created" if created else "exists"})
+        jsonlog.event(log, "component published", component=name, version=version,
+                      status=results[-1]["status"])
+    return results
+
+
+# ------------------------------------------------------------------------------ fleet view
+def device_outcomes(backend: Backend, deployment_id: str) -> list[dict]:
+    """Per-device outcome of a thing-group deployment: ``[{"thing", "status", "reason", "modified",
+    "model_version"}]`` (``QUEUED``: not picked up yet; ``NOT_RECEIVED``: superseded before it was)."""
+    gg = backend.greengrassv2
+    dep = gg.get_deployment(deploymentId=deployment_id)
+    target = dep["targetArn"]
+    if ":thing/" in target:
+        things = [target.rsplit("/", 1)[1]]
+    else:
+        things, token = [], None
+        while True:
+            kwargs: dict[str, Any] = {"thingGroupArn": target}
+            if token:
+                kwargs["nextToken"] = token
+            page = gg.list_core_devices(**kwargs)
+            things += [d["coreDeviceThingName"] for d in page.get("coreDevices", [])]
+            token = page.get("nextToken")
+            if not token:
+                break
+    out = []
+    for thing in things:
+        effective = gg.list_effective_deployments(coreDeviceThingName=thing).get("effectiveDeployments", [])
+        mine = next((e for e in effective if e["deploymentId"] == deployment_id), None)
+        try:
+            installed = gg.list_installed_components(coreDeviceThingName=thing).get("installedComponents", [])
+        except ClientError:
+            installed = []
+        model = next((c.get("componentVersion") for c in installed
+                      if c.get("componentName") == settings.MODEL_COMPONENT), None)
+        out.append({
+            "thing": thing,
+            "status": mine["coreDeviceExecutionStatus"] if mine else "NOT_RECEIVED",
+            "reason": (mine or {}).get("reason", ""),
+            "modified": (mine or {}).get("modifiedTimestamp"),
+            "model_version": model,
+        })
+    return out

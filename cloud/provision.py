@@ -1,0 +1,351 @@
+"""``windfleet cloud provision`` / ``teardown``: the AWS side, idempotently (replaces the sample's CDK stack).
+
+:func:`provision` creates or updates, and reports each as ``created`` /
+``exists`` / ``updated``:
+
+- the artifact bucket (public access blocked);
+- the SageMaker model package group;
+- the IoT thing group;
+- an IAM role for the two Lambda functions (unless ``role_arn`` is given);
+- the approval Lambda (``windfleet.cloud.approval.handler``) and the ingest
+  Lambda (``windfleet.cloud.ingest.lambda_handler``), both from one zip built
+  from this project (:func:`lambda_zip`; tenacity is vendored, boto3 is in the
+  runtime);
+- the EventBridge rule with :func:`windfleet.cloud.approval.event_pattern`
+  targeting the approval Lambda (+ invoke permission);
+- the telemetry log group (with retention) and the IoT topic rule sending
+  ``windfleet/fleet/+/telemetry`` to the ingest Lambda (+ invoke permission);
+- the CloudWatch dashboard (body from ``windfleet.cloud.ingest.dashboard_body``).
+
+:func:`teardown` removes them (the bucket and the registry only with
+``keep_data=False``).  Locally, provisioning just creates the bucket and the
+model package group (the rest has no local counterpart).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import io
+import json
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import tenacity
+from botocore.exceptions import ClientError
+
+from windfleet import topics
+
+from . import settings
+from .approval import event_pattern
+from .backends import Backend
+from .registry import Registry
+
+Report = list[tuple[str, str, str]]  # (resource kind, name, created|exists|updated|deleted|absent)
+
+# What the Lambda functions import: stdlib-only modules of the package plus tenacity.
+LAMBDA_MODULES = (
+    "windfleet/__init__.py", "windfleet/model_contract.py", "windfleet/jsonlog.py", "windfleet/payloads.py",
+    "windfleet/topics.py", "windfleet/cloud/__init__.py", "windfleet/cloud/settings.py",
+    "windfleet/cloud/backends.py", "windfleet/cloud/approval.py", "windfleet/cloud/deployer.py",
+    "windfleet/cloud/registry.py", "windfleet/cloud/ingest.py",
+)
+APPROVAL_HANDLER = "windfleet.cloud.approval.handler"
+INGEST_HANDLER = "windfleet.cloud.ingest.lambda_handler"
+
+TRUST_POLICY = {"Version": "2012-10-17", "Statement": [{
+    "Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
+
+
+def _code(exc: ClientError) -> str:
+    return exc.response.get("Error", {}).get("Code", "")
+
+
+def _module_file(dotted: str) -> Path:
+    spec = importlib.util.find_spec(dotted)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"cannot find module {dotted} to package it")
+    return Path(spec.origin)
+
+
+def lambda_zip() -> bytes:
+    """A Lambda deployment package with the cloud layer's handlers (deterministic bytes)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        def add(arcname: str, path: Path) -> None:
+            info = zipfile.ZipInfo(arcname, date_time=(2020, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, path.read_bytes())
+
+        for arcname in LAMBDA_MODULES:
+            dotted = arcname[:-3].replace("/", ".").removesuffix(".__init__")
+            add(arcname, _module_file(dotted))
+        tenacity_dir = _module_file("tenacity").parent
+        for path in sorted(tenacity_dir.rglob("*.py")):
+            add("tenacity/" + path.relative_to(tenacity_dir).as_posix(), path)
+    return buf.getvalue()
+
+
+def role_policy(backend: Backend, log_group: str) -> dict:
+    bucket = backend.bucket
+    return {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": ["sagemaker:DescribeModelPackage", "sagemaker:UpdateModelPackage",
+                                       "sagemaker:ListModelPackages"], "Resource": "*"},
+        {"Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject"], "Resource": f"arn:aws:s3:::{bucket}/*"},
+        {"Effect": "Allow", "Action": ["greengrass:CreateComponentVersion", "greengrass:DescribeComponent",
+                                       "greengrass:GetComponent", "greengrass:ListComponents",
+                                       "greengrass:ListComponentVersions", "greengrass:CreateDeployment",
+                                       "greengrass:GetDeployment", "greengrass:ListDeployments",
+                                       "iot:DescribeThingGroup", "iot:DescribeJob", "iot:CreateJob",
+                                       "iot:UpdateJob", "iot:CancelJob"], "Resource": "*"},
+        {"Effect": "Allow", "Action": ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"],
+         "Resource": "*"},
+    ]}
+
+
+class Provisioner:
+    def __init__(self, backend: Backend, *, role_arn: str | None = None, log_group: str = settings.LOG_GROUP,
+                 retry_wait: float = 5.0, retry_timeout: float = 120.0):
+        self.b = backend
+        self.role_arn = role_arn
+        self.log_group = log_group
+        self.report: Report = []
+        self._retry = dict(wait=tenacity.wait_fixed(retry_wait), stop=tenacity.stop_after_delay(retry_timeout))
+
+    def _note(self, kind: str, name: str, status: str) -> None:
+        self.report.append((kind, name, status))
+
+    # -- pieces --------------------------------------------------------------
+    def bucket(self) -> None:
+        s3, name = self.b.s3, self.b.bucket
+        try:
+            s3.head_bucket(Bucket=name)
+            self._note("s3 bucket", name, "exists")
+        except ClientError as exc:
+            if _code(exc) not in ("404", "NoSuchBucket", "NotFound"):
+                raise  # 403: the name belongs to someone else
+            kwargs: dict[str, Any] = {"Bucket": name}
+            if self.b.region and self.b.region not in ("us-east-1", "local"):
+                kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.b.region}
+            s3.create_bucket(**kwargs)
+            self._note("s3 bucket", name, "created")
+        if not self.b.is_local:
+            s3.put_public_access_block(Bucket=name, PublicAccessBlockConfiguration={
+                "BlockPublicAcls": True, "IgnorePublicAcls": True, "BlockPublicPolicy": True,
+                "RestrictPublicBuckets": True})
+
+    def model_group(self) -> None:
+        reg = Registry(self.b)
+        try:
+            self.b.sagemaker.describe_model_package_group(ModelPackageGroupName=reg.group)
+            self._note("model package group", reg.group, "exists")
+        except ClientError:
+            reg.ensure_group()
+            self._note("model package group", reg.group, "created")
+
+    def thing_group(self) -> None:
+        iot, name = self.b.iot, self.b.thing_group
+        try:
+            iot.describe_thing_group(thingGroupName=name)
+            self._note("thing group", name, "exists")
+        except ClientError as exc:
+            if _code(exc) != "ResourceNotFoundException":
+                raise
+            iot.create_thing_group(thingGroupName=name, thingGroupProperties={
+                "thingGroupDescription": "windfleet gateways (Greengrass core devices)"})
+            self._note("thing group", name, "created")
+
+    def role(self) -> str:
+        if self.role_arn:
+            return self.role_arn
+        iam = self.b.iam
+        try:
+            arn = iam.get_role(RoleName=settings.LAMBDA_ROLE)["Role"]["Arn"]
+            self._note("iam role", settings.LAMBDA_ROLE, "exists")
+        except ClientError as exc:
+            if _code(exc) != "NoSuchEntity":
+                raise
+            arn = iam.create_role(RoleName=settings.LAMBDA_ROLE, AssumeRolePolicyDocument=json.dumps(TRUST_POLICY),
+                                  Description="windfleet approval + ingest Lambda functions")["Role"]["Arn"]
+            self._note("iam role", settings.LAMBDA_ROLE, "created")
+        iam.put_role_policy(RoleName=settings.LAMBDA_ROLE, PolicyName="windfleet",
+                            PolicyDocument=json.dumps(role_policy(self.b, self.log_group)))
+        self.role_arn = arn
+        return arn
+
+    def function(self, name: str, handler: str, env: dict, code: bytes) -> str:
+        lam = self.b.lambda_
+        config = dict(Role=self.role(), Handler=handler, Runtime=settings.LAMBDA_RUNTIME,
+                      Timeout=settings.LAMBDA_TIMEOUT, MemorySize=256, Environment={"Variables": env})
+        try:
+            lam.get_function(FunctionName=name)
+        except ClientError as exc:
+            if _code(exc) != "ResourceNotFoundException":
+                raise
+            create = tenacity.retry(  # a fresh IAM role takes a few seconds to become assumable
+                retry=tenacity.retry_if_exception(lambda e: isinstance(e, ClientError)
+                                                  and _code(e) == "InvalidParameterValueException"),
+                reraise=True, **self._retry)(lam.create_function)
+            arn = create(FunctionName=name, Code={"ZipFile": code}, Publish=True,
+                         Description="windfleet (packaged by windfleet cloud provision)", **config)["FunctionArn"]
+            self._note("lambda", name, "created")
+            return arn
+        lam.update_function_code(FunctionName=name, ZipFile=code, Publish=True)
+        self._wait_updated(name)
+        arn = lam.update_function_configuration(FunctionName=name, **config)["FunctionArn"]
+        self._note("lambda", name, "updated")
+        return arn
+
+    def _wait_updated(self, name: str) -> None:
+        try:
+            self.b.lambda_.get_waiter("function_updated_v2").wait(
+                FunctionName=name, WaiterConfig={"Delay": 2, "MaxAttempts": 60})
+        except Exception:  # noqa: BLE001 - older botocore / moto: the next call will tell
+            pass
+
+    def permission(self, function: str, statement: str, principal: str, source_arn: str) -> None:
+        try:
+            self.b.lambda_.add_permission(FunctionName=function, StatementId=statement,
+                                          Action="lambda:InvokeFunction", Principal=principal,
+                                          SourceArn=source_arn)
+        except ClientError as exc:
+            if _code(exc) != "ResourceConflictException":
+                raise
+
+    def approval_rule(self, function_arn: str) -> None:
+        ev = self.b.events
+        rule_arn = ev.put_rule(Name=settings.APPROVAL_RULE, EventPattern=json.dumps(event_pattern(self.b.model_group)),
+                               State="ENABLED", Description="windfleet: model package approved -> deploy")["RuleArn"]
+        ev.put_targets(Rule=settings.APPROVAL_RULE, Targets=[{"Id": "approval", "Arn": function_arn}])
+        self.permission(settings.APPROVAL_FUNCTION, "windfleet-events", "events.amazonaws.com", rule_arn)
+        self._note("eventbridge rule", settings.APPROVAL_RULE, "updated")
+
+    def log_group_(self) -> None:
+        try:
+            self.b.logs.create_log_group(logGroupName=self.log_group)
+            self._note("log group", self.log_group, "created")
+        except ClientError as exc:
+            if _code(exc) != "ResourceAlreadyExistsException":
+                raise
+            self._note("log group", self.log_group, "exists")
+        self.b.logs.put_retention_policy(logGroupName=self.log_group, retentionInDays=settings.LOG_RETENTION_DAYS)
+
+    def telemetry_rule(self, function_arn: str) -> None:
+        iot = self.b.iot
+        payload = {"sql": f"SELECT * FROM '{topics.ALL_TELEMETRY}'", "awsIotSqlVersion": "2016-03-23",
+                   "ruleDisabled": False, "description": "windfleet fleet telemetry -> ingest Lambda",
+                   "actions": [{"lambda": {"functionArn": function_arn}}]}
+        try:
+            rule_arn = iot.get_topic_rule(ruleName=settings.TELEMETRY_RULE)["ruleArn"]
+            iot.replace_topic_rule(ruleName=settings.TELEMETRY_RULE, topicRulePayload=payload)
+            self._note("iot topic rule", settings.TELEMETRY_RULE, "updated")
+        except ClientError as exc:
+            if _code(exc) not in ("ResourceNotFoundException", "UnauthorizedException"):
+                raise
+            iot.create_topic_rule(ruleName=settings.TELEMETRY_RULE, topicRulePayload=payload)
+            rule_arn = iot.get_topic_rule(ruleName=settings.TELEMETRY_RULE)["ruleArn"]
+            self._note("iot topic rule", settings.TELEMETRY_RULE, "created")
+        self.permission(settings.INGEST_FUNCTION, "windfleet-iot", "iot.amazonaws.com", rule_arn)
+
+    def dashboard(self) -> None:
+        from windfleet.cloud.ingest import dashboard_body  # the DASHBOARD area's
+
+        body = _call_with_known(dashboard_body, log_group=self.log_group, region=self.b.region or "us-east-1")
+        self.b.cloudwatch.put_dashboard(DashboardName=settings.DASHBOARD,
+                                        DashboardBody=body if isinstance(body, str) else json.dumps(body))
+        self._note("cloudwatch dashboard", settings.DASHBOARD, "updated")
+
+    # -- all -----------------------------------------------------------------
+    def provision(self) -> Report:
+        self.bucket()
+        self.model_group()
+        if self.b.is_local:
+            return self.report
+        self.thing_group()
+        code = lambda_zip()
+        names = {"WINDFLEET_BUCKET": self.b.bucket, "WINDFLEET_THING_GROUP": self.b.thing_group,
+                 "WINDFLEET_MODEL_GROUP": self.b.model_group}
+        approval_arn = self.function(settings.APPROVAL_FUNCTION, APPROVAL_HANDLER, names, code)
+        self.approval_rule(approval_arn)
+        self.log_group_()
+        ingest_arn = self.function(settings.INGEST_FUNCTION, INGEST_HANDLER,
+                                   {"WINDFLEET_LOG_GROUP": self.log_group}, code)
+        self.telemetry_rule(ingest_arn)
+        self.dashboard()
+        return self.report
+
+    def teardown(self, keep_data: bool = False) -> Report:
+        b = self.b
+        if not b.is_local:
+            self._gone("cloudwatch dashboard", settings.DASHBOARD,
+                       lambda: b.cloudwatch.delete_dashboards(DashboardNames=[settings.DASHBOARD]))
+            self._gone("iot topic rule", settings.TELEMETRY_RULE,
+                       lambda: b.iot.delete_topic_rule(ruleName=settings.TELEMETRY_RULE))
+
+            def rule() -> None:
+                b.events.remove_targets(Rule=settings.APPROVAL_RULE, Ids=["approval"])
+                b.events.delete_rule(Name=settings.APPROVAL_RULE)
+
+            self._gone("eventbridge rule", settings.APPROVAL_RULE, rule)
+            for fn in (settings.APPROVAL_FUNCTION, settings.INGEST_FUNCTION):
+                self._gone("lambda", fn, lambda fn=fn: b.lambda_.delete_function(FunctionName=fn))
+
+            def role() -> None:
+                b.iam.delete_role_policy(RoleName=settings.LAMBDA_ROLE, PolicyName="windfleet")
+                b.iam.delete_role(RoleName=settings.LAMBDA_ROLE)
+
+            if not self.role_arn:
+                self._gone("iam role", settings.LAMBDA_ROLE, role)
+            self._gone("log group", self.log_group, lambda: b.logs.delete_log_group(logGroupName=self.log_group))
+            self._gone("thing group", b.thing_group, lambda: b.iot.delete_thing_group(thingGroupName=b.thing_group))
+        if keep_data:
+            return self.report
+
+        def registry() -> None:
+            for pkg in Registry(b)._summaries():
+                b.sagemaker.delete_model_package(ModelPackageName=pkg["ModelPackageArn"])
+            b.sagemaker.delete_model_package_group(ModelPackageGroupName=b.model_group)
+
+        self._gone("model package group", b.model_group, registry)
+
+        def bucket() -> None:
+            while True:
+                keys = [o["Key"] for o in b.s3.list_objects_v2(Bucket=b.bucket).get("Contents", [])]
+                if not keys:
+                    break
+                for key in keys:
+                    b.s3.delete_object(Bucket=b.bucket, Key=key)
+            if not b.is_local:
+                b.s3.delete_bucket(Bucket=b.bucket)
+
+        self._gone("s3 bucket", b.bucket, bucket)
+        return self.report
+
+    def _gone(self, kind: str, name: str, delete: Callable[[], Any]) -> None:
+        try:
+            delete()
+            self._note(kind, name, "deleted")
+        except ClientError as exc:
+            if _code(exc) in ("ResourceNotFoundException", "NoSuchEntity", "NoSuchBucket", "ValidationException",
+                              "ResourceNotFound", "404", "UnauthorizedException"):
+                self._note(kind, name, "absent")
+            else:
+                raise
+
+
+def _call_with_known(fn: Callable, **kwargs: Any) -> Any:
+    """Call ``fn`` with those of ``kwargs`` its signature accepts (the DASHBOARD area owns it)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return fn(**kwargs)
+    return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def provision(backend: Backend, **kwargs: Any) -> Report:
+    return Provisioner(backend, **kwargs).provision()
+
+
+def teardown(backend: Backend, keep_data: bool = False, **kwargs: Any) -> Report:
+    return Provisioner(backend, **kwargs).teardown(keep_data=keep_data)

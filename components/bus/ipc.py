@@ -1,0 +1,130 @@
+"""The bus over Greengrass IPC (``awsiot.greengrasscoreipc.clientv2``), on a real nucleus.
+
+The client is passed in (``GreengrassCoreIPCClientV2()`` in production, a fake in
+tests).  Local messages travel as ``BinaryMessage`` (the bytes of
+``payloads.encode``), so subscribers see the same bytes as over MQTT; a
+``JsonMessage`` from another publisher is re-encoded.  Cloud messages go through
+``publish_to_iot_core`` at QoS1 (the nucleus spools them while offline).  The
+nucleus itself keeps the pub/sub queue, so there is no session to persist here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from awsiot.greengrasscoreipc.model import (
+    QOS,
+    BinaryMessage,
+    PublishMessage,
+    ReportedLifecycleState,
+    SubscriptionResponseMessage,
+)
+
+from windfleet import jsonlog, payloads, topics
+
+from .base import Bus, ConfigHandler, Dispatcher, Handler, to_bytes
+
+log = logging.getLogger("windfleet.bus.ipc")
+
+_STATES = {"RUNNING": ReportedLifecycleState.RUNNING, "ERRORED": ReportedLifecycleState.ERRORED}
+
+
+class IpcBus(Bus):
+    """:class:`Bus` over a ``GreengrassCoreIPCClientV2``-shaped ``client``."""
+
+    def __init__(self, component_name: str, client: Any, thing: str | None = None, version: str | None = None):
+        self.component_name = component_name
+        self.client = client
+        self.thing_name = thing or os.environ.get("AWS_IOT_THING_NAME", "unknown-thing")
+        self.version = version or os.environ.get("WINDFLEET_COMPONENT_VERSION", "0.0.0")
+        self._dispatcher = Dispatcher(component_name)
+        self._limited = jsonlog.RateLimited(log, interval=30.0)
+        self._operations: list = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # ------------------------------------------------------------ local pub/sub
+    def publish(self, topic: str, payload: dict | bytes, qos: int = 0) -> None:
+        # Local pub/sub has no QoS: the nucleus delivers in memory.
+        message = PublishMessage(binary_message=BinaryMessage(message=to_bytes(payload)))
+        self.client.publish_to_topic(topic=topic, publish_message=message)
+
+    def subscribe(self, topic: str, handler: Handler) -> None:
+        def on_event(event: SubscriptionResponseMessage) -> None:
+            if event.binary_message is not None:
+                msg_topic = _topic_of(event.binary_message, topic)
+                data = bytes(event.binary_message.message or b"")
+            elif event.json_message is not None:
+                msg_topic = _topic_of(event.json_message, topic)
+                data = json.dumps(event.json_message.message).encode()
+            else:
+                return
+            self._dispatcher.submit(handler, msg_topic, data)
+
+        def on_error(error: Exception) -> bool:
+            self._limited.warn("stream_error", "IPC subscription stream error", topic=topic, error=repr(error)[:200])
+            return False  # keep the stream open
+
+        _, operation = self.client.subscribe_to_topic(topic=topic, on_stream_event=on_event,
+                                                      on_stream_error=on_error)
+        with self._lock:
+            self._operations.append(operation)
+
+    # ------------------------------------------------------------ cloud
+    def publish_cloud(self, topic: str, payload: bytes, qos: int = 1) -> bool:
+        try:
+            self.client.publish_to_iot_core(
+                topic_name=topic, qos=QOS.AT_LEAST_ONCE if qos else QOS.AT_MOST_ONCE, payload=to_bytes(payload))
+        except Exception as exc:  # the SDK raises on a dropped/failed request: caller keeps the data
+            self._limited.warn("publish_cloud", "publish_to_iot_core failed", topic=topic, error=repr(exc)[:200])
+            return False
+        return True
+
+    # ------------------------------------------------------------ configuration
+    def get_configuration(self) -> dict:
+        response = self.client.get_configuration()
+        return dict(response.value or {})
+
+    def on_configuration_update(self, handler: ConfigHandler) -> None:
+        def on_event(event) -> None:
+            # The event names only the changed key path: read the whole configuration again.
+            self._dispatcher.submit(lambda: handler(self.get_configuration()))
+
+        _, operation = self.client.subscribe_to_configuration_update(on_stream_event=on_event)
+        with self._lock:
+            self._operations.append(operation)
+
+    # ------------------------------------------------------------ state
+    def update_state(self, state: str, **extra: Any) -> None:
+        if state in _STATES:
+            self.client.update_state(state=_STATES[state])
+        counters = extra.pop("counters", {})
+        self.publish(topics.health(self.thing_name),
+                     payloads.health(self.thing_name, self.component_name, self.version, state, time.time(),
+                                     counters, **extra))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            operations, self._operations = self._operations, []
+        for operation in operations:
+            try:
+                operation.close()
+            except Exception:  # already closed by the nucleus
+                pass
+        self._dispatcher.close()
+        close = getattr(self.client, "close", None)
+        if close is not None:
+            close()
+
+
+def _topic_of(message: Any, default: str) -> str:
+    context = getattr(message, "context", None)
+    return getattr(context, "topic", None) or default

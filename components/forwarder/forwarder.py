@@ -1,0 +1,263 @@
+"""com.windfleet.LogForwarder: scores, anomalies, health and logs of one gateway to the cloud.
+
+Flow: the bus hands each message on ``windfleet/turbines/{t}/scores`` (this gateway's
+turbines), ``windfleet/devices/{thing}/health`` and ``.../logs`` to :meth:`Forwarder.handle`,
+which validates it and appends it to the SQLite :class:`~.spool.Spool` (the bus
+acknowledges the message only after that commit).  A sender thread batches the oldest
+records into ``payloads.telemetry`` messages with a per-device ``seq`` that increases by
+one per message and survives restarts, and publishes them with ``bus.publish_cloud``
+(QoS1) to ``topics.telemetry(thing)``; a message leaves the spool only when the cloud
+acknowledged it.  While the cloud link is down everything waits in the spool and is
+delivered in order afterwards.
+
+Spool policy when full (see :mod:`.spool`): DROP OLDEST waiting records, keep the
+newest; every dropped record is counted in ``dropped_spool_full`` (health counters)
+and logged (rate limited).
+
+Malformed input is counted per kind (``payloads.MalformedPayload.kind``), logged once
+per kind per minute, and dropped; it never stops the component.
+
+Health: the forwarder's own health (counters ``received``, ``sent``, ``spooled``,
+``dropped_spool_full``, ``malformed_dropped``, ...) is published every
+``health_interval`` seconds on ``topics.health(thing)``, and therefore forwarded too.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from windfleet import jsonlog, payloads, topics
+
+from .spool import Spool
+
+COMPONENT = "com.windfleet.LogForwarder"
+MAX_RECORD_BYTES = 64 * 1024  # a single record must fit a 128 KB IoT Core message
+
+log = logging.getLogger("windfleet.forwarder")
+
+
+def _validate_log(obj: dict) -> dict:
+    for field in ("component", "level", "message"):
+        if not isinstance(obj.get(field), str):
+            raise payloads.MalformedPayload("missing_field" if field not in obj else "wrong_type", field)
+    return obj
+
+
+def _turbine_ids(thing: str, turbines: Any) -> list[str]:
+    """Configuration ``turbines``: a count (ids from topics.turbine_id) or a list of ids."""
+    if turbines is None:
+        return []
+    if isinstance(turbines, bool):
+        raise ValueError(f"turbines must be a count or a list, not {turbines!r}")
+    if isinstance(turbines, (int, float, str)) and str(turbines).strip().isdigit():
+        return [topics.turbine_id(thing, i) for i in range(int(turbines))]
+    if isinstance(turbines, (list, tuple)):
+        return [str(t) for t in turbines]
+    raise ValueError(f"turbines must be a count or a list, not {turbines!r}")
+
+
+class Forwarder:
+    """The forwarder's logic, on any :class:`~windfleet.components.bus.Bus` and :class:`Spool`."""
+
+    def __init__(self, bus, spool: Spool, *, turbines: Any = None, batch_records: int = 100,
+                 batch_bytes: int = 96 * 1024, batch_interval: float = 1.0, health_interval: float = 10.0,
+                 retry_max: float = 5.0, flush_timeout: float = 5.0):
+        self.bus, self.spool = bus, spool
+        self.thing = bus.thing_name
+        self.batch_records, self.batch_bytes = max(1, batch_records), batch_bytes
+        self.batch_interval, self.health_interval = batch_interval, health_interval
+        self.retry_max, self.flush_timeout = retry_max, flush_timeout
+        if turbines is None:
+            turbines = bus.get_configuration().get("turbines")
+        self._turbines = _turbine_ids(self.thing, turbines)
+        self._subscribed: set[str] = set()
+        self.counters: collections.Counter = collections.Counter()
+        self.malformed_by_kind: collections.Counter = collections.Counter()
+        self._limited = jsonlog.RateLimited(log, interval=60.0)
+        self._stop = threading.Event()
+        self._flushing = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.last_acked_seq = 0
+        self._dropped_logged = spool.dropped_spool_full
+
+    # ------------------------------------------------------------ setup
+    def start(self) -> "Forwarder":
+        jsonlog.event(log, "forwarder starting", thing=self.thing, turbines=len(self._turbines),
+                      spool=str(self.spool.path), spool_records=self.spool.records, next_seq=self.spool.next_seq,
+                      max_records=self.spool.max_records, max_bytes=self.spool.max_bytes,
+                      policy="drop oldest when full")
+        self.bus.subscribe(topics.health(self.thing), self.handle)
+        self.bus.subscribe(topics.logs(self.thing), self.handle)
+        self._subscribe_turbines(self._turbines)
+        self.bus.on_configuration_update(self._on_config)
+        for target, name in ((self._send_loop, "sender"), (self._health_loop, "health")):
+            thread = threading.Thread(target=target, name=f"forwarder-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self.bus.update_state("RUNNING", counters=self.health_counters())
+        return self
+
+    def _subscribe_turbines(self, turbine_ids: list[str]) -> None:
+        for tid in turbine_ids:
+            if tid not in self._subscribed:
+                self.bus.subscribe(topics.scores(tid), self.handle)
+                self._subscribed.add(tid)
+
+    def _on_config(self, config: dict) -> None:
+        try:
+            self._subscribe_turbines(_turbine_ids(self.thing, config.get("turbines")))
+        except ValueError as exc:
+            self._limited.warn("config", "ignoring bad turbines setting", error=str(exc))
+
+    # ------------------------------------------------------------ receive
+    def handle(self, topic: str, raw: bytes) -> None:
+        """Bus handler: validate and spool one message.  Never raises for bad input."""
+        self.counters["received"] += 1
+        try:
+            kind, body = self._validate(topic, raw)
+        except payloads.MalformedPayload as exc:
+            self.counters["malformed_dropped"] += 1
+            self.malformed_by_kind[exc.kind] += 1
+            self._limited.warn(f"malformed:{exc.kind}", "malformed message dropped", topic=topic,
+                               reason=exc.kind, detail=exc.detail[:200], count=self.malformed_by_kind[exc.kind])
+            return
+        dropped = self.spool.add(kind, body)
+        if dropped:
+            self._limited.warn("spool_full", "spool full: dropped oldest records", dropped=dropped,
+                               dropped_total=self.spool.dropped_spool_full, max_records=self.spool.max_records,
+                               max_bytes=self.spool.max_bytes)
+        if self.spool.pending_records >= self.batch_records:
+            self._wake.set()
+
+    def _validate(self, topic: str, raw: bytes) -> tuple[str, bytes]:
+        if len(raw) > MAX_RECORD_BYTES:
+            raise payloads.MalformedPayload("too_large", f"{len(raw)} bytes > {MAX_RECORD_BYTES}")
+        obj = payloads.decode(raw)
+        parts = topic.split("/")
+        if topic.endswith("/scores"):
+            payloads.validate_score(obj)
+            if obj["turbine_id"] != topics.turbine_of(topic):
+                raise payloads.MalformedPayload("turbine_mismatch", f"{obj['turbine_id']} on {topic}")
+            kind = "score"
+        elif topic == topics.health(self.thing):
+            payloads.validate_health(obj)
+            kind = "health"
+        elif topic == topics.logs(self.thing):
+            getattr(payloads, "validate_log", _validate_log)(obj)
+            kind = "log"
+        else:  # not a topic we subscribed: a broker or configuration mistake
+            raise payloads.MalformedPayload("unexpected_topic", "/".join(parts[:4]))
+        # Store the bytes received (already proven to be finite JSON) for the batch.
+        return kind, bytes(raw)
+
+    # ------------------------------------------------------------ send
+    def _send_loop(self) -> None:
+        retry = 0.2
+        deadline = None
+        while True:
+            if self._stop.is_set():
+                if deadline is None:
+                    deadline = time.monotonic() + self.flush_timeout
+                if time.monotonic() > deadline or (self.spool.records == 0):
+                    return
+            message = self.spool.head()
+            if message is None:
+                due = (self.spool.pending_records >= self.batch_records
+                       or self._stop.is_set()
+                       or (self.spool.pending_records and self.spool.oldest_age() >= self.batch_interval))
+                if not due:
+                    self._wake.wait(min(0.1, self.batch_interval))
+                    self._wake.clear()
+                    continue
+                message = self.spool.build(self.thing, self.batch_records, self.batch_bytes)
+                if message is None:
+                    continue
+            try:
+                ok = self.bus.publish_cloud(topics.telemetry(self.thing), message.payload, qos=1)
+            except Exception as exc:  # a transport error is "not delivered": keep it and retry
+                ok = False
+                self._limited.warn("publish_cloud", "cloud publish raised", error=repr(exc)[:200])
+            if ok:
+                self.spool.ack(message.seq)
+                self.last_acked_seq = message.seq
+                self.counters["sent"] += message.n_records
+                self.counters["messages_sent"] += 1
+                retry = 0.2
+            else:
+                self.counters["cloud_failures"] += 1
+                self._limited.warn("cloud_down", "cloud link down: spooling", spooled=self.spool.records,
+                                   next_seq=message.seq)
+                if self._stop.is_set() or self._stop.wait(retry):
+                    return  # stopping with the link down: the spool keeps it for the next start
+                retry = min(retry * 2, self.retry_max)
+
+    # ------------------------------------------------------------ health
+    def health_counters(self) -> dict[str, int]:
+        counters = {k: 0 for k in ("received", "sent", "messages_sent", "malformed_dropped", "cloud_failures")}
+        counters.update(self.counters)
+        counters.update(
+            spooled=self.spool.records,
+            spool_bytes=self.spool.bytes,
+            dropped_spool_full=self.spool.dropped_spool_full,
+            dropped_disk_full=self.spool.dropped_disk_full,
+            last_seq=self.last_acked_seq,
+        )
+        return counters
+
+    def publish_health(self) -> None:
+        self.bus.update_state("RUNNING", counters=self.health_counters(),
+                              malformed_by_kind=dict(self.malformed_by_kind))
+
+    def _health_loop(self) -> None:
+        while not self._stop.wait(self.health_interval):
+            try:
+                self.publish_health()
+            except Exception as exc:
+                self._limited.warn("health", "cannot publish health", error=repr(exc)[:200])
+
+    # ------------------------------------------------------------ stop
+    def stop(self) -> None:
+        """Stop: try to deliver what is spooled for up to ``flush_timeout`` s, then return.
+        What is left stays in the spool for the next start.  The caller then closes the bus
+        and the spool (in that order)."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            # + the longest a single publish_cloud may wait for its ack
+            thread.join(self.flush_timeout + 15.0)
+        jsonlog.event(log, "forwarder stopped", **self.health_counters())
+
+
+def run(bus, spool_path: str | Path, *, stop_event: threading.Event | None = None,
+        max_records: int = 100_000, max_bytes: int = 64 * 1024 * 1024, **options: Any) -> Forwarder:
+    """Run the forwarder on ``bus`` until ``stop_event`` is set; then stop, close the bus and the spool.
+
+    ``spool_path`` is the SQLite file (a directory gets ``spool.sqlite`` inside).
+    ``options`` go to :class:`Forwarder` (``batch_records``, ``batch_interval``, ...).
+    """
+    path = Path(spool_path)
+    if path.is_dir() or str(spool_path).endswith("/"):
+        path = path / "spool.sqlite"
+    spool = Spool(path, max_records=max_records, max_bytes=max_bytes)
+    forwarder = Forwarder(bus, spool, **options)
+    stop_event = stop_event or threading.Event()
+    try:
+        forwarder.start()
+        stop_event.wait()
+    finally:
+        forwarder.stop()
+        try:
+            forwarder.publish_health()
+        except Exception:
+            pass
+        bus.close()  # stop handlers before the spool closes
+        spool.close()
+    return forwarder

@@ -1,0 +1,263 @@
+"""com.windfleet.TurbineSimulator: the simulation library as a service on the bus.
+
+Configuration (component configuration; ``main.py`` arguments override):
+
+``turbines``            number of turbines; ids are ``topics.turbine_id(thing, i)``
+``rate``                samples per second per turbine (20)
+``batch``               samples per readings message (10)
+``seed``                with the thing name, seeds every turbine: a run repeats exactly
+``anomalies_per_hour``  random anomalies per turbine per hour (0 = none)
+``anomalies``           explicit list of ``{turbine, kind, start_s, duration_s, severity[, channel]}``
+                        (``turbine``: index or id)
+``realtime``            pace to the wall clock (true) or publish as fast as possible (false)
+``duration_s``          stop after this much simulated time (none = until stopped)
+``health_interval_s``   seconds between health messages (10)
+``start_ts``            epoch seconds of sample 0 (default: the start time)
+
+Readings go to ``topics.readings(id)`` (QoS1) as ``payloads.readings`` with ``seq``
+numbering samples from 0; each injected anomaly is announced on ``topics.labels(id)``
+when its first sample is published.  Pacing is against absolute deadlines
+(start + k * batch / rate), so it does not drift; when the process falls behind it
+catches up without sleeping and counts ``late_batches``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from windfleet import jsonlog, payloads, topics
+from windfleet.simulation import KINDS, STUCK_CHANNELS, Anomaly, Turbine, random_schedule, turbine_seed
+
+COMPONENT = "com.windfleet.TurbineSimulator"
+FIELDS = payloads.SAMPLE_FIELDS + payloads.EXTRA_SAMPLE_FIELDS
+DAY = 86_400.0
+
+log = logging.getLogger("windfleet.simulator")
+
+
+class ConfigError(ValueError):
+    """A configuration the simulator cannot run (one-line reason)."""
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        return value.lower() in ("true", "1", "yes", "on")
+    if isinstance(value, int):
+        return bool(value)
+    raise ConfigError(f"not a boolean: {value!r}")
+
+
+@dataclass
+class SimConfig:
+    turbines: int = 1
+    rate: float = 20.0
+    batch: int = 10
+    seed: int = 0
+    anomalies_per_hour: float = 0.0
+    anomalies: list[dict] = field(default_factory=list)
+    realtime: bool = True
+    duration_s: float | None = None
+    health_interval_s: float = 10.0
+    start_ts: float | None = None
+    mean_wind: float = 8.0
+
+    @classmethod
+    def from_configuration(cls, config: dict, **overrides: Any) -> "SimConfig":
+        merged = {**(config or {}), **{k: v for k, v in overrides.items() if v is not None}}
+        known = {f for f in cls.__dataclass_fields__}
+        try:
+            c = cls(**{k: v for k, v in merged.items() if k in known})
+            c.turbines, c.batch, c.seed = int(c.turbines), int(c.batch), int(c.seed)
+            c.rate, c.anomalies_per_hour = float(c.rate), float(c.anomalies_per_hour)
+            c.realtime = _bool(c.realtime)
+            c.duration_s = None if c.duration_s in (None, "", 0) else float(c.duration_s)
+            c.health_interval_s = float(c.health_interval_s)
+            c.mean_wind = float(c.mean_wind)
+            c.start_ts = None if c.start_ts in (None, "") else float(c.start_ts)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"bad simulator configuration: {exc}") from None
+        if c.turbines < 1 or c.batch < 1 or c.rate <= 0:
+            raise ConfigError("turbines and batch must be >= 1 and rate > 0")
+        if not isinstance(c.anomalies, list):
+            raise ConfigError("anomalies must be a list")
+        return c
+
+
+def thing_seed(seed: int, thing: str) -> int:
+    """One seed per (configured seed, gateway): gateways differ, reruns repeat."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{thing}".encode()).digest()[:4], "big")
+
+
+def explicit_schedule(entries: list[dict], ids: list[str], rate: float) -> dict[str, list[Anomaly]]:
+    """Configuration ``anomalies`` -> per-turbine schedules; ConfigError names the bad entry."""
+    out: dict[str, list[Anomaly]] = {t: [] for t in ids}
+    for n, e in enumerate(entries):
+        try:
+            turbine = e["turbine"]
+            tid = ids[turbine] if isinstance(turbine, int) else str(turbine)
+            if tid not in out:
+                raise ValueError(f"unknown turbine {turbine!r}")
+            kind = e["kind"]
+            if kind not in KINDS:
+                raise ValueError(f"kind {kind!r} is not one of {', '.join(KINDS)}")
+            channel = e.get("channel") or (STUCK_CHANNELS[0] if kind == "stuck_sensor" else "")
+            if kind == "stuck_sensor" and channel not in STUCK_CHANNELS:
+                raise ValueError(f"channel {channel!r} is not one of {', '.join(STUCK_CHANNELS)}")
+            start, duration = int(float(e["start_s"]) * rate), int(float(e["duration_s"]) * rate)
+            if start < 0 or duration < 1:
+                raise ValueError("start_s must be >= 0 and duration_s > 0")
+            out[tid].append(Anomaly(kind, start, duration, float(e.get("severity", 0.8)), channel))
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise ConfigError(f"anomalies[{n}]: {exc}") from None
+    return out
+
+
+class _Schedule:
+    """One turbine's anomalies, random ones generated a day at a time (so a long run
+    never holds a huge list and ``Turbine`` only ever scans the few near ``i``)."""
+
+    def __init__(self, explicit: list[Anomaly], rng: np.random.Generator, per_hour: float, rate: float):
+        self.explicit = sorted(explicit, key=lambda a: a.start)
+        self.rng, self.per_hour, self.rate = rng, per_hour, rate
+        self.random: list[Anomaly] = []
+        self.horizon = 0  # random anomalies are generated up to this sample
+
+    def window(self, start: int, end: int) -> list[Anomaly]:
+        """Anomalies overlapping samples ``[start, end)``."""
+        while self.per_hour > 0 and self.horizon < end + int(self.rate * 120):
+            day = int(DAY * self.rate)
+            chunk = random_schedule(self.rng, day, self.rate, self.per_hour,
+                                    start_after=30.0 if self.horizon == 0 else 0.0)
+            self.random.extend(Anomaly(a.kind, a.start + self.horizon, a.duration, a.severity, a.channel)
+                               for a in chunk)
+            self.horizon += day
+            self.random = [a for a in self.random if a.end > start]
+        explicit = [a for a in self.explicit if a.start < end and a.end > start]
+        # An explicit anomaly wins over a random one it overlaps.
+        rand = [a for a in self.random if a.start < end and a.end > start
+                and not any(x.start < a.end and a.start < x.end for x in self.explicit)]
+        return explicit + rand
+
+
+class Simulator:
+    """Steps every turbine ``batch`` samples at a time and publishes readings and labels."""
+
+    def __init__(self, bus, config: SimConfig):
+        self.bus, self.config = bus, config
+        self.thing = bus.thing_name
+        self.version = getattr(bus, "version", None) or os.environ.get("WINDFLEET_COMPONENT_VERSION", "0.0.0")
+        self.ids = [topics.turbine_id(self.thing, i) for i in range(config.turbines)]
+        base = thing_seed(config.seed, self.thing)
+        explicit = explicit_schedule(config.anomalies, self.ids, config.rate)
+        self.t0 = config.start_ts if config.start_ts is not None else time.time()
+        self.turbines: list[Turbine] = []
+        self.schedules: list[_Schedule] = []
+        for i, tid in enumerate(self.ids):
+            s = turbine_seed(base, i)
+            self.turbines.append(Turbine(tid, s, config.rate, [], config.mean_wind, self.t0))
+            self.schedules.append(_Schedule(explicit[tid], np.random.default_rng(s + 1),
+                                            config.anomalies_per_hour, config.rate))
+        self.counters = dict.fromkeys(("readings_published", "messages_published", "labels_published",
+                                       "late_batches", "publish_errors"), 0)
+        self.behind_s = 0.0
+        self.seq = 0  # next sample index (same for every turbine)
+
+    def step(self) -> None:
+        """Advance every turbine one batch and publish it."""
+        n, start = self.config.batch, self.seq
+        for turbine, schedule in zip(self.turbines, self.schedules):
+            active = schedule.window(start, start + n)
+            turbine.anomalies = active
+            for a in active:
+                if start <= a.start < start + n:
+                    self._publish(topics.labels(turbine.turbine_id),
+                                  payloads.label(turbine.turbine_id, a.kind, a.start, a.end, round(a.severity, 4)),
+                                  "labels_published")
+            data = turbine.step(n)
+            columns = [data[f].tolist() for f in FIELDS]
+            samples = [dict(zip(FIELDS, row)) for row in zip(*columns)]
+            if self._publish(topics.readings(turbine.turbine_id), payloads.readings(turbine.turbine_id, start, samples),
+                             "messages_published"):
+                self.counters["readings_published"] += n
+        self.seq += n
+
+    def _publish(self, topic: str, body: dict, counter: str) -> bool:
+        try:
+            self.bus.publish(topic, body, qos=1)
+        except Exception as exc:
+            self.counters["publish_errors"] += 1
+            jsonlog.event(log, "publish failed", logging.WARNING, topic=topic, error=repr(exc)[:200])
+            return False
+        self.counters[counter] += 1
+        return True
+
+    def health(self, state: str = "RUNNING") -> dict:
+        return payloads.health(self.thing, COMPONENT, self.version, state, time.time(), self.counters,
+                               turbines=len(self.ids), seq=self.seq, behind_s=round(self.behind_s, 3),
+                               realtime=self.config.realtime)
+
+    def run(self, stop: threading.Event) -> dict:
+        """Publish until ``stop`` or ``duration_s`` of simulated time; returns the counters."""
+        c = self.config
+        period = c.batch / c.rate
+        last_seq = None if c.duration_s is None else int(c.duration_s * c.rate)
+        started = time.monotonic()
+        next_health = started
+        k = 0
+        while not stop.is_set() and (last_seq is None or self.seq < last_seq):
+            if c.realtime:
+                due = started + k * period  # absolute deadline: no drift
+                wait = due - time.monotonic()
+                if wait > 0:
+                    if stop.wait(wait):
+                        break
+                elif -wait > period:
+                    self.counters["late_batches"] += 1
+                self.behind_s = max(0.0, -wait)
+            self.step()
+            k += 1
+            now = time.monotonic()
+            if now >= next_health:
+                next_health = now + c.health_interval_s
+                self._health()
+        self._health()
+        return dict(self.counters)
+
+    def _health(self) -> None:
+        try:
+            self.bus.publish(topics.health(self.thing), self.health(), qos=1)
+        except Exception as exc:
+            jsonlog.event(log, "health publish failed", logging.WARNING, error=repr(exc)[:200])
+
+
+def run(bus, stop: threading.Event | None = None, **overrides: Any) -> int:
+    """Run the simulator on ``bus`` with its configuration (``overrides`` win); exit code."""
+    stop = stop or threading.Event()
+    try:
+        config = SimConfig.from_configuration(bus.get_configuration(), **overrides)
+        sim = Simulator(bus, config)
+    except ConfigError as exc:
+        jsonlog.event(log, "cannot start", logging.ERROR, reason=str(exc))
+        bus.update_state("ERRORED", reason=str(exc))
+        bus.close()
+        return 2
+    bus.update_state("RUNNING", turbines=len(sim.ids))
+    jsonlog.event(log, "simulator started", turbines=len(sim.ids), rate=config.rate, batch=config.batch,
+                  realtime=config.realtime, duration_s=config.duration_s,
+                  anomalies_per_hour=config.anomalies_per_hour, explicit_anomalies=len(config.anomalies))
+    try:
+        sim.run(stop)
+    finally:
+        bus.close()
+    jsonlog.event(log, "simulator stopped", **sim.counters)
+    return 0

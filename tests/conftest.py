@@ -1,0 +1,53 @@
+"""Shared fixtures.
+
+``model_dir``: a real trained model package (version "1.0.0"), built once per
+session from a small simulated fleet (a few epochs, no evaluation) -- a working
+model, not a good one.  ``model_dir_factory(version)``: the same package under
+another version string (the card is rewritten; the ONNX file and its sha256 stay).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from windfleet import model_contract as mc
+
+
+def _build_model(out: Path) -> Path:
+    from windfleet.training.pipeline import train_simulated
+
+    train_simulated(out, seed=7, turbines=1, hours=0.25, epochs=3, version="1.0.0", evaluate=False,
+                    progress=False, log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """A trained model package directory (model.onnx + model.json), version 1.0.0.
+    Treat it as read-only: copy it before changing anything."""
+    return _build_model(tmp_path_factory.mktemp("model") / "model-1.0.0")
+
+
+@pytest.fixture(scope="session")
+def model_dir_factory(model_dir, tmp_path_factory):
+    """``factory(version) -> Path``: a model package whose card says ``version``."""
+    cache: dict[str, Path] = {"1.0.0": model_dir}
+    root = tmp_path_factory.mktemp("models")
+
+    def make(version: str) -> Path:
+        if version not in cache:
+            out = root / f"model-{version}"
+            shutil.copytree(model_dir, out)
+            card_path = out / mc.CARD_FILE
+            card = json.loads(card_path.read_text())
+            card["version"] = version
+            card_path.write_text(json.dumps(card, indent=2) + "\n")
+            mc.load_card(out)
+            cache[version] = out
+        return cache[version]
+
+    return make

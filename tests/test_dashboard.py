@@ -1,0 +1,422 @@
+"""The operator dashboard: JSON API (auth, validation) over a real uvicorn server,
+and the pages in real headless Chromium, fed with telemetry that travels through
+a real Mosquitto and the ingest service."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from windfleet import payloads, topics
+from windfleet.cloud.dashboard.app import create_app
+from windfleet.cloud.dashboard.synth import THRESHOLDS, Episode, fleet_messages
+from windfleet.cloud.ingest import IngestService, TelemetryStore
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+TOKEN = "test-token-0123456789"
+VERSIONS = {"gw1": "1.0.3", "gw2": "1.0.2"}
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+# ---------------------------------------------------------------- fakes of the CLOUD helper's API
+class FakeGreengrass:
+    """boto3-shaped greengrassv2 subset the dashboard reads."""
+
+    def __init__(self):
+        self.deployments: list[dict] = []
+        self.effective: dict[str, list[dict]] = {}
+
+    def create_deployment(self, targetArn: str, deploymentName: str, components: dict) -> dict:
+        dep_id = f"dep-{len(self.deployments) + 1}"
+        now = time.strftime("%Y-%m-%dT%H:%M:%S")
+        for dep in self.deployments:
+            if dep["targetArn"] == targetArn:
+                dep["isLatestForTarget"] = False
+        self.deployments.append({"deploymentId": dep_id, "deploymentName": deploymentName, "targetArn": targetArn,
+                                 "deploymentStatus": "ACTIVE", "creationTimestamp": now, "isLatestForTarget": True,
+                                 "components": components})
+        for thing in VERSIONS:
+            self.effective.setdefault(thing, []).append({
+                "deploymentId": dep_id, "deploymentName": deploymentName, "targetArn": targetArn,
+                "coreDeviceExecutionStatus": "IN_PROGRESS", "creationTimestamp": now, "modifiedTimestamp": now})
+        return {"deploymentId": dep_id}
+
+    def list_deployments(self, targetArn=None, historyFilter="LATEST_ONLY", **_):
+        deps = [d for d in self.deployments if historyFilter == "ALL" or d["isLatestForTarget"]]
+        return {"deployments": [{k: v for k, v in d.items() if k != "components"} for d in deps]}
+
+    def list_effective_deployments(self, coreDeviceThingName: str, **_):
+        return {"effectiveDeployments": self.effective.get(coreDeviceThingName, [])}
+
+
+class FakeRegistry:
+    """``Registry(backend)`` shape: list() / approve(version) / reject(version, reason)."""
+
+    def __init__(self, greengrass: FakeGreengrass):
+        self.gg = greengrass
+        self.versions = {
+            "1": {"version": "1", "status": "Approved", "metrics": {"f1": 0.91, "false_alarm_rate": 0.001}},
+            "2": {"version": "2", "status": "Rejected", "metrics": {"f1": 0.72}},
+            "3": {"version": "3", "status": "PendingManualApproval", "metrics": {"f1": 0.94, "precision": 0.95}},
+        }
+
+    def list(self):
+        return list(self.versions.values())
+
+    def approve(self, version: str):
+        if version not in self.versions:
+            raise KeyError(version)
+        self.versions[version]["status"] = "Approved"
+        return self.gg.create_deployment("arn:aws:iot:local:000000000000:thinggroup/windfleet-fleet",
+                                         f"windfleet-model-{version}",
+                                         {"com.windfleet.AnomalyModel": {"componentVersion": f"1.0.{version}"}})
+
+    def reject(self, version: str, reason: str):
+        if version not in self.versions:
+            raise KeyError(version)
+        self.versions[version].update(status="Rejected", reason=reason)
+        return {"version": version, "status": "Rejected"}
+
+
+# ---------------------------------------------------------------- servers
+class Served:
+    """An app on a real uvicorn server on a free loopback port, in a thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                                    access_log=False))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("dashboard server did not start")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def request(url: str, method: str = "GET", headers: dict | None = None, body: bytes | None = None):
+    req = urllib.request.Request(url, method=method, headers=headers or {}, data=body)
+    try:
+        with urllib.request.urlopen(req, timeout=20) as resp:
+            return resp.status, json.loads(resp.read() or b"null"), resp.headers
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw), exc.headers
+        except ValueError:
+            return exc.code, raw, exc.headers
+
+
+def wait_for(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+class Publisher:
+    """A device's own MQTT connection (its credentials, its ACL)."""
+
+    def __init__(self, broker, thing):
+        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"{thing}-fwd-test")
+        self.client.username_pw_set(*broker.credentials(thing))
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+
+    def send(self, topic: str, payload: dict):
+        self.client.publish(topic, payloads.encode(payload), qos=1).wait_for_publish(10)
+
+    def close(self):
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """Broker + ingest + dashboard, with two gateways x 3 turbines of telemetry published
+    through the broker with each device's own credentials, and an anomaly on gw1-t01."""
+    from windfleet.nucleus.broker import Broker
+
+    tmp = tmp_path_factory.mktemp("dash")
+    with Broker(tmp / "broker", port=0) as broker:
+        for thing in VERSIONS:
+            broker.add_device(thing, [topics.turbine_id(thing, n) for n in range(3)])
+        store = TelemetryStore(tmp / "telemetry.sqlite")
+        service = IngestService(store, broker.host, broker.port, *broker.cloud_credentials(),
+                                client_id="dash-test-ingest").start()
+        publishers = {thing: Publisher(broker, thing) for thing in VERSIONS}
+        now = time.time()
+        sent = 0
+        for topic, message in fleet_messages(
+                list(VERSIONS), 3, now - 120, 120, period_s=1.0, records_per_message=10, model_version=VERSIONS,
+                episodes=[Episode("gw1-t01", now - 60, now - 50, ("rps",))]):
+            publishers[message["thing"]].send(topic, message)
+            sent += 1
+        assert wait_for(lambda: service.stats["stored"] >= sent), service.stats
+        gg = FakeGreengrass()
+        registry = FakeRegistry(gg)
+        served = Served(create_app(store, registry=registry, greengrass=gg, token=TOKEN, poll_ms=500))
+        try:
+            yield {"url": served.url, "store": store, "broker": broker, "publishers": publishers, "registry": registry,
+                   "greengrass": gg, "service": service, "sent": sent}
+        finally:
+            served.close()
+            for p in publishers.values():
+                p.close()
+            service.stop()
+            store.close()
+
+
+# ---------------------------------------------------------------- API
+@pytest.mark.slow
+def test_api_fleet_lists_gateways_with_model_versions_and_no_loss(live):
+    status, fleet, headers = request(live["url"] + "/api/fleet")
+    assert status == 200 and "script-src 'self'" in headers["content-security-policy"]
+    gateways = {g["thing"]: g for g in fleet["gateways"]}
+    assert {t: g["model_version"] for t, g in gateways.items()} == VERSIONS
+    assert [t["turbine_id"] for t in gateways["gw1"]["turbines"]] == ["gw1-t00", "gw1-t01", "gw1-t02"]
+    assert all(g["telemetry"]["lost"] == 0 for g in gateways.values())
+    assert gateways["gw1"]["turbines"][1]["n_anomalies"] >= 1
+
+
+@pytest.mark.slow
+def test_api_scores_and_input_validation(live):
+    status, data, _ = request(live["url"] + "/api/turbines/gw1-t01/scores?limit=50")
+    assert status == 200 and len(data["ts"]) == 50 and data["thresholds"]["rps"][0] == THRESHOLDS["rps"]
+    for path, code in [("/api/turbines/gw1-t01;drop/scores", 400), ("/api/turbines/gw1-t01/scores?limit=0", 400),
+                       ("/api/turbines/gw1-t01/scores?limit=999999", 400), ("/api/turbines/gw1-t01/scores?since=x", 400),
+                       ("/api/turbines/gw1-t01/scores?since=inf", 400), ("/api/turbines/gw9-t01/scores", 404),
+                       ("/api/anomalies?thing=a%20b", 400), ("/turbines/%3Cscript%3E", 400)]:
+        assert request(live["url"] + path)[0] == code, path
+
+
+@pytest.mark.slow
+def test_api_writes_need_the_token_and_reads_do_not(live):
+    url = live["url"]
+    assert request(url + "/api/registry")[0] == 200
+    assert request(url + "/api/registry/3/reject", "POST")[0] == 401
+    assert request(url + "/api/registry/3/reject", "POST", {"Authorization": "Bearer wrong"})[0] == 401
+    assert request(url + "/api/registry/3/reject", "POST", {"Authorization": f"Basic {TOKEN}"})[0] == 401
+    auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    too_long = json.dumps({"reason": "x" * 501}).encode()
+    assert request(url + "/api/registry/3/reject", "POST", auth, too_long)[0] == 400
+    assert request(url + "/api/registry/..%2F3/approve", "POST", auth, b"{}")[0] in (400, 404)
+    assert request(url + "/api/registry/99/approve", "POST", auth, b"{}")[0] == 404
+    assert request(url + "/api/registry/3/delete", "POST", auth, b"{}")[0] == 404
+    assert live["registry"].versions["3"]["status"] == "PendingManualApproval"  # nothing above changed it
+    # a page fetched with a foreign Host header (DNS rebinding) is refused
+    assert request(url + "/api/fleet", headers={"Host": "attacker.example"})[0] == 400
+
+
+# ---------------------------------------------------------------- browser
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path("/usr/bin/chromium").exists():
+        pytest.skip("Debian chromium not installed")
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    pg.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    requests: list[str] = []
+    pg.on("request", lambda req: requests.append(req.url))
+    yield pg
+    context.close()
+    # no script error, and nothing fetched from anywhere but the dashboard (no CDN)
+    assert [e for e in errors if "401" not in e and "Unauthorized" not in e] == []
+    assert all(u.startswith("http://127.0.0.1:") for u in requests), requests
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"dashboard-{name}.png"), full_page=True)
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_overview_lists_gateways_with_model_versions(live, page):
+    page.goto(live["url"] + "/")
+    for thing, version in VERSIONS.items():
+        cell = page.locator(f'tr.gateway[data-thing="{thing}"] td.model-version')
+        cell.wait_for()
+        assert cell.inner_text() == version
+    assert page.locator("a.turbine").count() == 6
+    # gw1-t01 had an anomaly episode a minute ago: flagged (warn), the others are clean
+    assert page.locator('a.turbine.warn').all_inner_texts() == ["gw1-t01"]
+    assert page.locator('a.turbine.ok').count() == 5
+    shot(page, "overview")
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_turbine_chart_has_points_thresholds_and_anomaly_markers(live, page):
+    page.goto(live["url"] + "/turbines/gw1-t01")
+    rps = page.locator('.chart[data-feature="rps"][data-points]')
+    rps.wait_for()
+    assert int(rps.get_attribute("data-points")) >= 100
+    assert int(rps.get_attribute("data-threshold-points")) == int(rps.get_attribute("data-points"))
+    assert int(rps.get_attribute("data-anomaly-points")) >= 5  # the injected episode
+    # what uPlot actually holds: an error series, a threshold series at the model's value, markers
+    labels, thresholds = page.evaluate(
+        "() => [wfCharts.rps.series.map(s => s.label), [...new Set(wfCharts.rps.data[2])]]")
+    assert labels[1:] == ["error", "threshold", "anomaly"] and thresholds == [THRESHOLDS["rps"]]
+    assert page.locator(".chart canvas").count() == 7  # score + six features
+    assert int(page.locator('.chart[data-feature="voltage"]').get_attribute("data-anomaly-points")) == 0
+    shot(page, "turbine")
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_an_injected_anomaly_appears_in_the_timeline_live(live, page):
+    page.goto(live["url"] + "/anomalies")
+    page.locator('tr.anomaly-row[data-turbine="gw1-t01"]').first.wait_for()
+    assert page.locator('tr.anomaly-row[data-turbine="gw2-t02"]').count() == 0
+    # a new anomaly on another gateway, sent through the broker while the page is open
+    errors = {f: THRESHOLDS[f] * 0.3 for f in THRESHOLDS} | {"voltage": THRESHOLDS["voltage"] * 4}
+    seq = live["store"].loss()["gw2"]["max_seq"] + 1
+    message = payloads.telemetry("gw2", seq, time.time(), [
+        {"type": "score", "body": payloads.score("gw2-t02", time.time(), VERSIONS["gw2"], 999_990, errors, THRESHOLDS)}])
+    live["publishers"]["gw2"].send(topics.telemetry("gw2"), message)
+    row = page.locator('tr.anomaly-row[data-turbine="gw2-t02"]')
+    row.wait_for(timeout=20_000)
+    assert "voltage" in row.inner_text()
+    shot(page, "anomalies")
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_approve_is_refused_without_the_token_and_starts_a_deployment_with_it(live, page):
+    page.goto(live["url"] + "/registry")
+    approve = page.locator('tr.version-row[data-version="3"] button.approve')
+    approve.wait_for()
+    page.fill("#token", "")
+    approve.click()
+    page.wait_for_selector('#message[data-status="401"]')
+    assert "refused" in page.inner_text("#message")
+    assert live["registry"].versions["3"]["status"] == "PendingManualApproval"
+    assert live["greengrass"].deployments == []
+
+    page.fill("#token", TOKEN)
+    page.locator('tr.version-row[data-version="3"] button.approve').click()
+    page.wait_for_selector('#message[data-status="200"]')
+    assert live["registry"].versions["3"]["status"] == "Approved"
+    assert [d["deploymentName"] for d in live["greengrass"].deployments] == ["windfleet-model-3"]
+    page.locator("tr.deployment-row").first.wait_for()
+    assert "windfleet-model-3" in page.inner_text("#deployments")
+    page.wait_for_selector('tr.version-row[data-version="3"] [data-status="Approved"]')
+    shot(page, "registry")
+    # the overview now shows the deployment per device
+    page.goto(live["url"] + "/")
+    page.wait_for_selector('tr.gateway[data-thing="gw1"] [data-deployment-status="IN_PROGRESS"]')
+
+
+# ---------------------------------------------------------------- packaging and CLI
+def test_vendored_chart_library_matches_its_recorded_digests():
+    import hashlib
+
+    vendor = Path(__file__).parents[1] / "cloud" / "dashboard" / "static" / "vendor" / "uplot"
+    assert "MIT License" in (vendor / "LICENSE").read_text()
+    recorded = dict(line.split()[::-1] for line in (vendor / "SOURCE").read_text().splitlines()
+                    if len(line.split()) == 2 and len(line.split()[0]) == 64)
+    assert set(recorded) == {"uPlot.iife.min.js", "uPlot.min.css", "LICENSE"}
+    for name, digest in recorded.items():
+        assert hashlib.sha256((vendor / name).read_bytes()).hexdigest() == digest, name
+    page = (vendor.parents[1] / "page.html").read_text()
+    assert "http" not in page.replace("http-equiv", "")  # nothing loaded from elsewhere
+
+
+@pytest.mark.slow
+def test_cli_serves_on_loopback_and_prints_the_token(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from windfleet.cli import main; main()", "dashboard", "--port", str(port), "--home", str(tmp_path / "home"),
+         "--no-ingest"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(line.startswith("token") for line in lines):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line.strip())
+        token = next(line.split(": ", 1)[1] for line in lines if line.startswith("token"))
+        assert f"http://127.0.0.1:{port}/" in lines[0]
+        base = f"http://127.0.0.1:{port}"
+        assert request(base + "/api/fleet")[1]["gateways"] == []
+        assert request(base + "/api/registry/1/approve", "POST")[0] == 401
+        status, _, _ = request(base + "/api/registry/1/approve", "POST", {"Authorization": f"Bearer {token}"}, b"{}")
+        assert status != 401
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_approve_through_the_real_local_registry_starts_a_deployment(tmp_path):
+    """The CLOUD area's Registry + local Greengrass behind the same HTTP API."""
+    backends = pytest.importorskip("windfleet.cloud.backends")
+    registry_mod = pytest.importorskip("windfleet.cloud.registry")
+    testing = pytest.importorskip("windfleet.cloud.testing")
+    deployer = pytest.importorskip("windfleet.cloud.deployer")
+
+    backend = backends.Backend.local(tmp_path / "home", thing_group="fleet")
+    deployer.publish(backend, testing.fake_build(tmp_path / "gb"))
+    registry = registry_mod.Registry(backend)
+    registry.register(testing.fake_model_dir(tmp_path / "m1", "1.0.0"))
+    with TelemetryStore(tmp_path / "t.sqlite") as store:
+        served = Served(create_app(store, registry=registry, greengrass=backend.greengrassv2, token=TOKEN))
+        try:
+            status, reg, _ = request(served.url + "/api/registry")
+            assert status == 200 and [(v["version"], v["status"]) for v in reg["versions"]] == [
+                ("1", "PendingManualApproval")]
+            assert request(served.url + "/api/registry/1/approve", "POST")[0] == 401
+            assert request(served.url + "/api/deployments")[1]["deployments"] == []
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            assert request(served.url + "/api/registry/7/approve", "POST", auth, b"{}")[0] == 404
+            status, body, _ = request(served.url + "/api/registry/1/approve", "POST", auth, b"{}")
+            assert status == 200, body
+            assert body["result"]["deployment"]["status"] == "deployed"
+            deployments = request(served.url + "/api/deployments")[1]["deployments"]
+            assert len(deployments) == 1 and deployments[0]["deploymentId"] == body["result"]["deployment"]["deploymentId"]
+            assert request(served.url + "/api/registry")[1]["versions"][0]["status"] == "Approved"
+        finally:
+            served.close()

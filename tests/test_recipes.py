@@ -1,0 +1,174 @@
+"""The recipes in recipes/ and gdk-config.json, checked the way the GDK checks them, plus
+what the schema does not model (accessControl, manifest order, size)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from windfleet.nucleus import recipe as R
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMAS = Path("/work/shared/schemas")
+if not SCHEMAS.is_dir():  # a checkout elsewhere: the vendored copy next to the project
+    SCHEMAS = REPO.parent / "shared" / "schemas"
+RECIPE_FILES = sorted((REPO / "recipes").glob("*.yaml"))
+NAMES = {"com.windfleet.TurbineSimulator", "com.windfleet.AnomalyDetector", "com.windfleet.LogForwarder",
+         "com.windfleet.AnomalyModel"}
+SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)$")
+
+
+def lower_keys(value):
+    """What gdk/common/RecipeValidator.py does before validating."""
+    if isinstance(value, dict):
+        return {str(k).lower(): lower_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [lower_keys(v) for v in value]
+    return value
+
+
+def gdk_errors(recipe: dict) -> list[str]:
+    schema = json.loads((SCHEMAS / "greengrass-recipe.schema.json").read_text())
+    validator = jsonschema.Draft7Validator(schema)
+    return [e.message for e in validator.iter_errors(lower_keys(recipe))]
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def recipes() -> dict[str, dict]:
+    return {r["ComponentName"]: r for r in map(load, RECIPE_FILES)}
+
+
+def test_all_four_components_have_a_recipe(recipes):
+    assert set(recipes) == NAMES
+
+
+@pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: p.stem)
+def test_recipe_is_valid_the_way_the_gdk_validates(path):
+    recipe = load(path)
+    assert gdk_errors(recipe) == []
+    assert path.stat().st_size < 16_000
+    assert recipe["RecipeFormatVersion"] == "2020-01-25"
+    assert SEMVER.match(recipe["ComponentVersion"])
+    assert not recipe["ComponentName"].startswith("aws.greengrass")
+    assert path.name == f"{recipe['ComponentName']}.yaml"
+    # PascalCase top-level keys, as in the AWS docs.
+    assert all(k[0].isupper() for k in recipe)
+
+
+def test_the_validator_can_fail():
+    bad = load(RECIPE_FILES[0])
+    bad["Manifests"][0]["Artifacts"][0]["Unarchive"] = "TAR"
+    bad["RecipeFormatVersion"] = "2021-01-01"
+    assert len(gdk_errors(bad)) == 2
+    # Without lower-casing, the PascalCase recipe would not validate at all.
+    schema = json.loads((SCHEMAS / "greengrass-recipe.schema.json").read_text())
+    assert list(jsonschema.Draft7Validator(schema).iter_errors(load(RECIPE_FILES[0])))
+
+
+def test_access_control_is_least_privilege(recipes):
+    assert R.access_control_problems(recipes.values()) == []
+    pubsub_resources = []
+    for name, recipe in recipes.items():
+        acl = recipe.get("ComponentConfiguration", {}).get("DefaultConfiguration", {}).get("accessControl", {})
+        for service, policies in acl.items():
+            for policy in policies.values():
+                assert "*" not in policy["operations"]
+                for res in policy["resources"]:
+                    assert res != "*" and ("{iot:thingName}" in res), (name, res)
+                    if service == "aws.greengrass.ipc.pubsub":
+                        pubsub_resources.append(res)
+    # Only the forwarder talks to IoT Core, and only on its own telemetry topic.
+    mqtt = {n: r["ComponentConfiguration"]["DefaultConfiguration"]["accessControl"].get("aws.greengrass.ipc.mqttproxy")
+            for n, r in recipes.items() if "ComponentConfiguration" in r}
+    assert [n for n, v in mqtt.items() if v] == ["com.windfleet.LogForwarder"]
+    policy = next(iter(mqtt["com.windfleet.LogForwarder"].values()))
+    assert policy["resources"] == ["windfleet/fleet/{iot:thingName}/telemetry"]
+    assert policy["operations"] == ["aws.greengrass#PublishToIoTCore"]
+
+
+def test_access_control_checker_catches_each_mistake(recipes):
+    det = copy.deepcopy(recipes["com.windfleet.AnomalyDetector"])
+    fwd = copy.deepcopy(recipes["com.windfleet.LogForwarder"])
+    acl = det["ComponentConfiguration"]["DefaultConfiguration"]["accessControl"]
+    pubsub = acl["aws.greengrass.ipc.pubsub"]
+    pubsub["com.windfleet.AnomalyDetector:pubsub:1"]["resources"].append("windfleet/turbines/+/readings")
+    pubsub["com.windfleet.AnomalyDetector:pubsub:2"]["operations"].append("aws.greengrass#PublishToIoTCore")
+    # the forwarder's mqttproxy may use MQTT wildcards; its duplicated policy id may not
+    fwd_acl = fwd["ComponentConfiguration"]["DefaultConfiguration"]["accessControl"]
+    fwd_acl["aws.greengrass.ipc.mqttproxy"]["com.windfleet.LogForwarder:mqttproxy:1"]["resources"].append(
+        "windfleet/fleet/{iot:thingName}/#")
+    fwd_acl["aws.greengrass.ipc.pubsub"]["com.windfleet.AnomalyDetector:pubsub:1"] = {
+        "operations": ["aws.greengrass#SubscribeToTopic"], "resources": ["windfleet/devices/x/health"]}
+    acl["aws.greengrass.ipc.shadow"] = {}
+    problems = R.access_control_problems([det, fwd])
+    joined = "\n".join(problems)
+    assert "uses an MQTT wildcard" in joined and "'windfleet/turbines/+/readings'" in joined
+    assert "'aws.greengrass#PublishToIoTCore' is not an operation of aws.greengrass.ipc.pubsub" in joined
+    assert "also used by com.windfleet.AnomalyDetector" in joined
+    assert "unknown IPC service 'aws.greengrass.ipc.shadow'" in joined
+    assert "windfleet/fleet/{iot:thingName}/#" not in joined
+    assert len(problems) == 5  # the four above + the borrowed id not starting with its component's name
+
+
+def test_manifests_most_specific_first_and_catch_all_linux_last(recipes):
+    for name, recipe in recipes.items():
+        manifests = recipe["Manifests"]
+        assert manifests[-1]["Platform"] == {"os": "linux"}, name
+        for earlier in manifests[:-1]:
+            assert len(earlier["Platform"]) > 1, f"{name}: a catch-all before a specific manifest"
+        for arch in ("aarch64", "arm", "amd64"):  # aarch64, armv7l, x86_64 as Greengrass names them
+            R.select_manifest(recipe, {"os": "linux", "architecture": arch})
+        assert R.select_manifest(recipe, {"os": "linux", "architecture": "amd64"}) is manifests[-1]
+
+
+def test_lifecycle_install_run_and_the_model_found_through_variables(recipes):
+    for name in NAMES - {"com.windfleet.AnomalyModel"}:
+        recipe = recipes[name]
+        assert R.default_configuration(recipe)["turbines"] >= 1
+        for manifest in recipe["Manifests"]:
+            life = manifest["Lifecycle"]
+            assert ("Run" in life) != ("Startup" in life)
+            install = life["Install"]
+            assert install["Timeout"] >= 60
+            assert "--system-site-packages" in install["Script"] and "{work:path}/venv-$(sha256sum" in install["Script"]
+            assert '[ ! -e "$VENV/.ready" ]' in install["Script"]  # idempotent: runs on every start
+            module = {"com.windfleet.TurbineSimulator": "simulator", "com.windfleet.AnomalyDetector": "detector",
+                      "com.windfleet.LogForwarder": "forwarder"}[name]
+            assert f"-m windfleet.components.{module}.main" in life["Run"]["Script"]
+            assert life["Setenv"]["PYTHONPATH"] == "{artifacts:decompressedPath}/windfleet"
+            (artifact,) = manifest["Artifacts"]
+            assert artifact["Uri"].endswith("/windfleet.zip") and artifact["Unarchive"] == "ZIP"
+    det = recipes["com.windfleet.AnomalyDetector"]
+    assert det["ComponentDependencies"]["com.windfleet.AnomalyModel"]["DependencyType"] == "HARD"
+    assert all("{com.windfleet.AnomalyModel:artifacts:path}" in m["Lifecycle"]["Run"]["Script"] for m in det["Manifests"])
+    gate = R.default_configuration(det)["health_gate"]
+    assert gate["reports_model_of"] == "com.windfleet.AnomalyModel" and gate["timeout_s"] > 0
+    fwd = recipes["com.windfleet.LogForwarder"]
+    assert all('--spool "{work:path}/' in m["Lifecycle"]["Run"]["Script"] for m in fwd["Manifests"])
+    model = recipes["com.windfleet.AnomalyModel"]
+    (manifest,) = model["Manifests"]
+    assert "Lifecycle" not in manifest
+    assert sorted(a["Uri"].rsplit("/", 1)[-1] for a in manifest["Artifacts"]) == ["model.json", "model.onnx"]
+    assert all(a["Permission"]["Read"] == "ALL" for a in manifest["Artifacts"])
+
+
+def test_gdk_config_is_valid_and_names_one_component(recipes):
+    schema = json.loads((SCHEMAS / "gdk-config.schema.json").read_text())
+    config = json.loads((REPO / "gdk-config.json").read_text())
+    jsonschema.Draft7Validator(schema).validate(config)
+    (name,) = config["component"]
+    assert name in recipes
+    assert config["component"][name]["version"] == recipes[name]["ComponentVersion"]  # explicit, no NEXT_PATCH
+    bad = copy.deepcopy(config)
+    bad["component"]["second.Component"] = bad["component"][name]
+    assert list(jsonschema.Draft7Validator(schema).iter_errors(bad))

@@ -1,0 +1,103 @@
+"""Training pipeline pieces: thresholds, export parity, the model card, `windfleet train`."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from windfleet import model_contract as mc
+from windfleet.cli import main
+from windfleet.training import export as ex
+from windfleet.training import thresholds as th
+from windfleet.training.data import EXCLUDED, window_labels
+from windfleet.training.model import ConvAutoencoder
+
+
+def test_window_labels_rule():
+    labels = np.array([""] * 300, dtype=object)
+    labels[100:160] = "overspeed"  # window 0..99 clean; 60..159 has 60 %; 100..199 has 60 %
+    labels[250:280] = "voltage_fault"  # 30 % of 200..299 -> excluded
+    got = window_labels(labels, np.array([99, 159, 199, 299]))
+    assert list(got) == ["", "overspeed", "overspeed", EXCLUDED]
+
+
+@pytest.mark.parametrize("rate", [0.001, 0.01])
+def test_thresholds_hit_their_false_alarm_rate_on_held_out_normal_data(rate):
+    rng = np.random.default_rng(1)
+    cov = np.full((6, 6), 0.5) + 0.5 * np.eye(6)  # correlated features, like real errors
+    def normal(n):
+        return np.exp(rng.multivariate_normal(np.zeros(6), cov, n))
+    t = th.calibrate(normal(40_000), rate)
+    held_out = th.alarms(normal(200_000), t).mean()
+    assert 0.6 * rate < held_out < 1.4 * rate
+    # the naive per-feature quantile would alarm far more often; mean error far more still
+    naive = np.quantile(normal(40_000), 1 - rate, axis=0)
+    assert th.alarms(normal(200_000), naive).mean() > 2 * rate
+    assert th.alarms(normal(10_000), normal(40_000).mean(axis=0)).mean() > 0.3
+
+
+def test_thresholds_with_too_few_windows_fall_back_to_the_maxima():
+    e = np.random.default_rng(0).random((50, 3))
+    assert np.array_equal(th.calibrate(e, 0.001), e.max(axis=0))
+    assert not th.alarms(e, th.calibrate(e, 0.001)).any()
+
+
+def test_export_parity_and_dynamic_batch(tmp_path):
+    model = ConvAutoencoder()
+    x = mc.self_test_input()
+    err = ex.export_onnx(model, tmp_path / "m.onnx", x)
+    assert err <= 1e-4
+    for batch in (1, 3, 300):  # one graph for any batch size
+        y = np.random.default_rng(batch).standard_normal((batch, 6, 10, 10)).astype(np.float32)
+        assert ex.onnx_outputs(tmp_path / "m.onnx", y).shape == y.shape
+    assert not (tmp_path / "m.onnx.data").exists()  # weights inside: one self-contained file
+
+
+def test_broken_parity_fails_the_export_and_leaves_no_file(tmp_path, monkeypatch):
+    real = ex.onnx_outputs
+    monkeypatch.setattr(ex, "onnx_outputs", lambda path, x: real(path, x) + 1e-3)
+    with pytest.raises(ex.ExportError, match="parity"):
+        ex.export_onnx(ConvAutoencoder(), tmp_path / "m.onnx", mc.self_test_input())
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_model_card_has_every_key_and_a_true_self_test(model_dir):
+    card = mc.load_card(model_dir)
+    assert set(mc.CARD_KEYS) <= set(card)
+    assert card["version"] == "1.0.0" and card["features"] == list(mc.FEATURES)
+    assert set(card["thresholds"]) == set(mc.FEATURES) and all(v > 0 for v in card["thresholds"].values())
+    assert card["window"] == {"size": 100, "stride": 10, "shape": [6, 10, 10]}
+    assert card["opset"] >= 17 and card["input_name"] == mc.INPUT_NAME and len(card["data_fingerprint"]) == 64
+    for key in ("mean", "std", "noise_sigma"):
+        assert len(card["statistics"][key]) == 6
+    x = mc.self_test_input()
+    errors = mc.window_errors(x, ex.onnx_outputs(model_dir / mc.MODEL_FILE, x))
+    assert np.allclose(errors, card["self_test"]["feature_errors"], rtol=1e-5)
+
+
+def test_model_dir_factory_versions(model_dir_factory):
+    other = model_dir_factory("1.1.0")
+    assert mc.load_card(other)["version"] == "1.1.0"
+    assert mc.load_card(model_dir_factory("1.0.0"))["version"] == "1.0.0"
+
+
+@pytest.mark.slow
+def test_cli_train_end_to_end(tmp_path):
+    out = tmp_path / "m"
+    res = CliRunner().invoke(main, ["train", "--out", str(out), "--turbines", "1", "--hours", "0.25",
+                                    "--epochs", "2", "--seed", "5", "--version", "2.0.0"])
+    assert res.exit_code == 0, res.output
+    card = mc.load_card(out)
+    assert card["version"] == "2.0.0"
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    for name in ("autoencoder", "isolation_forest", "pca"):
+        rep = evaluation["detectors"][name]
+        assert set(rep["overall"]) >= {"precision", "recall", "f1", "false_alarm_rate"}
+        assert rep["per_kind"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temp dirs left behind
+    # same seed, same data -> same fingerprint
+    res = CliRunner().invoke(main, ["train", "--out", str(out), "--turbines", "1", "--hours", "0.25",
+                                    "--epochs", "1", "--seed", "5", "--no-eval"])
+    assert res.exit_code == 0, res.output
+    assert mc.load_card(out)["data_fingerprint"] == card["data_fingerprint"]

@@ -1,0 +1,109 @@
+"""Datasets for training and evaluation: raw features, per-sample labels, windows.
+
+Window labels (one rule for training, calibration and evaluation):
+
+- a window is **anomalous of kind K** when at least 50 % of its samples carry K;
+- it is **normal** when none of its samples carries any label;
+- otherwise (an anomaly covers 1-49 % of it, e.g. onset/offset edges) it is
+  **excluded** from evaluation -- neither a miss nor a false alarm can be
+  fairly charged to it -- and from training and calibration.
+
+Labels are strings: ``""`` normal, a kind name, or :data:`EXCLUDED`.
+Windows never span two turbines or two data segments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from windfleet.model_contract import STRIDE, WINDOW
+from windfleet.preprocessing import raw_features, sliding_windows
+from windfleet.simulation import simulate
+
+NORMAL = ""
+EXCLUDED = "?"
+ANOMALY_FRACTION = 0.5  # share of a window's samples that must carry a kind
+
+
+@dataclass
+class Windows:
+    """Raw windows ``(k, WINDOW, F)`` with their labels ``(k,)`` and origin."""
+
+    raw: np.ndarray
+    labels: np.ndarray  # object array of str
+    source: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # segment index
+    ends: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # last row in segment
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def subset(self, mask: np.ndarray) -> "Windows":
+        return Windows(self.raw[mask], self.labels[mask], self.source[mask], self.ends[mask])
+
+    @property
+    def normal(self) -> "Windows":
+        return self.subset(self.labels == NORMAL)
+
+    @property
+    def evaluable(self) -> "Windows":
+        return self.subset(self.labels != EXCLUDED)
+
+    @staticmethod
+    def concat(parts: list["Windows"]) -> "Windows":
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            raise ValueError("no windows")
+        return Windows(*(np.concatenate([getattr(p, a) for p in parts]) for a in ("raw", "labels", "source", "ends")))
+
+
+def window_labels(sample_labels: np.ndarray, ends: np.ndarray, window: int = WINDOW) -> np.ndarray:
+    """Per-sample labels ``(n,)`` -> one label per window ending at ``ends`` (rule above)."""
+    out = np.empty(len(ends), dtype=object)
+    for i, end in enumerate(ends):
+        seg = sample_labels[end - window + 1 : end + 1]
+        kinds, counts = np.unique(seg[seg != NORMAL], return_counts=True)
+        if len(kinds) == 0:
+            out[i] = NORMAL
+        elif counts.max() >= ANOMALY_FRACTION * window:
+            out[i] = str(kinds[counts.argmax()])
+        else:
+            out[i] = EXCLUDED
+    return out
+
+
+def segment_windows(raw: np.ndarray, labels: np.ndarray, source: int = 0, stride: int = STRIDE) -> Windows:
+    """One contiguous segment of raw rows + per-sample labels -> :class:`Windows`."""
+    w, ends = sliding_windows(raw, WINDOW, stride)
+    return Windows(w, window_labels(labels, ends), np.full(len(w), source, dtype=np.int64), ends)
+
+
+def simulated(seed: int, turbines: int, hours: float, anomalies_per_hour: float = 6.0,
+              prefix: str = "sim", split: tuple[float, ...] = (1.0,), stride: int = STRIDE) -> list[Windows]:
+    """Simulate a fleet and cut each turbine's stream by time into ``split`` fractions.
+
+    Returns one :class:`Windows` per fraction (e.g. ``(0.85, 0.15)`` -> train, val);
+    windows never straddle a cut.
+    """
+    fleet = simulate(turbines=turbines, seconds=hours * 3600.0, seed=seed,
+                     anomalies_per_hour=anomalies_per_hour, prefix=prefix)
+    parts: list[list[Windows]] = [[] for _ in split]
+    for t, data in enumerate(fleet):
+        raw, labels = raw_features(data), np.asarray(data["label"], dtype=object)
+        cuts = np.round(np.cumsum((0.0,) + tuple(split)) / sum(split) * len(raw)).astype(int)
+        for p in range(len(split)):
+            a, b = cuts[p], cuts[p + 1]
+            parts[p].append(segment_windows(raw[a:b], labels[a:b], source=t, stride=stride))
+    return [Windows.concat(p) for p in parts]
+
+
+def fingerprint(*arrays: np.ndarray) -> str:
+    """sha256 over the training arrays' dtype, shape and bytes (the card's data_fingerprint)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()

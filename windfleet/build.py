@@ -1,0 +1,231 @@
+"""Lay out every windfleet component the way ``gdk component build`` does.
+
+``build(out)`` writes::
+
+    out/recipes/<Name>-<Version>.yaml
+    out/artifacts/<Name>/<Version>/<files>
+
+which is also what ``greengrass-cli deployment create --recipeDir out/recipes
+--artifactDir out/artifacts --merge Name=Version`` reads, what ``windfleet
+publish`` uploads and what ``windfleet device run --recipe-dir/--artifact-dir``
+deploys locally.
+
+Artifact URIs are written exactly as gdk writes them after a build,
+``s3://BUCKET_NAME/COMPONENT_NAME/COMPONENT_VERSION/<file>``; publishing
+replaces the three placeholders (gdk ``component publish`` does the same).
+
+The three code components share one artifact, ``windfleet.zip`` (Unarchive ZIP):
+an importable ``windfleet/`` tree (the shared contracts and libraries plus
+``windfleet.components``; never training, cloud or the local runtime) and a
+``requirements.txt`` the recipes' Install step feeds to pip.  The zip is
+deterministic (sorted entries, fixed timestamps), so the same code always has the
+same digest and re-publishing an unchanged build is a no-op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+import yaml
+
+from windfleet import model_contract
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES_DIR = ROOT / "recipes"
+MODEL_COMPONENT = "com.windfleet.AnomalyModel"
+CODE_ARTIFACT = "windfleet.zip"
+URI_PREFIX = "s3://BUCKET_NAME/COMPONENT_NAME/COMPONENT_VERSION/"
+SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
+
+# What goes into windfleet.zip: device code only.
+_CORE_EXCLUDE = {"build.py", "demo.py", "nucleus", "__pycache__"}
+# Requirements the device does not need (cloud-only).
+_DEVICE_EXCLUDE_REQS = {"boto3"}
+_ZIP_DATE = (2020, 1, 25, 0, 0, 0)
+
+
+class BuildError(RuntimeError):
+    """A build that cannot produce a deployable layout (one-line reason)."""
+
+
+def load_recipe(path: str | Path) -> dict:
+    """Parse a YAML or JSON recipe file."""
+    with open(path, encoding="utf-8") as fh:
+        recipe = yaml.safe_load(fh)
+    if not isinstance(recipe, dict) or "ComponentName" not in recipe:
+        raise BuildError(f"{path}: not a Greengrass recipe")
+    return recipe
+
+
+def source_recipes(recipes_dir: str | Path = RECIPES_DIR) -> dict[str, dict]:
+    """Component name -> parsed recipe, for every ``*.yaml`` in ``recipes_dir``."""
+    recipes = {}
+    for path in sorted(Path(recipes_dir).glob("*.yaml")):
+        recipe = load_recipe(path)
+        recipes[recipe["ComponentName"]] = recipe
+    return recipes
+
+
+def artifact_files(recipe: dict) -> list[str]:
+    """File names of every artifact URI in the recipe (all manifests, de-duplicated)."""
+    names: list[str] = []
+    for manifest in recipe.get("Manifests") or []:
+        for artifact in manifest.get("Artifacts") or []:
+            name = artifact["Uri"].rsplit("/", 1)[-1]
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def device_requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
+    """The runtime dependencies of device code, from pyproject.toml."""
+    project = tomllib.loads(pyproject.read_text())["project"]
+    reqs = list(project["dependencies"]) + list(project.get("optional-dependencies", {}).get("greengrass", []))
+    return [r for r in reqs if re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() not in _DEVICE_EXCLUDE_REQS]
+
+
+def _zip_tree(zf: zipfile.ZipFile, src: Path, arc_prefix: str, exclude: set[str]) -> None:
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        if any(part in exclude or part == "__pycache__" for part in rel.parts) or path.suffix == ".pyc":
+            continue
+        if path.is_file():
+            _zip_write(zf, f"{arc_prefix}/{rel.as_posix()}", path.read_bytes())
+
+
+def _zip_write(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
+    info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.external_attr = 0o644 << 16
+    zf.writestr(info, data)
+
+
+def build_code_zip(dest: Path, root: Path = ROOT) -> Path:
+    """Write ``windfleet.zip``: ``windfleet/`` (core + components) and ``requirements.txt``."""
+    components = root / "components"
+    if not (components / "__init__.py").is_file():
+        raise BuildError(f"{components}: not a package (components/__init__.py missing)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".tmp")
+    with zipfile.ZipFile(tmp, "w") as zf:
+        _zip_tree(zf, root / "windfleet", "windfleet", _CORE_EXCLUDE)
+        _zip_tree(zf, components, "windfleet/components", set())
+        _zip_write(zf, "requirements.txt", ("\n".join(device_requirements(root / "pyproject.toml")) + "\n").encode())
+    tmp.replace(dest)
+    return dest
+
+
+def _write_recipe(recipes_out: Path, recipe: dict) -> Path:
+    size_limit = 16_000
+    text = yaml.safe_dump(recipe, sort_keys=False, width=1000)
+    if len(text.encode()) > size_limit:
+        raise BuildError(f"{recipe['ComponentName']}: built recipe is {len(text.encode())} bytes > {size_limit}")
+    path = recipes_out / f"{recipe['ComponentName']}-{recipe['ComponentVersion']}.yaml"
+    path.write_text(text)
+    return path
+
+
+def _gdk_uris(recipe: dict) -> None:
+    """Point every artifact URI at the gdk build placeholder form."""
+    for manifest in recipe.get("Manifests") or []:
+        for artifact in manifest.get("Artifacts") or []:
+            artifact["Uri"] = URI_PREFIX + artifact["Uri"].rsplit("/", 1)[-1]
+            # The service fills these at publish time; a stale pair would fail verification.
+            artifact.pop("Digest", None)
+            artifact.pop("Algorithm", None)
+
+
+def build(
+    out: str | Path = "greengrass-build",
+    model_dir: str | Path | None = None,
+    model_version: str | None = None,
+    components: list[str] | None = None,
+    recipes_dir: str | Path = RECIPES_DIR,
+    root: Path = ROOT,
+) -> dict[str, str]:
+    """Build the suite into ``out``; returns ``{component name: version}`` built.
+
+    The model component is built only from a model package (``model_dir``), its
+    version taken from ``model_version`` or the model card.  ``components`` limits
+    the build to those names.  Raises :class:`BuildError` on anything unusable.
+    """
+    out = Path(out)
+    recipes = source_recipes(recipes_dir)
+    wanted = components or list(recipes)
+    unknown = [c for c in wanted if c not in recipes]
+    if unknown:
+        raise BuildError(f"unknown component(s): {', '.join(unknown)} (recipes in {recipes_dir})")
+    if model_dir is None and components and MODEL_COMPONENT in components:
+        raise BuildError(f"{MODEL_COMPONENT} needs a model package: pass --model DIR")
+    if model_dir is None:
+        wanted = [c for c in wanted if c != MODEL_COMPONENT]
+
+    (out / "recipes").mkdir(parents=True, exist_ok=True)
+    built: dict[str, str] = {}
+    code_zip: Path | None = None
+    for name in wanted:
+        recipe = recipes[name]
+        if name == MODEL_COMPONENT:
+            try:
+                card = model_contract.load_card(model_dir, verify=True)
+            except model_contract.ModelPackageError as exc:
+                raise BuildError(str(exc)) from None
+            recipe["ComponentVersion"] = model_version or str(card.get("version", ""))
+        version = str(recipe["ComponentVersion"])
+        if not SEMVER.match(version):
+            raise BuildError(f"{name}: version {version!r} is not explicit semver (NEXT_PATCH is not used offline)")
+        _gdk_uris(recipe)
+        art_dir = out / "artifacts" / name / version
+        if art_dir.exists():
+            shutil.rmtree(art_dir)
+        art_dir.mkdir(parents=True)
+        for file_name in artifact_files(recipe):
+            if name == MODEL_COMPONENT:
+                shutil.copy2(Path(model_dir) / file_name, art_dir / file_name)
+            elif file_name == CODE_ARTIFACT:
+                if code_zip is None:
+                    code_zip = build_code_zip(art_dir / CODE_ARTIFACT, root)
+                else:
+                    shutil.copy2(code_zip, art_dir / CODE_ARTIFACT)
+            else:
+                raise BuildError(f"{name}: no rule to build artifact {file_name!r}")
+        _write_recipe(out / "recipes", recipe)
+        built[name] = version
+    return built
+
+
+def built_components(out: str | Path) -> dict[str, str]:
+    """``{name: version}`` of every recipe in ``out/recipes`` (a built layout)."""
+    result = {}
+    for path in sorted((Path(out) / "recipes").glob("*.yaml")):
+        recipe = load_recipe(path)
+        result[recipe["ComponentName"]] = str(recipe["ComponentVersion"])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m windfleet.build`` (what gdk-config.json's custom build runs)."""
+    parser = argparse.ArgumentParser(prog="windfleet.build", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="greengrass-build")
+    parser.add_argument("--model", default=None, help="model package dir (model.onnx + model.json)")
+    parser.add_argument("--model-version", default=None)
+    parser.add_argument("--component", action="append", default=None)
+    args = parser.parse_args(argv)
+    try:
+        built = build(args.out, args.model, args.model_version, args.component)
+    except BuildError as exc:
+        print(f"windfleet build: {exc}", file=sys.stderr)
+        return 2
+    for name, version in built.items():
+        print(f"{name}={version}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

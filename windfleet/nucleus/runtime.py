@@ -1,0 +1,839 @@
+"""The local device runtime: one gateway's nucleus.
+
+:class:`DeviceRuntime` keeps a Greengrass-shaped root directory::
+
+    root/
+      packages/recipes/<Name>-<Version>.yaml            (with Digest/Algorithm as fetched)
+      packages/artifacts/<Name>/<Version>/<file>
+      packages/artifacts-unarchived/<Name>/<Version>/<zip stem>/...
+      work/<Name>/                                       ({work:path}, the component's own)
+      logs/<Name>.log                                    (the component's stdout + stderr)
+      logs/greengrass.log                                (the runtime's JSON lines)
+      config/runtime.json                                (deployed set + configuration, persisted)
+      config/components/<Name>.json                      (WINDFLEET_CONFIG_FILE of the component)
+      status.json                                        (states, restarts, last deployment)
+
+and does what the nucleus does with it: selects manifests, substitutes recipe
+variables, merges configuration, runs Install / Startup / Run / Shutdown as
+process groups in dependency order, restarts a crashed component (ERRORED ->
+restart; three errors within ``error_window`` -> BROKEN), tracks the health
+messages components publish on ``topics.health(thing)``, and applies
+deployments from a deployment source (see :mod:`.sources`) with a health gate,
+rollback, timeouts and cancellation.
+
+Everything runs on one thread: :meth:`DeviceRuntime.tick` advances every
+component's state machine without blocking, and long waits (a deployment's
+health gate) keep calling it, so crashed components are restarted meanwhile.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from windfleet import jsonlog, payloads, topics
+
+from .recipe import (
+    Context, RecipeError, default_configuration, dependencies, device_platform, merge_configuration,
+    select_manifest, topological_order, verify_digest, version_satisfies,
+)
+
+GOOD_STATES = ("RUNNING", "FINISHED")
+FINAL_STATUSES = ("SUCCEEDED", "FAILED", "TIMED_OUT", "CANCELED", "REJECTED")
+# Never hand the nucleus' IPC variables to a component: the bus would pick IPC.
+_STRIP_ENV = ("SVCUID", "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT")
+
+
+@dataclass
+class Settings:
+    """Runtime knobs (Greengrass defaults where it has one)."""
+
+    install_timeout: float = 120.0     # a step's Timeout overrides it
+    startup_timeout: float = 120.0
+    shutdown_timeout: float = 15.0
+    stop_grace: float = 10.0           # SIGTERM -> SIGKILL
+    restart_backoff: float = 1.0       # before restarting an ERRORED component
+    broken_after: int = 3              # errors within error_window -> BROKEN
+    error_window: float = 3600.0
+    poll_interval: float = 2.0         # deployment source polling
+    deployment_timeout: float = 900.0  # a whole deployment, install included
+    health_timeout: float = 120.0      # components RUNNING after a deployment
+    stable_seconds: float = 2.0        # ... and staying so for this long
+    rollback_timeout: float = 300.0
+
+
+@dataclass
+class Component:
+    """One deployed component version and its process state."""
+
+    name: str
+    version: str
+    recipe: dict
+    lifecycle: dict
+    deps: dict[str, str]
+    env: dict[str, str]
+    work: Path
+    log_path: Path
+    state: str = "NEW"
+    phase: str | None = None            # install | startup | run
+    proc: subprocess.Popen | None = None
+    pgids: set = field(default_factory=set)
+    step_deadline: float | None = None
+    not_before: float = 0.0
+    errors: collections.deque = field(default_factory=collections.deque)
+    restarts: int = 0
+    reason: str | None = None
+    started_at: float = 0.0             # wall clock of the current process start
+    good_since: float | None = None     # monotonic time it last became RUNNING/FINISHED
+    reported: dict = field(default_factory=dict)
+    verify: Callable[[], str | None] | None = None
+
+    def signature(self) -> str:
+        """What, if changed, means the process must restart (as the nucleus compares
+        the interpolated lifecycle)."""
+        return json.dumps([self.version, self.lifecycle], sort_keys=True)
+
+    def status(self) -> dict:
+        out = {"version": self.version, "state": self.state, "restarts": self.restarts,
+               "errors": len(self.errors), "pid": self.proc.pid if self.proc else None,
+               "pgids": sorted(self.pgids)}
+        if self.reason:
+            out["reason"] = self.reason
+        for key in ("model_version", "counters"):
+            if key in self.reported:
+                out[key] = self.reported[key]
+        if self.reported.get("state"):
+            out["reported_state"] = self.reported["state"]
+            if self.reported.get("reason"):
+                out["reported_reason"] = self.reported["reason"]
+        return out
+
+
+class DeploymentAborted(Exception):
+    def __init__(self, status: str, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+class DeviceRuntime:
+    """The nucleus of one gateway.
+
+    :param thing: the core device's thing name (``{iot:thingName}``).
+    :param root: its root directory (``{kernel:rootPath}``).
+    :param source: a deployment source (see :mod:`.sources`), or None.
+    :param broker: ``host:port`` of the local MQTT broker; with ``broker_user`` /
+        ``broker_password`` it is passed to components and used to read health.
+    """
+
+    def __init__(self, thing: str, root: str | Path, source: Any = None, *, broker: str | None = None,
+                 broker_user: str | None = None, broker_password: str | None = None,
+                 cloud_broker: str | None = None, thing_groups: list[str] | None = None,
+                 settings: Settings | None = None, platform: dict | None = None,
+                 extra_env: dict[str, str] | None = None):
+        self.thing, self.root, self.source = thing, Path(root).resolve(), source
+        self.broker, self.broker_user, self.broker_password = broker, broker_user, broker_password
+        self.cloud_broker = cloud_broker
+        self.thing_groups = thing_groups or []
+        self.settings = settings or Settings()
+        self.platform = platform or device_platform()
+        self.extra_env = extra_env or {}
+        self.components: dict[str, Component] = {}
+        self.restart_counts: collections.Counter = collections.Counter()  # across deployments
+        self.configuration: dict[str, dict] = {}
+        self.finished_deployments: dict[str, str] = {}
+        self.last_deployment: dict | None = None
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._mqtt = None
+        self._last_status = ""
+        for sub in ("packages/recipes", "packages/artifacts", "packages/artifacts-unarchived", "work", "logs",
+                    "config/components"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.log = logging.getLogger(f"windfleet.nucleus.{thing}")
+        for old in [h for h in self.log.handlers if isinstance(h, logging.FileHandler)]:
+            self.log.removeHandler(old)  # an earlier runtime of this thing in this process
+            old.close()
+        self._log_handler = logging.FileHandler(self.root / "logs" / "greengrass.log")
+        self._log_handler.setFormatter(jsonlog.JsonFormatter())
+        self.log.addHandler(self._log_handler)
+        self.log.setLevel(logging.INFO)
+        self._load_state()
+
+    # ================================================================ persistence
+    @property
+    def state_path(self) -> Path:
+        return self.root / "config" / "runtime.json"
+
+    @property
+    def status_path(self) -> Path:
+        return self.root / "status.json"
+
+    def config_path(self, name: str) -> Path:
+        return self.root / "config" / "components" / f"{name}.json"
+
+    def _load_state(self) -> None:
+        try:
+            state = json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            state = {}
+        self._persisted_set: dict[str, str] = state.get("components", {})
+        self.configuration = state.get("configuration", {})
+        self.finished_deployments = state.get("deployments", {})
+        self.last_deployment = state.get("last_deployment")
+
+    def _save_state(self) -> None:
+        _write_json_atomic(self.state_path, {
+            "components": {n: c.version for n, c in self.components.items()},
+            "configuration": self.configuration, "deployments": self.finished_deployments,
+            "last_deployment": self.last_deployment,
+        })
+
+    def _event(self, msg: str, level: int = logging.INFO, **fields: Any) -> None:
+        jsonlog.event(self.log, msg, level, thing=self.thing, **fields)
+
+    # ================================================================ packages
+    def artifacts_path(self, name: str, version: str) -> Path:
+        return self.root / "packages" / "artifacts" / name / version
+
+    def decompressed_path(self, name: str, version: str) -> Path:
+        return self.root / "packages" / "artifacts-unarchived" / name / version
+
+    def recipe_path(self, name: str, version: str) -> Path:
+        return self.root / "packages" / "recipes" / f"{name}-{version}.yaml"
+
+    def _stored_recipe(self, name: str, version: str) -> dict | None:
+        path = self.recipe_path(name, version)
+        return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+    def _verify_artifacts(self, recipe: dict, manifest: dict) -> str | None:
+        """None when every artifact of the manifest is present and matches its digest."""
+        name, version = recipe["ComponentName"], str(recipe["ComponentVersion"])
+        for artifact in manifest.get("Artifacts") or []:
+            file = self.artifacts_path(name, version) / artifact["Uri"].rsplit("/", 1)[-1]
+            if not file.is_file():
+                return f"artifact {file.name} missing"
+            digest = artifact.get("Digest")
+            if digest and not verify_digest(file, digest, artifact.get("Algorithm", "SHA-256")):
+                return f"artifact {file.name} does not match its digest"
+        return None
+
+    def _download(self, name: str, version: str) -> dict:
+        """Fetch a component version into packages/ and verify it (idempotent)."""
+        recipe = self._stored_recipe(name, version)
+        if recipe is not None:
+            problem = self._verify_artifacts(recipe, select_manifest(recipe, self.platform))
+            if problem is None:
+                return recipe
+        if self.source is None:
+            raise RecipeError(f"{name}-{version} is not on this device and there is no deployment source")
+        recipe, files = self.source.fetch_component(name, version)
+        manifest = select_manifest(recipe, self.platform)
+        art_dir = self.artifacts_path(name, version)
+        art_dir.mkdir(parents=True, exist_ok=True)
+        for artifact in manifest.get("Artifacts") or []:
+            uri = artifact["Uri"]
+            if uri not in files:
+                raise RecipeError(f"{name}-{version}: the service returned no file for {uri}")
+            dest = art_dir / uri.rsplit("/", 1)[-1]
+            tmp = dest.with_name(dest.name + ".part")
+            shutil.copyfile(files[uri], tmp)
+            digest = artifact.get("Digest")
+            if not digest:
+                raise RecipeError(f"{name}-{version}: artifact {dest.name} has no Digest")
+            if not verify_digest(tmp, digest, artifact.get("Algorithm", "SHA-256")):
+                tmp.unlink()
+                raise RecipeError(f"{name}-{version}: artifact {dest.name} does not match its digest")
+            perm = artifact.get("Permission") or {}
+            mode = 0o644 if str(perm.get("Read", "OWNER")).upper() == "ALL" else 0o600
+            if str(perm.get("Execute", "NONE")).upper() == "ALL":
+                mode |= 0o111
+            elif str(perm.get("Execute", "NONE")).upper() == "OWNER":
+                mode |= 0o100
+            os.chmod(tmp, mode)
+            os.replace(tmp, dest)
+            if str(artifact.get("Unarchive", "NONE")).upper() == "ZIP":
+                target = self.decompressed_path(name, version) / dest.stem
+                if target.exists():
+                    shutil.rmtree(target)
+                try:
+                    with zipfile.ZipFile(dest) as zf:
+                        zf.extractall(target)
+                except zipfile.BadZipFile as exc:
+                    raise RecipeError(f"{name}-{version}: {dest.name}: {exc}") from None
+        self.recipe_path(name, version).write_text(yaml.safe_dump(recipe, sort_keys=False, width=1000))
+        return recipe
+
+    # ================================================================ resolution
+    def _resolve(self, versions: dict[str, str], recipes: dict[str, dict], configs: dict[str, dict],
+                 name: str) -> Component:
+        recipe = recipes[name]
+        version = versions[name]
+        manifest = select_manifest(recipe, self.platform)
+        deps = dependencies(recipe)
+        ctx = Context(
+            name, self.thing, self.root,
+            artifacts_path=lambda n: self.artifacts_path(n, versions[n]),
+            decompressed_path=lambda n: self.decompressed_path(n, versions[n]),
+            work_path=lambda n: self.root / "work" / n,
+            configuration=lambda n: configs.get(n, {}),
+            direct_dependencies=[d for d in deps if d in versions],
+        )
+        lifecycle = ctx.interpolate_tree(copy.deepcopy(manifest.get("Lifecycle") or {}))
+        if ctx.unresolved:
+            self._event("recipe variables left unresolved", logging.WARNING, component=name,
+                        variables=sorted(set(ctx.unresolved)))
+        work = self.root / "work" / name
+        env = {
+            "WINDFLEET_THING": self.thing, "AWS_IOT_THING_NAME": self.thing,
+            "WINDFLEET_COMPONENT": name, "WINDFLEET_COMPONENT_VERSION": version,
+            "WINDFLEET_CONFIG_FILE": str(self.config_path(name)),
+            "WINDFLEET_KERNEL_ROOT": str(self.root),
+            # python3 in a recipe means this runtime's interpreter (the project's venv locally).
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+        if self.broker:
+            env["WINDFLEET_BROKER"] = self.broker
+            env["WINDFLEET_CLOUD_BROKER"] = self.cloud_broker or self.broker
+        if self.broker_user:
+            env["WINDFLEET_BROKER_USER"] = self.broker_user
+            env["WINDFLEET_BROKER_PASSWORD"] = self.broker_password or ""
+        env.update(self.extra_env)
+        setenv = lifecycle.get("Setenv") or lifecycle.get("setenv") or {}
+        if isinstance(setenv, dict):
+            env.update({k: str(v) for k, v in setenv.items()})
+        component = Component(name, version, recipe, lifecycle, deps, env, work,
+                              self.root / "logs" / f"{name}.log")
+        component.verify = lambda r=recipe, m=manifest: self._verify_artifacts(r, m)
+        return component
+
+    # ================================================================ processes
+    def _step(self, component: Component, key: str) -> tuple[str, float | None, dict] | None:
+        """(script, timeout, extra env) of a lifecycle step, or None if absent/skipped."""
+        step = next((v for k, v in component.lifecycle.items() if k.lower() == key.lower()), None)
+        if step is None:
+            return None
+        if isinstance(step, str):
+            return step, None, {}
+        skip = str(step.get("SkipIf") or step.get("Skipif") or "").strip()
+        if skip:
+            kind, _, arg = skip.partition(" ")
+            arg = arg.strip()
+            if (kind.lower() == "onpath" and shutil.which(arg)) or (kind.lower() == "exists" and Path(arg).exists()):
+                return None
+        timeout = step.get("Timeout")
+        setenv = step.get("Setenv") or {}
+        return str(step.get("Script", "")), float(timeout) if timeout is not None else None, \
+            {k: str(v) for k, v in setenv.items()}
+
+    def _launch(self, component: Component, script: str, env_extra: dict) -> subprocess.Popen:
+        component.work.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k not in _STRIP_ENV}
+        env.update(component.env)
+        env.update(env_extra)
+        with open(component.log_path, "ab") as log:
+            proc = subprocess.Popen(["sh", "-c", script], cwd=component.work, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        component.pgids.add(proc.pid)
+        return proc
+
+    @staticmethod
+    def _signal_groups(component: Component, sig: int) -> None:
+        for pgid in list(component.pgids):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                component.pgids.discard(pgid)
+            except PermissionError:
+                component.pgids.discard(pgid)
+
+    @staticmethod
+    def _alive(component: Component) -> bool:
+        if component.proc is not None and component.proc.poll() is None:
+            return True
+        for pgid in list(component.pgids):
+            try:
+                os.killpg(pgid, 0)
+                return True
+            except OSError:
+                component.pgids.discard(pgid)
+        return False
+
+    def _kill(self, component: Component) -> None:
+        self._signal_groups(component, signal.SIGKILL)
+        if component.proc is not None:
+            try:
+                component.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        component.proc, component.phase, component.step_deadline = None, None, None
+        component.pgids.clear()
+
+    def _error(self, component: Component, reason: str) -> None:
+        now = time.monotonic()
+        was_install = component.phase == "install"
+        self._kill(component)
+        component.errors.append(now)
+        while component.errors and now - component.errors[0] > self.settings.error_window:
+            component.errors.popleft()
+        component.reason, component.good_since = reason, None
+        if len(component.errors) >= self.settings.broken_after:
+            component.state = "BROKEN"
+            self._event("component broken", logging.ERROR, component=component.name, reason=reason,
+                        errors=len(component.errors))
+            return
+        component.state = "ERRORED"
+        self._event("component errored; restarting", logging.WARNING, component=component.name, reason=reason,
+                    errors=len(component.errors))
+        component.restarts += 1
+        self.restart_counts[component.name] += 1
+        component.state = "NEW" if was_install else "INSTALLED"
+        component.not_before = now + self.settings.restart_backoff
+
+    def _deps_ready(self, component: Component) -> bool:
+        for dep in component.deps:
+            other = self.components.get(dep)
+            if other is not None and other.state not in GOOD_STATES:
+                return False
+        return True
+
+    def _advance(self, component: Component) -> None:
+        """One non-blocking step of a component's lifecycle state machine."""
+        now = time.monotonic()
+        s = self.settings
+        if component.state in ("BROKEN", "FINISHED", "STOPPING"):
+            return
+        if component.proc is not None:
+            rc = component.proc.poll()
+            if component.step_deadline is not None and rc is None and now > component.step_deadline:
+                self._error(component, f"{component.phase} timed out")
+                return
+            if rc is None:
+                return
+            phase, pid, component.proc = component.phase, component.proc.pid, None
+            component.phase, component.step_deadline = None, None
+            if phase == "install":
+                component.pgids.discard(pid)
+                if rc != 0:
+                    component.phase = "install"
+                    self._error(component, f"install exited with {rc}")
+                    return
+                component.state = "INSTALLED"
+            elif phase == "startup":
+                if rc != 0:
+                    component.phase = "startup"
+                    self._error(component, f"startup exited with {rc}")
+                    return
+                component.state, component.good_since = "RUNNING", now
+                self._event("component running", component=component.name, version=component.version)
+                return
+            elif phase == "run":
+                if rc == 0:
+                    component.state, component.good_since = "FINISHED", now
+                    self._signal_groups(component, signal.SIGKILL)  # nothing may outlive a finished Run
+                    component.pgids.clear()
+                    self._event("component finished", component=component.name)
+                else:
+                    self._error(component, f"run exited with {rc if rc > 0 else f'signal {-rc}'}")
+                return
+        if now < component.not_before or not self._deps_ready(component):
+            return
+        if component.state == "NEW":
+            if component.verify is not None:
+                problem = component.verify()
+                if problem:
+                    component.state, component.reason = "BROKEN", problem
+                    self._event("component broken", logging.ERROR, component=component.name, reason=problem)
+                    return
+                component.verify = None  # verified once per deployment / runtime start
+            step = self._step(component, "Install")
+            if step is None:
+                component.state = "INSTALLED"
+            else:
+                script, timeout, env = step
+                component.proc = self._launch(component, script, env)
+                component.phase = "install"
+                component.step_deadline = now + (timeout or s.install_timeout)
+                return
+        if component.state == "INSTALLED":
+            component.reported = {}
+            component.started_at = time.time()
+            startup = self._step(component, "Startup")
+            run = self._step(component, "Run")
+            if startup is not None:
+                script, timeout, env = startup
+                component.proc = self._launch(component, script, env)
+                component.phase, component.state = "startup", "STARTING"
+                component.step_deadline = now + (timeout or s.startup_timeout)
+            elif run is not None:
+                script, timeout, env = run
+                component.proc = self._launch(component, script, env)
+                component.phase, component.state = "run", "RUNNING"
+                component.good_since = now
+                self._event("component running", component=component.name, version=component.version,
+                            pid=component.proc.pid)
+            else:
+                component.state, component.good_since = "FINISHED", now
+
+    def _stop_component(self, component: Component) -> None:
+        """Shutdown step, then SIGTERM to every process group, SIGKILL after a grace."""
+        if component.pgids or component.proc is not None:
+            component.state = "STOPPING"
+            shutdown = self._step(component, "Shutdown")
+            if shutdown is not None:
+                script, timeout, env = shutdown
+                proc = self._launch(component, script, env)
+                try:
+                    proc.wait(timeout or self.settings.shutdown_timeout)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                component.pgids.discard(proc.pid)
+            self._signal_groups(component, signal.SIGTERM)
+            deadline = time.monotonic() + self.settings.stop_grace
+            while time.monotonic() < deadline and self._alive(component):
+                time.sleep(0.05)
+        self._kill(component)
+        component.state = "FINISHED" if component.state == "STOPPING" else component.state
+        self._event("component stopped", component=component.name, version=component.version)
+
+    def _stop_all(self, names: list[str]) -> None:
+        order = topological_order({n: self.components[n].deps for n in self.components})
+        for name in reversed(order):
+            if name in names:
+                self._stop_component(self.components[name])
+
+    # ================================================================ health
+    def _on_health(self, client, userdata, msg) -> None:  # paho callback thread
+        try:
+            body = payloads.validate_health(payloads.decode(msg.payload))
+        except payloads.MalformedPayload:
+            return
+        with self._lock:
+            component = self.components.get(body["component"])
+            if component is None or body.get("ts", 0) < component.started_at - 1.0:
+                return  # unknown, or from a previous process of it
+            component.reported = {k: body[k] for k in ("state", "model_version", "reason", "counters", "ts")
+                                  if k in body}
+
+    def _connect_health(self) -> None:
+        if not self.broker:
+            return
+        import paho.mqtt.client as mqtt
+
+        from windfleet.components.bus.mqtt import parse_hostport
+
+        host, port = parse_hostport(self.broker)
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{self.thing}-nucleus-{os.getpid()}")
+        if self.broker_user:
+            client.username_pw_set(self.broker_user, self.broker_password)
+        client.on_connect = lambda c, u, f, rc, p: c.subscribe(topics.health(self.thing), qos=1)
+        client.on_message = self._on_health
+        client.reconnect_delay_set(0.2, 5)
+        client.connect_async(host, port, keepalive=30)
+        client.loop_start()
+        self._mqtt = client
+
+    # ================================================================ loop
+    def tick(self) -> None:
+        """Advance every component once; write status.json when it changed."""
+        with self._lock:
+            order = topological_order({n: c.deps for n, c in self.components.items()})
+            for name in order:
+                self._advance(self.components[name])
+            self._write_status()
+
+    def status(self) -> dict:
+        with self._lock:
+            components = {n: {**c.status(), "restarts": self.restart_counts[n]} for n, c in self.components.items()}
+            return {"thing": self.thing, "components": components, "deployment": self.last_deployment,
+                    "restarts": sum(self.restart_counts.values())}
+
+    def _write_status(self) -> None:
+        status = self.status()
+        text = json.dumps(status, sort_keys=True, default=str)
+        if text != self._last_status:
+            self._last_status = text
+            _write_json_atomic(self.status_path, {**status, "ts": time.time()})
+
+    def start(self) -> None:
+        """Connect health, start the persisted component set (Install runs again: idempotent)."""
+        self._connect_health()
+        if self.source is not None:
+            try:
+                self.source.register_core_device(self.thing, self.thing_groups)
+            except Exception as exc:  # noqa: BLE001 - the service may come later
+                self._event("cannot register with the deployment service", logging.WARNING, error=str(exc))
+        if self._persisted_set:
+            recipes = {}
+            for name, version in self._persisted_set.items():
+                recipe = self._stored_recipe(name, version)
+                if recipe is None:
+                    self._event("persisted component missing from packages", logging.ERROR, component=name)
+                    continue
+                recipes[name] = recipe
+            versions = {n: self._persisted_set[n] for n in recipes}
+            with self._lock:
+                for name in topological_order({n: dependencies(r) for n, r in recipes.items()}):
+                    self.components[name] = self._resolve(versions, recipes, self.configuration, name)
+                    _write_json_atomic(self.config_path(name), self.configuration.get(name, {}))
+        self._event("runtime started", root=str(self.root), components=self._persisted_set)
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Serve until ``stop`` is set (or :meth:`request_stop`): supervise, poll deployments."""
+        stop = stop or self._stop
+        self.start()
+        next_poll = 0.0
+        try:
+            while not stop.is_set() and not self._stop.is_set():
+                self.tick()
+                if self.source is not None and time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + self.settings.poll_interval
+                    self.poll_once(stop)
+                stop.wait(0.1)
+        finally:
+            self.shutdown()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stop_all(list(self.components))
+            self._write_status()
+        if self._mqtt is not None:
+            self._mqtt.loop_stop()
+            self._mqtt.disconnect()
+            self._mqtt = None
+        self._event("runtime stopped")
+        self.log.removeHandler(self._log_handler)
+        self._log_handler.close()
+
+    # ================================================================ deployments
+    def poll_once(self, stop: threading.Event | None = None) -> str | None:
+        """Ask the source for a deployment and apply it; returns its final status."""
+        try:
+            deployment = self.source.next_deployment(self.thing)
+        except Exception as exc:  # noqa: BLE001 - a down service must not stop the device
+            self._event("deployment service unavailable", logging.WARNING, error=str(exc)[:200])
+            return None
+        if not deployment or deployment.get("deploymentId") in self.finished_deployments:
+            return None
+        return self.apply(deployment, stop)
+
+    def _report(self, source: Any, deployment_id: str, status: str, reason: str | None = None) -> None:
+        self.last_deployment = {"id": deployment_id, "status": status, "reason": reason, "ts": time.time()}
+        if status in FINAL_STATUSES:
+            self.finished_deployments[deployment_id] = status
+        try:
+            if source is not None and status in FINAL_STATUSES:
+                # what now runs on the device (after a rollback: the old set)
+                with self._lock:
+                    running = {n: {"componentVersion": c.version, "lifecycleState": c.state}
+                               for n, c in self.components.items()}
+                source.report_device_status(self.thing, deployment_id, status, reason=reason, components=running)
+            elif source is not None:
+                source.report_device_status(self.thing, deployment_id, status, reason=reason)
+        except Exception as exc:  # noqa: BLE001
+            self._event("cannot report deployment status", logging.WARNING, error=str(exc)[:200])
+        self._event("deployment status", deployment=deployment_id, status=status, reason=reason)
+
+    def _canceled(self, source: Any, deployment_id: str) -> bool:
+        getter = getattr(source, "get_deployment", None)
+        if getter is None:
+            return False
+        try:
+            return getter(deploymentId=deployment_id).get("deploymentStatus") == "CANCELED"
+        except Exception:  # noqa: BLE001
+            return False
+
+    def apply(self, deployment: dict, stop: threading.Event | None = None) -> str:
+        """Apply one deployment; returns its Greengrass status (also reported)."""
+        dep_id, source = deployment["deploymentId"], self.source  # report to where it came from
+        if deployment.get("deploymentStatus") == "CANCELED":
+            self._report(source, dep_id, "CANCELED", "canceled before it was applied")
+            return "CANCELED"
+        policies = deployment.get("deploymentPolicies") or {}
+        rollback = (policies.get("failureHandlingPolicy") or "ROLLBACK").upper() == "ROLLBACK"
+        deadline = time.monotonic() + self.settings.deployment_timeout
+        self._report(source, dep_id, "IN_PROGRESS")
+        with self._lock:
+            previous = ({n: c.version for n, c in self.components.items()}, copy.deepcopy(self.configuration))
+        try:
+            versions, recipes, configs = self._prepare(deployment)
+        except Exception as exc:  # noqa: BLE001 - any problem here fails the deployment, not the device
+            reason = str(exc) if isinstance(exc, RecipeError) else f"{type(exc).__name__}: {exc}"
+            self._report(source, dep_id, "FAILED", reason)  # nothing was changed on the device
+            return "FAILED"
+        try:
+            self._switch(versions, recipes, configs)
+            self._gate(source, dep_id, versions, configs, deadline, stop)
+        except DeploymentAborted as abort:
+            status, reason = abort.status, abort.reason
+            if status == "INTERRUPTED":
+                # Not an outcome: the persisted set is still the previous one and the
+                # deployment is applied again when the runtime next starts (as the nucleus resumes).
+                self._event("deployment interrupted by shutdown", deployment=dep_id)
+                return "IN_PROGRESS"
+            if rollback or status == "CANCELED":
+                reason = self._rollback(previous, reason)
+            self._report(source, dep_id, status, reason)
+            return status
+        with self._lock:
+            self.configuration = configs
+        self._report(source, dep_id, "SUCCEEDED")
+        with self._lock:
+            self._save_state()
+        return "SUCCEEDED"
+
+    def _prepare(self, deployment: dict) -> tuple[dict[str, str], dict[str, dict], dict[str, dict]]:
+        """Fetch and verify everything, merge configuration: nothing running is touched."""
+        specs = deployment.get("components") or {}
+        versions = {name: str(spec["componentVersion"]) for name, spec in specs.items()}
+        recipes = {name: self._download(name, version) for name, version in versions.items()}
+        for name, recipe in recipes.items():
+            select_manifest(recipe, self.platform)
+            for dep, _kind in dependencies(recipe).items():
+                requirement = (recipe.get("ComponentDependencies") or {})[dep].get("VersionRequirement")
+                if dep not in versions:
+                    raise RecipeError(f"{name} depends on {dep}, which the deployment does not contain")
+                if not version_satisfies(versions[dep], requirement):
+                    raise RecipeError(f"{name} needs {dep} {requirement}, deployment has {versions[dep]}")
+        topological_order({n: dependencies(r) for n, r in recipes.items()})
+        configs = {}
+        for name, recipe in recipes.items():
+            update = specs[name].get("configurationUpdate")
+            configs[name] = merge_configuration(default_configuration(recipe), self.configuration.get(name), update)
+        return versions, recipes, configs
+
+    def _switch(self, versions: dict[str, str], recipes: dict[str, dict], configs: dict[str, dict]) -> None:
+        """Make the running set ``versions``: stop what goes or changes, start what is new."""
+        with self._lock:
+            new = {n: self._resolve(versions, recipes, configs, n) for n in versions}
+            changed = {n for n, c in new.items()
+                       if n not in self.components or self.components[n].signature() != c.signature()
+                       or self.components[n].state == "BROKEN"}
+            # HARD dependents restart with their dependency (transitively).
+            grew = True
+            while grew:
+                grew = False
+                for n, c in new.items():
+                    if n not in changed and any(d in changed and k == "HARD" for d, k in c.deps.items()):
+                        changed.add(n)
+                        grew = True
+            removed = [n for n in self.components if n not in new]
+            self._stop_all(removed + [n for n in changed if n in self.components])
+            for name in versions:
+                _write_json_atomic(self.config_path(name), configs[name])
+            for name in removed:
+                del self.components[name]
+            for name in changed:
+                self.components[name] = new[name]
+            self._event("deployment switching", start=sorted(changed), stop=sorted(removed), versions=versions)
+
+    def _gate_requirements(self, versions: dict[str, str], configs: dict[str, dict]) -> list[tuple[str, str, set, float]]:
+        """(component, model component, acceptable versions, timeout) per ``health_gate`` config."""
+        reqs = []
+        for name in versions:
+            gate = (configs.get(name) or {}).get("health_gate") or {}
+            model = gate.get("reports_model_of")
+            if not model or model not in versions:
+                continue
+            accepted = {versions[model]}
+            card = self.artifacts_path(model, versions[model]) / "model.json"
+            try:
+                accepted.add(str(json.loads(card.read_text())["version"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+            reqs.append((name, model, accepted, float(gate.get("timeout_s", self.settings.health_timeout))))
+        return reqs
+
+    def _gate(self, source: Any, dep_id: str, versions: dict[str, str], configs: dict[str, dict], deadline: float,
+              stop: threading.Event | None) -> None:
+        """Wait until every component is RUNNING (FINISHED for run-less ones) for
+        ``stable_seconds`` and each ``health_gate`` reports its model; raise
+        DeploymentAborted(FAILED | TIMED_OUT | CANCELED) otherwise."""
+        s = self.settings
+        reqs = self._gate_requirements(versions, configs)
+        start = time.monotonic()
+        gate_deadline = min(deadline, start + max([s.health_timeout] + [r[3] for r in reqs]))
+        next_cancel_check = 0.0
+        while True:
+            self.tick()
+            now = time.monotonic()
+            if stop is not None and stop.is_set():
+                raise DeploymentAborted("INTERRUPTED", "the device runtime is stopping")
+            if now >= next_cancel_check:
+                next_cancel_check = now + 0.5
+                if self._canceled(source, dep_id):
+                    raise DeploymentAborted("CANCELED", "deployment canceled")
+            waiting = []
+            with self._lock:
+                for name in versions:
+                    c = self.components[name]
+                    if c.state == "BROKEN":
+                        raise DeploymentAborted("FAILED", f"{name} is BROKEN: {c.reason}")
+                    if c.reported.get("state") == "ERRORED":
+                        raise DeploymentAborted(
+                            "FAILED", f"{name} reported ERRORED: {c.reported.get('reason') or 'no reason given'}")
+                    if c.state not in GOOD_STATES or c.good_since is None or now - c.good_since < s.stable_seconds:
+                        waiting.append(f"{name} is {c.state}")
+                for name, model, accepted, timeout in reqs:
+                    reported = self.components[name].reported.get("model_version")
+                    if reported not in accepted:
+                        if now - start > timeout:
+                            raise DeploymentAborted(
+                                "TIMED_OUT", f"{name} did not report {model} version {versions[model]} within "
+                                f"{timeout:g}s (reports {reported!r})")
+                        waiting.append(f"{name} reports model {reported!r}")
+            if not waiting:
+                return
+            if now >= gate_deadline:
+                raise DeploymentAborted("TIMED_OUT", "health gate timed out: " + "; ".join(waiting))
+            time.sleep(0.1)
+
+    def _rollback(self, previous: tuple[dict[str, str], dict[str, dict]], reason: str) -> str:
+        versions, configs = previous
+        self._event("rolling back", logging.WARNING, reason=reason, to=versions)
+        try:
+            recipes = {n: self._stored_recipe(n, v) for n, v in versions.items()}
+            missing = [n for n, r in recipes.items() if r is None]
+            if missing:
+                raise RecipeError(f"previous recipes missing: {missing}")
+            with self._lock:
+                self.configuration = configs
+            self._switch(versions, recipes, configs)
+            deadline = time.monotonic() + self.settings.rollback_timeout
+            while time.monotonic() < deadline:
+                self.tick()
+                with self._lock:
+                    states = {n: self.components[n].state for n in versions}
+                if all(st in GOOD_STATES or st == "BROKEN" for st in states.values()):
+                    break
+                time.sleep(0.1)
+            with self._lock:
+                self._save_state()
+            return f"{reason}; rolled back"
+        except (RecipeError, OSError) as exc:
+            return f"{reason}; rollback failed: {exc}"
