@@ -35,3 +35,7 @@ for _area in AREAS:
             raise
         continue
     _module.register(main)
+
+
+if __name__ == "__main__":
+    main()
