@@ -242,11 +242,13 @@ def _check_same_model(backend: Backend, arn: str, card: dict) -> None:
 
 
 def deploy_suite(backend: Backend, thing_group: str | None = None,
-                 versions: dict[str, str] | None = None) -> dict:
+                 versions: dict[str, str] | None = None, configuration: dict[str, dict] | None = None) -> dict:
     """``windfleet deploy``: the whole suite to a thing group (latest published versions).
 
     The model keeps the version the group already runs, if any (the latest
     published one may be a model that failed); ``versions`` overrides any of them.
+    ``configuration`` (component name -> keys) becomes each component's
+    ``configurationUpdate.merge``; later model deployments carry it forward.
     """
     target = backend.thing_group_arn(thing_group)
     available = latest_versions(backend)
@@ -260,6 +262,10 @@ def deploy_suite(backend: Backend, thing_group: str | None = None,
     if missing:
         raise DeployError(f"not published: {', '.join(missing)} (run `windfleet build` and `windfleet publish`)")
     components = merge(running, chosen)
+    for name, keys in (configuration or {}).items():
+        if name not in components:
+            raise DeployError(f"configuration for {name}, which is not in the suite")
+        components[name]["configurationUpdate"] = {"merge": json.dumps(keys, sort_keys=True)}
     resp = create_deployment(backend, target, components, "windfleet suite", previous)
     jsonlog.event(log, "suite deployment created", deployment=resp["deploymentId"], target=target)
     return {"status": "deployed", "deploymentId": resp["deploymentId"], "targetArn": target,

@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from windfleet import jsonlog, model_contract, payloads, topics
 
@@ -55,8 +55,11 @@ class FleetCollector:
         self.duplicates = 0
         self.malformed = 0
         self.scores: dict[tuple[str, int], bool] = {}     # (turbine, window_end_seq) -> anomaly
+        self.score_seen: dict[tuple[str, int], tuple[float, str | None]] = {}  # -> (arrival time, model version)
         self.labels: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
         self.health: dict[tuple[str, str], dict] = {}     # (thing, component) -> last health
+        # counters of earlier incarnations of a restarted component, (thing, component, name) -> total
+        self.counter_base: dict[tuple[str, str, str], int] = collections.defaultdict(int)
 
     def on_message(self, client, userdata, msg) -> None:  # noqa: ARG002 - paho signature
         self.handle(msg.topic, msg.payload)
@@ -75,10 +78,20 @@ class FleetCollector:
                         self.labels[lab["turbine_id"]].append(episode)
                 elif kind == "health":
                     h = payloads.validate_health(body)
+                    self._carry_counters(self.health.get((h["thing"], h["component"])), h)
                     self.health[(h["thing"], h["component"])] = h
         except payloads.MalformedPayload:
             with self._lock:
                 self.malformed += 1
+
+    def _carry_counters(self, old: dict | None, new: dict) -> None:
+        """A counter that went down means the component restarted: keep what it had counted."""
+        if not old or old.get("ts", 0) > new.get("ts", 0):
+            return
+        before, after = old.get("counters") or {}, new.get("counters") or {}
+        for name, value in before.items():
+            if isinstance(value, (int, float)) and isinstance(after.get(name), (int, float)) and after[name] < value:
+                self.counter_base[(new["thing"], new["component"], name)] += int(value)
 
     def _telemetry(self, body: dict) -> None:
         thing, seq = body["thing"], body["seq"]
@@ -89,7 +102,9 @@ class FleetCollector:
         for record in body["records"]:
             rec = record["body"]
             if record["type"] == "score" and "turbine_id" in rec and "window_end_seq" in rec:
-                self.scores[(rec["turbine_id"], int(rec["window_end_seq"]))] = bool(rec.get("anomaly"))
+                key = (rec["turbine_id"], int(rec["window_end_seq"]))
+                self.scores[key] = bool(rec.get("anomaly"))
+                self.score_seen.setdefault(key, (time.time(), rec.get("model_version")))
             elif record["type"] == "health" and "component" in rec and "thing" in rec:
                 self.health.setdefault((rec["thing"], rec["component"]), rec)
 
@@ -132,6 +147,26 @@ class FleetCollector:
             "episode_recall": round(len(detected) / episodes, 4) if episodes else None,
         }
 
+    def windows_lost(self, since: float = 0.0, until: float = float("inf"),
+                     stride: int = model_contract.STRIDE) -> dict[str, int]:
+        """Per turbine: windows missing from its score sequence among the scores that
+        arrived in ``[since, until]`` (a gap that straddles a model swap counts)."""
+        with self._lock:
+            ends: dict[str, list[int]] = collections.defaultdict(list)
+            for (turbine, end), (seen, _) in self.score_seen.items():
+                if since <= seen <= until:
+                    ends[turbine].append(end)
+        return {t: (max(e) - min(e)) // stride + 1 - len(set(e)) for t, e in ends.items()}
+
+    def scoring_versions(self, since: float) -> dict[str, set[str]]:
+        """Per gateway (turbine id prefix ``<thing>-``): model versions its scores carried since ``since``."""
+        with self._lock:
+            seen = [(t, v) for (t, _), (at, v) in self.score_seen.items() if at >= since and v]
+        out: dict[str, set[str]] = collections.defaultdict(set)
+        for turbine, version in seen:
+            out[turbine.rsplit("-", 1)[0]].add(version)
+        return out
+
     def counter(self, component: str, *names: str) -> int:
         """Sum over gateways of the first of ``names`` present in ``component``'s last health counters."""
         with self._lock:
@@ -140,7 +175,9 @@ class FleetCollector:
                 if comp != component:
                     continue
                 counters = h.get("counters") or {}
-                total += next((int(counters[n]) for n in names if n in counters), 0)
+                name = next((n for n in names if n in counters), None)
+                if name is not None:
+                    total += int(counters[name]) + self.counter_base[(thing, comp, name)]
             return total
 
     def malformed_dropped(self) -> int:
@@ -240,11 +277,17 @@ def run_fleet(*, gateways: int, turbines_per_gateway: int, duration: float, repo
               anomaly_every: float = 20.0, sample_rate: float = 20.0, startup_timeout: float = 240.0,
               drain_seconds: float = 5.0, stop: threading.Event | None = None,
               build_dir: str | Path | None = None, components: dict[str, str] | None = None,
-              update_config: dict | None = None) -> dict:
+              update_config: dict | None = None, collector: FleetCollector | None = None,
+              on_running: Callable[[dict], None] | None = None) -> dict:
     """Run the fleet and return (and write) the report.  See the module docstring.
 
     ``build_dir``/``components``/``update_config`` replace the suite built from this
     project (tests use stand-in components); ``stop`` ends the run early (Ctrl-C does too).
+    ``collector`` replaces the cloud side's :class:`FleetCollector` (e.g. a subclass that
+    records more); ``on_running(info)`` is called once every deployment finished, just
+    before the ``duration`` starts, with ``things``, ``roots``, ``runtime_pids``,
+    ``broker_pid`` (None for a reused broker), ``started_at`` and ``duration`` (benchmarks
+    sample the processes from there; it must return promptly).
     """
     from windfleet.build import BuildError, build
     from windfleet.nucleus.broker import Broker, free_port
@@ -286,7 +329,7 @@ def run_fleet(*, gateways: int, turbines_per_gateway: int, duration: float, repo
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous_handlers[sig] = signal.signal(sig, lambda *_: stop.set())
 
-    collector = FleetCollector()
+    collector = collector if collector is not None else FleetCollector()
     procs: dict[str, subprocess.Popen] = {}
     roots = {t: work / "devices" / t for t in things}
     cloud = None
@@ -320,10 +363,14 @@ def run_fleet(*, gateways: int, turbines_per_gateway: int, duration: float, repo
         started_at = time.time()
         jsonlog.event(log, "fleet running", deployments={t: (_device_status(roots[t]).get("deployment") or {})
                                                         .get("status") for t in things})
+        if on_running is not None:
+            on_running({"things": list(things), "roots": dict(roots), "runtime_pids": {t: p.pid for t, p in procs.items()},
+                        "broker_pid": mq.pid if own_broker else None, "started_at": started_at,
+                        "duration": duration})
         stop.wait(duration)
         ended_at = time.time()
     finally:
-        _stop_devices(procs, roots)
+        stop_devices(procs, roots)
         if cloud is not None:
             time.sleep(drain_seconds if started_at else 0)  # let in-flight telemetry arrive
             cloud.loop_stop()
@@ -342,7 +389,7 @@ def run_fleet(*, gateways: int, turbines_per_gateway: int, duration: float, repo
     return report
 
 
-def _stop_devices(procs: dict[str, subprocess.Popen], roots: dict[str, Path], grace: float = 40.0) -> None:
+def stop_devices(procs: dict[str, subprocess.Popen], roots: dict[str, Path], grace: float = 40.0) -> None:
     for proc in procs.values():
         if proc.poll() is None:
             _kill_group(proc.pid, signal.SIGTERM)

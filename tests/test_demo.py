@@ -1,0 +1,96 @@
+"""``windfleet demo`` as a user runs it: a real process that starts Mosquitto, the dashboard and
+the device runtimes, rolls a model out, rolls a corrupt one back, reports, and leaves nothing
+running.  Pre-trained packages (``--model-v1/--model-v2``) keep the training stages out of CI time;
+training itself is tested in test_training.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+GATEWAYS, TURBINES = 2, 2
+
+
+def _leftovers(work: Path) -> list[str]:
+    """Processes whose command line or working files point into the demo's work directory."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(str(work) in part for part in proc.info["cmdline"] or ()) and proc.pid != os.getpid():
+                found.append(" ".join(proc.info["cmdline"]))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def _demo(work: Path, model_dir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "windfleet.cli", "demo", "--gateways", str(GATEWAYS), "--turbines-per-gateway",
+         str(TURBINES), "--duration", "6", "--anomaly-every", "6", "--model-v1", str(model_dir),
+         "--model-v2", str(model_dir), "--work", str(work), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def test_demo_runs_the_lifecycle_and_stops_everything(model_dir, tmp_path):
+    work, report_path = tmp_path / "work", tmp_path / "out" / "report.json"
+    proc = _demo(work, model_dir, "--report", str(report_path))
+    try:
+        out, _ = proc.communicate(timeout=420)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-3000:]
+    report = json.loads(report_path.read_text())
+
+    assert report["readings_published"] > 0 and report["readings_scored"] > 0
+    assert report["telemetry_lost"] == 0 and report["telemetry_received"] > 0
+    assert report["dashboard_store"]["telemetry_lost"] == 0 and report["dashboard_store"]["telemetry_received"] > 0
+    assert report["anomalies_injected"] > 0
+    assert report["precision"] is not None and report["recall"] is not None
+
+    install, update = report["rollouts"]
+    assert (install["version"], update["version"]) == ("1.0.1", "1.0.2")
+    assert install["devices_on_version"] == update["devices_on_version"] == GATEWAYS
+    assert update["readings_lost"] == 0 and update["seconds"] > 0
+
+    (rollback,) = report["rollbacks"]
+    assert rollback["version"] == "1.0.3" and rollback["devices_rolled_back"] == GATEWAYS
+    assert "onnx" in rollback["reason"].lower() and rollback["readings_lost"] == 0
+    assert set(report["model_version"].values()) == {"1.0.2"}  # still scoring with v2
+
+    for line in ("Summary", "rollout 1.0.2 (update)", "rollback of 1.0.3", "dashboard: http://127.0.0.1:"):
+        assert line in out
+    assert _leftovers(work) == []
+
+
+def test_serve_keeps_the_fleet_up_until_ctrl_c(model_dir, tmp_path):
+    work = tmp_path / "work"
+    proc = _demo(work, model_dir, "--serve")
+    try:
+        deadline = time.monotonic() + 420
+        while not (work / "report.json").exists():
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "no report"
+            time.sleep(1)
+        time.sleep(3)
+        assert proc.poll() is None  # serving
+        assert any("windfleet.nucleus device run" in p for p in _leftovers(work))
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-3000:]
+    assert "Serving the fleet" in out and "stopped" in out
+    assert _leftovers(work) == []

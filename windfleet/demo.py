@@ -1,0 +1,533 @@
+"""``windfleet demo``: the whole life of a model on one machine, end to end.
+
+Train v1 -> register -> approve (the group's first deployment) -> broker, ingest
+and dashboard -> a fleet of device runtimes streaming and scoring -> train and
+approve v2 (rollout progress per device) -> approve a deliberately corrupt v3
+(every device fails it and rolls back) -> a summary table and a JSON report.
+
+Everything runs on the local backend (``cloud.backends.Backend.local``) in a
+fresh work directory, with real processes: Mosquitto, one ``windfleet device
+run`` per gateway (each running the four components), the dashboard (which also
+ingests telemetry), and the v2 training run.  All of them are stopped at the
+end, on errors and on Ctrl-C; ``--serve`` keeps the fleet and the dashboard up
+until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from windfleet import jsonlog
+from windfleet import model_contract as mc
+
+log = logging.getLogger("windfleet.demo")
+
+TERMINAL = {"SUCCEEDED", "COMPLETED", "FAILED", "REJECTED", "CANCELED", "TIMED_OUT"}
+
+
+class DemoError(RuntimeError):
+    """A stage that could not finish (one-line reason)."""
+
+
+@dataclass
+class DemoOptions:
+    gateways: int = 3
+    turbines_per_gateway: int = 5
+    duration: float = 60.0  # seconds of streaming before v2 is approved (v2 trains meanwhile)
+    work: Path = field(default_factory=lambda: Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S"))
+    report: Path | None = None
+    serve: bool = False
+    dashboard_port: int = 0
+    anomaly_every: float = 20.0
+    model_v1: Path | None = None  # pre-trained packages skip the training stages
+    model_v2: Path | None = None
+    stage_timeout: float = 240.0
+    settle: float = 8.0  # seconds of scoring after the last rollback before the books close
+
+
+# ------------------------------------------------------------------------------ output
+class Console:
+    """Stage headers, per-device lines and the summary; JSON logs stay on stderr."""
+
+    def __init__(self, stages: int, echo: Callable[[str], None] = click.echo):
+        self.stages, self.n, self.echo = stages, 0, echo
+        self.started = time.monotonic()
+
+    def stage(self, title: str) -> None:
+        self.n += 1
+        elapsed = time.monotonic() - self.started
+        self.echo(click.style(f"\n[{self.n}/{self.stages}] {title}", bold=True) + f"  (t+{elapsed:.0f} s)")
+
+    def info(self, text: str) -> None:
+        self.echo(f"      {text}")
+
+
+def _progress(total: float, desc: str, unit: str):
+    from tqdm import tqdm
+
+    # on a terminal a live bar; in a log file (no TTY) only the per-device lines and results
+    return tqdm(total=total, desc=f"      {desc}", unit=unit, leave=True, dynamic_ncols=True, file=sys.stdout,
+                disable=None, mininterval=0.5,
+                bar_format="{desc}: {percentage:3.0f}%|{bar:24}| {n:.0f}/{total:.0f} {unit} {postfix}")
+
+
+# ------------------------------------------------------------------------------ model packages
+def train(out: Path, version: str, seed: int, *, background: bool = False, log_path: Path | None = None):
+    """``windfleet train --quick``: in this process, or as a subprocess (``background``)."""
+    if background:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # leave a core to the fleet
+        with open(log_path or out.with_suffix(".log"), "wb") as sink:
+            return subprocess.Popen([sys.executable, "-m", "windfleet.cli", "train", "--quick", "--seed", str(seed),
+                                     "--version", version, "--out", str(out)], stdout=sink,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    start_new_session=True)
+    from windfleet.training.pipeline import train_simulated
+
+    return train_simulated(out, seed=seed, quick=True, version=version, log=lambda *_: None)
+
+
+def stamp(src: Path, dst: Path, version: str) -> Path:
+    """A copy of package ``src`` whose card says ``version`` (component versions are immutable)."""
+    shutil.copytree(src, dst)
+    card = json.loads((dst / mc.CARD_FILE).read_text())
+    card["version"] = version
+    (dst / mc.CARD_FILE).write_text(json.dumps(card, indent=2))
+    return dst
+
+
+def corrupt(src: Path, dst: Path, version: str) -> Path:
+    """A package whose ``model.onnx`` is not a model but whose card carries its sha256:
+    only the device's load and self-test can catch it."""
+    stamp(src, dst, version)
+    (dst / mc.MODEL_FILE).write_bytes(b"windfleet demo: deliberately not an ONNX graph\n" * 64)
+    card = json.loads((dst / mc.CARD_FILE).read_text())
+    card["onnx_sha256"] = mc.sha256_file(dst / mc.MODEL_FILE)
+    (dst / mc.CARD_FILE).write_text(json.dumps(card, indent=2))
+    return dst
+
+
+# ------------------------------------------------------------------------------ the demo
+class Demo:
+    """One run; :meth:`run` returns the report.  Every process is owned by ``self.stack``."""
+
+    def __init__(self, opts: DemoOptions, console: Console | None = None):
+        self.o = opts
+        self.work = opts.work.resolve()
+        self.home = self.work / "home"
+        self.c = console or Console(stages=9)
+        self.things = [f"gw{i:02d}" for i in range(1, opts.gateways + 1)]
+        self.roots = {t: self.work / "devices" / t for t in self.things}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.rollouts: list[dict] = []
+        self.rollbacks: list[dict] = []
+        self.models: dict[str, dict] = {}
+        self.dashboard_url = self.token = None
+
+    # -- stages ----------------------------------------------------------------
+    def run(self) -> dict:
+        from windfleet.cloud.backends import Backend
+        from windfleet.cloud.registry import Registry
+
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.backend = Backend.local(self.home)
+        self.registry = Registry(self.backend)
+        t_start = time.time()
+        with ExitStack() as self.stack:
+            v1 = self._train_v1()
+            self._publish_and_approve_v1(v1)
+            self._start_cloud_side()
+            self._start_fleet()
+            v2 = self._stream_while_training_v2(v1)
+            self._approve_v2(v2)
+            self._approve_corrupt_v3(v2)
+            self._settle()
+            report = self._report(time.time() - t_start)
+            self._summary(report)
+            self._write(report)
+            if self.o.serve:
+                self._serve()
+            self.c.stage("Stopping every process")
+        self.c.info(f"stopped; work directory kept: {self.work}")
+        return report
+
+    def _train_v1(self) -> Path:
+        self.c.stage("Training model v1 (windfleet train --quick)")
+        out = self.work / "models" / "v1"
+        if self.o.model_v1:
+            stamp(self.o.model_v1, out, "1.0.1")
+            self.c.info(f"using the pre-trained package {self.o.model_v1}")
+        else:
+            t0 = time.monotonic()
+            train(out, "1.0.1", seed=1)
+            self.c.info(f"trained in {time.monotonic() - t0:.0f} s")
+        self._note_model(out)
+        return out
+
+    def _note_model(self, out: Path) -> None:
+        card = mc.load_card(out)
+        ae = ((card.get("metrics") or {}).get("autoencoder") or {}).get("overall") or {}
+        self.models[card["version"]] = {k: ae.get(k) for k in ("precision", "recall", "f1", "false_alarm_rate")}
+        if ae:
+            self.c.info(f"v{card['version']}: held-out F1 {ae.get('f1', 0):.3f}, "
+                        f"false alarms {100 * ae.get('false_alarm_rate', 0):.2f} % of windows")
+
+    def _publish_and_approve_v1(self, v1: Path) -> None:
+        from windfleet.build import build
+        from windfleet.cloud import deployer
+        from windfleet.nucleus.fleet import component_config
+
+        self.c.stage("Registry: publish the suite, register v1, approve it (the group's first deployment)")
+        build(self.work / "greengrass-build")  # the model comes from the registry, not the build
+        published = deployer.publish(self.backend, self.work / "greengrass-build")
+        self.c.info("published " + ", ".join(f"{p['component']}={p['version']}" for p in published))
+        entry = self.registry.register(v1)
+        self.c.info(f"registered package {entry['version']} ({entry['status']})")
+        approved = self.registry.approve(entry["version"])
+        dep = approved["deployment"] or {}
+        self.c.info(f"approved -> {dep.get('status')}: deployment {dep.get('deploymentId')} with "
+                    f"{approved['component_version']}")
+        # the fleet's own settings (turbines, anomaly schedule) ride on a suite deployment, as an
+        # operator would set them; it keeps the approved model
+        config = component_config(self.o.turbines_per_gateway, 20.0, self.o.anomaly_every, 3600.0)
+        suite = deployer.deploy_suite(self.backend, configuration={n: u["MERGE"] for n, u in config.items()})
+        self.suite_deployment = suite["deploymentId"]
+        self.c.info(f"fleet configuration: {self.o.turbines_per_gateway} turbines per gateway at 20 Hz, "
+                    f"an anomaly every {self.o.anomaly_every:.0f} s per turbine (deployment {self.suite_deployment})")
+
+    def _start_cloud_side(self) -> None:
+        from windfleet.nucleus.broker import Broker, free_port
+        from windfleet.nucleus.fleet import FleetCollector, subscribe_cloud
+
+        self.c.stage("Starting the broker, the ingest and the dashboard")
+        self.broker = Broker(self.home / "broker", port=free_port())
+        self.broker.start()
+        self.stack.callback(self.broker.stop)
+        self.c.info(f"mosquitto on {self.broker.url} (per-device accounts, ACL, no anonymous access)")
+        for thing in self.things:
+            self.broker.add_device(thing, self.o.turbines_per_gateway)
+
+        port = self.o.dashboard_port or free_port()
+        self.token = secrets.token_urlsafe(16)
+        env = {**os.environ, "WINDFLEET_DASHBOARD_TOKEN": self.token}
+        sink = open(self.work / "dashboard.out", "wb")
+        self.stack.callback(sink.close)
+        dash = subprocess.Popen([sys.executable, "-m", "windfleet.cli", "dashboard", "--port", str(port),
+                                 "--home", str(self.home)], env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        self.stack.callback(_stop_process, dash)
+        self.dashboard_url = f"http://127.0.0.1:{port}/"
+        self.c.info(f"dashboard: {self.dashboard_url}  (approve/reject token: {self.token})")
+
+        self.collector = FleetCollector()
+        cloud = subscribe_cloud(self.collector, self.broker.host, self.broker.port, *self.broker.cloud_credentials())
+        self.stack.callback(cloud.disconnect)
+        self.stack.callback(cloud.loop_stop)
+
+    def _start_fleet(self) -> None:
+        from windfleet.nucleus.fleet import stop_devices
+
+        self.c.stage(f"Starting {len(self.things)} gateways x {self.o.turbines_per_gateway} turbines "
+                     "(device runtimes pull the deployment)")
+        self.stack.callback(stop_devices, self.procs, self.roots)
+        t0 = time.time()
+        for thing in self.things:
+            user, password = self.broker.credentials(thing)
+            root = self.roots[thing]
+            root.mkdir(parents=True, exist_ok=True)
+            env = {**os.environ, "WINDFLEET_BROKER_USER": user, "WINDFLEET_BROKER_PASSWORD": password}
+            with open(root / "runtime.out", "ab") as out:
+                self.procs[thing] = subprocess.Popen(
+                    [sys.executable, "-m", "windfleet.nucleus", "device", "run", "--thing", thing, "--root",
+                     str(root), "--broker", self.broker.url, "--thing-group", self.backend.thing_group,
+                     "--home", str(self.home), "--poll-interval", "0.5"],
+                    env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        outcome = self._watch(self.suite_deployment, "installing the suite", t0)
+        failed = {t: o for t, o in outcome.items() if o["status"] != "SUCCEEDED"}
+        if failed:
+            raise DemoError(f"the suite deployment failed on {sorted(failed)}: "
+                            f"{next(iter(failed.values()))['reason']} (see {self.work}/devices/*/logs)")
+        self._wait_scoring("1.0.1", t0)
+        self.rollouts.append(self._rollout_entry("1.0.1", "install", t0, outcome))
+
+    def _stream_while_training_v2(self, v1: Path) -> Path:
+        self.c.stage(f"Streaming for {self.o.duration:.0f} s while the data scientist trains v2")
+        out = self.work / "models" / "v2"
+        proc = None
+        if self.o.model_v2:
+            stamp(self.o.model_v2, out, "1.0.2")
+        else:
+            proc = train(out, "1.0.2", seed=2, background=True, log_path=self.work / "train-v2.log")
+            self.stack.callback(_stop_process, proc)
+        t0 = time.monotonic()
+        with _progress(self.o.duration, "streaming", "s") as bar:
+            while True:
+                elapsed = time.monotonic() - t0
+                bar.n = min(elapsed, self.o.duration)
+                scored = self.collector.counter("com.windfleet.AnomalyDetector", "readings_scored")
+                det = self.collector.detection()
+                lost = sum(t["lost"] for t in self.collector.telemetry_summary().values())
+                bar.set_postfix_str(f"scored {scored:,} readings, {det['true_positives'] + det['false_positives']}"
+                                    f" anomalous windows, telemetry lost {lost}"
+                                    + ("" if proc is None or proc.poll() is not None else ", v2 training"))
+                if elapsed >= self.o.duration and (proc is None or proc.poll() is not None):
+                    break
+                if elapsed > self.o.duration + self.o.stage_timeout:
+                    raise DemoError("training v2 did not finish in time (see train-v2.log)")
+                self._check_runtimes()
+                time.sleep(0.5)
+        if proc is not None and proc.returncode != 0:
+            tail = (self.work / "train-v2.log").read_text(errors="replace").strip().splitlines()[-1:]
+            raise DemoError(f"training v2 failed: {tail[0] if tail else proc.returncode}")
+        self._note_model(out)
+        return out
+
+    def _approve_v2(self, v2: Path) -> None:
+        self.c.stage("Registering v2 and approving it: rollout over the air")
+        entry = self.registry.register(v2)
+        self.c.info(f"registered package {entry['version']} ({entry['status']}); approving")
+        t0 = time.time()
+        dep = self.registry.approve(entry["version"])["deployment"] or {}
+        if dep.get("status") != "deployed":
+            raise DemoError(f"approving v2 did not deploy: {dep}")
+        outcome = self._watch(dep["deploymentId"], "rolling out v2", t0)
+        failed = sorted(t for t, o in outcome.items() if o["status"] != "SUCCEEDED")
+        if failed:
+            raise DemoError(f"v2 failed on {failed}: {outcome[failed[0]]['reason']}")
+        self._wait_scoring("1.0.2", t0)
+        entry = self._rollout_entry("1.0.2", "update", t0, outcome)
+        self.rollouts.append(entry)
+        self.c.info(f"every gateway on v1.0.2 {entry['seconds']:.1f} s after approval; "
+                    f"readings lost in the swap: {entry['readings_lost']}")
+
+    def _approve_corrupt_v3(self, v2: Path) -> None:
+        self.c.stage("Approving a deliberately corrupt v3: every device must roll back")
+        v3 = corrupt(v2, self.work / "models" / "v3", "1.0.3")
+        entry = self.registry.register(v3)
+        t0 = time.time()
+        dep = self.registry.approve(entry["version"])["deployment"] or {}
+        if dep.get("status") != "deployed":
+            raise DemoError(f"approving v3 did not reach the devices: {dep}")
+        outcome = self._watch(dep["deploymentId"], "deploying v3", t0)
+        self._wait_scoring("1.0.2", time.time())  # rolled back: still scoring with v2
+        rolled_back = [t for t, o in outcome.items() if o["status"] == "FAILED" and o["model_version"] == "1.0.2"]
+        reasons = sorted({o["reason"] for o in outcome.values() if o["reason"]})
+        window = self._window_loss(t0 - 2, time.time())
+        self.rollbacks.append({"version": "1.0.3", "devices_rolled_back": len(rolled_back),
+                               "devices": len(self.things), "reason": reasons[0] if reasons else "",
+                               "seconds": round(max(o["seconds"] for o in outcome.values()), 2),
+                               "readings_lost": window * mc.STRIDE,
+                               "statuses": {t: o["status"] for t, o in outcome.items()}})
+        self.c.info(f"{len(rolled_back)}/{len(self.things)} gateways rolled back to v1.0.2 and kept scoring: "
+                    f"{_short(reasons[0]) if reasons else 'no reason given'}")
+
+    def _settle(self) -> None:
+        self.c.stage("Closing the books")
+        time.sleep(self.o.settle)
+
+    # -- helpers ---------------------------------------------------------------
+    def _check_runtimes(self) -> None:
+        dead = [t for t, p in self.procs.items() if p.poll() is not None]
+        if dead:
+            raise DemoError(f"device runtime {dead[0]} exited (see {self.roots[dead[0]] / 'runtime.out'})")
+
+    def _watch(self, deployment_id: str, desc: str, t0: float) -> dict[str, dict]:
+        """Per-device progress of a deployment until every device is terminal; prints each change."""
+        from windfleet.cloud import deployer
+
+        seen: dict[str, str] = {}
+        done: dict[str, dict] = {}
+        with _progress(len(self.things), desc, "gateways") as bar:
+            while len(done) < len(self.things):
+                if time.time() - t0 > self.o.stage_timeout:
+                    pending = sorted(set(self.things) - set(done))
+                    raise DemoError(f"{desc}: no outcome after {self.o.stage_timeout:.0f} s from {pending}")
+                self._check_runtimes()
+                for o in deployer.device_outcomes(self.backend, deployment_id):
+                    thing, status = o["thing"], o["status"]
+                    if thing not in self.roots or seen.get(thing) == status:
+                        continue
+                    seen[thing] = status
+                    bar.write(f"        {thing}  {status:<12} t+{time.time() - t0:5.1f} s"
+                              + (f"  ({_short(o['reason'])})" if o["reason"] and status != "SUCCEEDED" else ""),
+                              file=sys.stdout)
+                    if status in TERMINAL:
+                        done[thing] = {**o, "seconds": round(time.time() - t0, 2)}
+                        bar.update(1)
+                time.sleep(0.25)
+        return done
+
+    def _wait_scoring(self, version: str, since: float) -> None:
+        """Until scores from every gateway carry ``version`` (what the devices *do*, not only report)."""
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            versions = self.collector.scoring_versions(since)
+            if all(version in versions.get(t, ()) for t in self.things):
+                return
+            self._check_runtimes()
+            time.sleep(0.25)
+        raise DemoError(f"not every gateway scores with model {version} a minute later")
+
+    def _window_loss(self, since: float, until: float) -> int:
+        return sum(self.collector.windows_lost(since, until).values())
+
+    def _rollout_entry(self, version: str, kind: str, t0: float, outcome: dict[str, dict]) -> dict:
+        scoring = time.time() - t0
+        time.sleep(3)  # scores of the swap's last windows are still in flight
+        return {"version": version, "kind": kind,
+                "seconds": round(max(o["seconds"] for o in outcome.values()), 2),
+                "seconds_until_scoring": round(scoring, 2),
+                "readings_lost": self._window_loss(t0 - 2, time.time()) * mc.STRIDE if kind == "update" else 0,
+                "devices_on_version": sum(o["model_version"] == version for o in outcome.values()),
+                "devices": len(self.things)}
+
+    def _report(self, seconds: float) -> dict:
+        from windfleet.nucleus.fleet import DETECTOR, SIMULATOR, build_report
+
+        from windfleet.cloud.ingest import TelemetryStore
+
+        with TelemetryStore(self.home / "telemetry.sqlite") as store:  # what the dashboard's ingest kept
+            stored = store.loss()
+        fleet = build_report(self.collector, self.things, self.roots, self.o.gateways,
+                             self.o.turbines_per_gateway, seconds, False)
+        det = fleet["detection"]
+        return {
+            "readings_published": self.collector.counter(SIMULATOR, "readings_published"),
+            "readings_scored": self.collector.counter(DETECTOR, "readings_scored"),
+            "windows_scored": fleet["windows_scored"],
+            "telemetry_received": fleet["telemetry_received"],
+            "telemetry_lost": fleet["telemetry_lost"],
+            "malformed_dropped": fleet["malformed_dropped"],
+            "component_restarts": fleet["component_restarts"],
+            "precision": det["precision"], "recall": det["recall"],
+            "anomalies_injected": det["episodes_labelled"],
+            "anomalies_detected": round((det["episode_recall"] or 0) * det["episodes_labelled"]),
+            "detection": det,
+            "rollouts": self.rollouts, "rollbacks": self.rollbacks,
+            "readings_lost_in_swaps": sum(r["readings_lost"] for r in self.rollouts + self.rollbacks),
+            "dashboard_store": {"telemetry_received": sum(v["received"] for v in stored.values()),
+                                "telemetry_lost": sum(v["lost"] for v in stored.values())},
+            "models": self.models, "model_version": fleet["model_version"],
+            "gateways": self.o.gateways, "turbines_per_gateway": self.o.turbines_per_gateway,
+            "seconds": round(seconds, 1), "dashboard_url": self.dashboard_url, "work_dir": str(self.work),
+        }
+
+    def _summary(self, r: dict) -> None:
+        rows = [
+            ("readings published / scored", f"{r['readings_published']:,} / {r['readings_scored']:,}"),
+            ("telemetry received / lost", f"{r['telemetry_received']:,} / {r['telemetry_lost']}"),
+            ("anomalies injected / detected", f"{r['anomalies_injected']} / {r['anomalies_detected']}"),
+            ("window precision / recall", f"{_fmt(r['precision'])} / {_fmt(r['recall'])}"),
+            *[(f"rollout {x['version']} ({x['kind']})",
+               f"{x['seconds']:.1f} s, {x['devices_on_version']}/{x['devices']} devices, "
+               f"{x['readings_lost']} readings lost") for x in r["rollouts"]],
+            *[(f"rollback of {x['version']}", f"{x['devices_rolled_back']}/{x['devices']} devices in "
+               f"{x['seconds']:.1f} s, {x['readings_lost']} readings lost") for x in r["rollbacks"]],
+            ("dashboard store received / lost", f"{r['dashboard_store']['telemetry_received']:,} / "
+                                                f"{r['dashboard_store']['telemetry_lost']}"),
+            ("malformed dropped / restarts", f"{r['malformed_dropped']} / {r['component_restarts']}"),
+            ("wall time", f"{r['seconds']:.0f} s"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        self.c.echo(click.style("\n  Summary", bold=True))
+        for key, value in rows:
+            self.c.echo(f"  {key:<{width}}  {value}")
+
+    def _write(self, report: dict) -> None:
+        path = self.o.report or self.work / "report.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2, sort_keys=True))
+        self.c.info(f"report: {path}")
+
+    def _serve(self) -> None:
+        self.c.echo(f"\n  Serving the fleet and the dashboard at {self.dashboard_url} (token {self.token}); "
+                    "Ctrl-C stops everything.")
+        try:
+            while True:
+                self._check_runtimes()
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+
+
+def _short(reason: str, limit: int = 140) -> str:
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
+
+
+def _fmt(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(grace)
+    except (OSError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        proc.wait(5)
+
+
+def run_demo(opts: DemoOptions, console: Console | None = None) -> dict:
+    """Run the demo; SIGTERM is treated like Ctrl-C so every process is stopped either way."""
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return Demo(opts, console).run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def register(group: click.Group) -> None:
+    @group.command("demo")
+    @click.option("--gateways", default=3, show_default=True, type=click.IntRange(1, 50))
+    @click.option("--turbines-per-gateway", default=5, show_default=True, type=click.IntRange(1, 200))
+    @click.option("--duration", default=60.0, show_default=True, type=click.FloatRange(min=5),
+                  help="Seconds of streaming before v2 is approved (v2 trains meanwhile).")
+    @click.option("--serve", is_flag=True, help="Keep the fleet and the dashboard up until Ctrl-C.")
+    @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                  help="Write the report here too (default: WORK/report.json).")
+    @click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=None,
+                  help="Work directory (default: runs/demo-YYYYmmdd-HHMMSS).")
+    @click.option("--dashboard-port", default=0, type=click.IntRange(0, 65535), help="Default: a free port.")
+    @click.option("--anomaly-every", default=20.0, show_default=True, type=click.FloatRange(min=2),
+                  help="Seconds between injected anomalies per turbine.")
+    @click.option("--model-v1", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                  help="Use this trained package as v1 instead of training it.")
+    @click.option("--model-v2", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                  help="Use this trained package as v2 instead of training it.")
+    def demo(gateways: int, turbines_per_gateway: int, duration: float, serve: bool, report: Path | None,
+             work: Path | None, dashboard_port: int, anomaly_every: float, model_v1: Path | None,
+             model_v2: Path | None) -> None:
+        """The whole lifecycle locally: train, register, approve, deploy, score, update, roll back."""
+        jsonlog.setup("windfleet", level=logging.WARNING, stream=sys.stderr)  # the demo speaks through its own output
+        opts = DemoOptions(gateways=gateways, turbines_per_gateway=turbines_per_gateway, duration=duration,
+                           serve=serve, report=report, dashboard_port=dashboard_port, anomaly_every=anomaly_every,
+                           model_v1=model_v1, model_v2=model_v2)
+        if work is not None:
+            opts.work = work
+        if opts.work.exists() and any(opts.work.iterdir()):
+            raise click.ClickException(f"{opts.work} is not empty: the demo starts from a fresh work directory")
+        try:
+            run_demo(opts)
+        except DemoError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            raise click.ClickException("interrupted; every process was stopped") from None
