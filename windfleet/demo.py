@@ -179,11 +179,12 @@ class Demo:
 
     def _note_model(self, out: Path) -> None:
         card = mc.load_card(out)
-        ae = ((card.get("metrics") or {}).get("autoencoder") or {}).get("overall") or {}
+        ae = (card.get("metrics") or {}).get("autoencoder") or {}
         self.models[card["version"]] = {k: ae.get(k) for k in ("precision", "recall", "f1", "false_alarm_rate")}
         if ae:
-            self.c.info(f"v{card['version']}: held-out F1 {ae.get('f1', 0):.3f}, "
-                        f"false alarms {100 * ae.get('false_alarm_rate', 0):.2f} % of windows")
+            self.c.info(f"v{card['version']}: held-out F1 {ae.get('f1', 0):.3f}, precision "
+                        f"{ae.get('precision', 0):.3f}, recall {ae.get('recall', 0):.3f}, false alarms "
+                        f"{100 * ae.get('false_alarm_rate', 0):.2f} % of normal windows")
 
     def _publish_and_approve_v1(self, v1: Path) -> None:
         from windfleet.build import build
@@ -272,7 +273,7 @@ class Demo:
         else:
             proc = train(out, "1.0.2", seed=2, background=True, log_path=self.work / "train-v2.log")
             self.stack.callback(_stop_process, proc)
-        t0 = time.monotonic()
+        t0 = last_line = time.monotonic()
         with _progress(self.o.duration, "streaming", "s") as bar:
             while True:
                 elapsed = time.monotonic() - t0
@@ -280,9 +281,13 @@ class Demo:
                 scored = self.collector.counter("com.windfleet.AnomalyDetector", "readings_scored")
                 det = self.collector.detection()
                 lost = sum(t["lost"] for t in self.collector.telemetry_summary().values())
-                bar.set_postfix_str(f"scored {scored:,} readings, {det['true_positives'] + det['false_positives']}"
-                                    f" anomalous windows, telemetry lost {lost}"
-                                    + ("" if proc is None or proc.poll() is not None else ", v2 training"))
+                status = (f"scored {scored:,} readings, {det['true_positives'] + det['false_positives']} anomalous "
+                          f"windows, telemetry lost {lost}"
+                          + ("" if proc is None or proc.poll() is not None else ", v2 training"))
+                bar.set_postfix_str(status)
+                if bar.disable and time.monotonic() - last_line >= 15:  # no TTY: a line now and then
+                    self.c.info(f"t+{elapsed:.0f} s: {status}")
+                    last_line = time.monotonic()
                 if elapsed >= self.o.duration and (proc is None or proc.poll() is not None):
                     break
                 if elapsed > self.o.duration + self.o.stage_timeout:
@@ -361,9 +366,12 @@ class Demo:
                     if thing not in self.roots or seen.get(thing) == status:
                         continue
                     seen[thing] = status
-                    bar.write(f"        {thing}  {status:<12} t+{time.time() - t0:5.1f} s"
-                              + (f"  ({_short(o['reason'])})" if o["reason"] and status != "SUCCEEDED" else ""),
-                              file=sys.stdout)
+                    line = (f"        {thing}  {status:<12} t+{time.time() - t0:5.1f} s"
+                            + (f"  ({_short(o['reason'])})" if o["reason"] and status != "SUCCEEDED" else ""))
+                    if bar.disable:
+                        self.c.echo(line)
+                    else:
+                        bar.write(line, file=sys.stdout)  # above the live bar
                     if status in TERMINAL:
                         done[thing] = {**o, "seconds": round(time.time() - t0, 2)}
                         bar.update(1)
