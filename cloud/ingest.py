@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import queue
 import re
 import sqlite3
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -117,6 +119,36 @@ class _Batch:
     def add(self, name: str, n: int = 1) -> None:
         self.counts[name] = self.counts.get(name, 0) + n
 
+    def merge(self, other: "_Batch") -> None:
+        """Fold ``other`` (one message's changes) into this batch."""
+        for name, n in other.counts.items():
+            self.add(name, n)
+        for turbine, o in other.turbines.items():
+            t = self.turbines.get(turbine)
+            if t is None:
+                self.turbines[turbine] = list(o)
+                continue
+            if o[1] >= t[1]:
+                t[1:5] = o[1:5]
+            t[5] += o[5]
+            t[6] += o[6]
+            if o[7] is not None:
+                t[7] = o[7] if t[7] is None else max(t[7], o[7])
+        for thing, (ts, version) in other.versions.items():
+            self.version(thing, version, ts)
+
+
+def _finite_or(value: Any, default: Any) -> Any:
+    """``value`` as a finite float, else ``default`` (a missing, non-numeric, 1e400 or
+    too-large-int timestamp must neither raise nor reach a REAL column as inf)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return default
+    try:
+        number = float(value)
+    except OverflowError:
+        return default
+    return number if math.isfinite(number) else default
+
 
 class TelemetryStore:
     """SQLite store of fleet telemetry; safe to share between threads.
@@ -141,6 +173,7 @@ class TelemetryStore:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._warn = jsonlog.RateLimited(log)
         with self._lock:
             self._conn().executescript(_SCHEMA)
 
@@ -190,7 +223,7 @@ class TelemetryStore:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for raw in raws:
-                    outcomes.append(self._ingest_one(conn, raw, received_at, batch))
+                    outcomes.append(self._ingest_guarded(conn, raw, received_at, batch))
                     batch.add("messages_in")
                 self._flush_summaries(conn, batch)
                 self._flush_counters(conn, batch)
@@ -200,14 +233,34 @@ class TelemetryStore:
                 raise
         return outcomes
 
+    def _ingest_guarded(self, conn: sqlite3.Connection, raw: bytes | str, now: float, batch: _Batch) -> str:
+        """One message in its own savepoint: whatever one message does wrong that the
+        validators did not foresee, it costs that message only (counted as
+        ``malformed:invalid``), never the batch it came in: a batch that raised would be
+        redelivered whole and fail again, for ever."""
+        conn.execute("SAVEPOINT message")
+        local = _Batch()
+        try:
+            outcome = self._ingest_one(conn, raw, now, local)
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError,
+                UnicodeError) as exc:
+            conn.execute("ROLLBACK TO SAVEPOINT message")
+            conn.execute("RELEASE SAVEPOINT message")
+            batch.add("malformed:invalid")
+            self._warn.warn("invalid", "telemetry message raised; dropped and counted",
+                            error=f"{type(exc).__name__}: {exc}"[:200])
+            return "malformed:invalid"
+        conn.execute("RELEASE SAVEPOINT message")
+        batch.merge(local)
+        return outcome
+
     def _ingest_one(self, conn: sqlite3.Connection, raw: bytes | str, now: float, batch: _Batch) -> str:
         try:
             msg = payloads.validate_telemetry(payloads.decode(raw))
             thing, seq = msg["thing"], msg["seq"]
             if not THING_RE.match(thing):
                 raise payloads.MalformedPayload("bad_thing", thing[:40])
-            ts = msg.get("ts")
-            ts = float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) else None
+            ts = _finite_or(msg.get("ts"), None)
         except payloads.MalformedPayload as exc:
             batch.add(f"malformed:{exc.kind}")
             return f"malformed:{exc.kind}"
@@ -263,11 +316,13 @@ class TelemetryStore:
         if not TURBINE_RE.match(turbine) or not turbine.startswith(thing + "-t"):
             raise payloads.MalformedPayload("foreign_turbine", turbine[:40])
         errors = body["feature_errors"]
-        thresholds = body.get("thresholds") if isinstance(body.get("thresholds"), dict) else {}
-        score = body.get("score")
-        if not isinstance(score, (int, float)) or isinstance(score, bool):
+        thresholds = body.get("thresholds") or {}  # validate_score: a dict of finite numbers
+        score = _finite_or(body.get("score"), None)
+        if score is None:
             ratios = [errors[f] / thresholds[f] for f in errors if thresholds.get(f)]
             score = max(ratios) if ratios else None
+        if score is not None:
+            score = min(float(score), sys.float_info.max)  # 1e308 / 1e-308 is inf
         anomalous = body.get("anomalous_features")
         anomalous = [a for a in anomalous if isinstance(a, str)] if isinstance(anomalous, list) else []
         ts, version, anomaly = float(body["ts"]), body["model_version"], bool(body["anomaly"])
@@ -326,8 +381,8 @@ class TelemetryStore:
         payloads.validate_health(body)
         if body["thing"] != thing:
             raise payloads.MalformedPayload("foreign_thing", body["thing"][:40])
-        ts = body.get("ts")
-        ts = float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) else self.clock()
+        ts = _finite_or(body.get("ts"), None)
+        ts = self.clock() if ts is None else ts
         model_version = body.get("model_version") if isinstance(body.get("model_version"), str) else None
         reason = body.get("reason") if isinstance(body.get("reason"), str) else None
         conn.execute(
@@ -350,8 +405,7 @@ class TelemetryStore:
 
     @staticmethod
     def _log(conn: sqlite3.Connection, thing: str, body: dict, default_ts: float) -> None:
-        ts = body.get("ts")
-        ts = float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) else default_ts
+        ts = _finite_or(body.get("ts"), default_ts)
         str_or_none = lambda v: v if isinstance(v, str) else None  # noqa: E731
         conn.execute(
             "INSERT INTO logs (thing, component, level, message, ts, body) VALUES (?,?,?,?,?,?)",

@@ -4,17 +4,41 @@
 session from a small simulated fleet (a few epochs, no evaluation) -- a working
 model, not a good one.  ``model_dir_factory(version)``: the same package under
 another version string (the card is rewritten; the ONNX file and its sha256 stay).
+
+``--fuzz-examples N`` (else ``WINDFLEET_FUZZ_EXAMPLES``, else 10,000, the fault suite's
+figure): how many hypothesis examples each fuzz test runs; the ``fuzz_examples``
+fixture reads it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 from windfleet import model_contract as mc
+
+FUZZ_EXAMPLES_DEFAULT = 10_000
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-examples", type=int, default=None, metavar="N",
+                     help="hypothesis examples per fuzz test (default: $WINDFLEET_FUZZ_EXAMPLES, "
+                          f"else {FUZZ_EXAMPLES_DEFAULT})")
+
+
+def fuzz_examples_of(config) -> int:
+    value = config.getoption("--fuzz-examples") or os.environ.get("WINDFLEET_FUZZ_EXAMPLES")
+    return int(value) if value else FUZZ_EXAMPLES_DEFAULT
+
+
+@pytest.fixture(scope="session")
+def fuzz_examples(request) -> int:
+    """Examples per fuzz test (see the module docstring)."""
+    return fuzz_examples_of(request.config)
 
 
 def _build_model(out: Path) -> Path:

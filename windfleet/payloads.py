@@ -14,6 +14,9 @@ from typing import Any, Iterable
 
 SCHEMA_VERSION = 1
 MAX_PAYLOAD_BYTES = 256 * 1024  # larger messages are refused before parsing
+# Sequence numbers and other counters: non-negative integers every JSON consumer reads
+# exactly (JavaScript's Number.MAX_SAFE_INTEGER; well inside SQLite's 64-bit INTEGER).
+MAX_INT = 2**53 - 1
 
 # Raw sensor channels in a reading sample (the sample's sensors).  ``ts`` is epoch seconds.
 SAMPLE_FIELDS = ("ts", "rps", "wind_speed_rps", "voltage", "qw", "qx", "qy", "qz")
@@ -40,13 +43,20 @@ def encode(payload: dict) -> bytes:
 def decode(raw: bytes | str) -> dict:
     """Parse a payload and check its envelope; MalformedPayload on any problem."""
     if isinstance(raw, str):
-        raw = raw.encode()
+        try:
+            raw = raw.encode()
+        except UnicodeEncodeError as exc:  # lone surrogates: not text any consumer can read
+            raise MalformedPayload("not_json", f"not UTF-8: {exc.reason}") from None
     if len(raw) > MAX_PAYLOAD_BYTES:
         raise MalformedPayload("too_large", f"{len(raw)} bytes > {MAX_PAYLOAD_BYTES}")
     try:
         obj = json.loads(raw, parse_constant=_reject_constant)
     except MalformedPayload:
         raise
+    except RecursionError:
+        # e.g. b"[[[[..." a few thousand deep: well under MAX_PAYLOAD_BYTES, deeper than
+        # the parser recurses.  No windfleet payload nests more than a few levels.
+        raise MalformedPayload("too_deep", "JSON nested deeper than the parser allows") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedPayload("not_json", str(exc)[:80]) from None
     if not isinstance(obj, dict):
@@ -64,9 +74,13 @@ def _reject_constant(name: str) -> Any:
 def _finite(value: Any, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise MalformedPayload("wrong_type", f"{field} is {type(value).__name__}")
-    if not math.isfinite(value):
+    try:
+        number = float(value)  # an int beyond float64 (JSON allows 1e400 written as digits)
+    except OverflowError:
+        raise MalformedPayload("out_of_range", f"{field} does not fit a 64-bit float") from None
+    if not math.isfinite(number):
         raise MalformedPayload("non_finite", field)
-    return float(value)
+    return number
 
 
 def _str(obj: dict, field: str) -> str:
@@ -82,6 +96,8 @@ def _int(obj: dict, field: str) -> int:
         raise MalformedPayload("missing_field", field)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise MalformedPayload("wrong_type", f"{field} must be a non-negative integer")
+    if value > MAX_INT:
+        raise MalformedPayload("out_of_range", f"{field} > {MAX_INT}")
     return value
 
 
@@ -94,10 +110,12 @@ def readings(turbine_id: str, seq: int, samples: list[dict]) -> dict:
 def validate_readings(obj: dict) -> dict:
     """Check a decoded readings payload; returns it with samples' values as floats."""
     _str(obj, "turbine_id")
-    _int(obj, "seq")
+    seq = _int(obj, "seq")
     samples = obj.get("samples")
     if not isinstance(samples, list) or not samples:
         raise MalformedPayload("missing_field" if samples is None else "wrong_type", "samples")
+    if seq + len(samples) - 1 > MAX_INT:  # the last sample's seq becomes a window_end_seq
+        raise MalformedPayload("out_of_range", f"seq of the last sample > {MAX_INT}")
     for sample in samples:
         if not isinstance(sample, dict):
             raise MalformedPayload("wrong_type", "sample is not an object")
@@ -162,6 +180,15 @@ def validate_score(obj: dict) -> dict:
         _finite(value, f"feature_errors.{name}")
     if not isinstance(obj.get("anomaly"), bool):
         raise MalformedPayload("wrong_type", "anomaly")
+    # Optional (``score`` builds both), but when present consumers compute with them.
+    if "score" in obj and obj["score"] is not None:
+        _finite(obj["score"], "score")
+    thresholds = obj.get("thresholds")
+    if thresholds is not None:
+        if not isinstance(thresholds, dict):
+            raise MalformedPayload("wrong_type", "thresholds")
+        for name, value in thresholds.items():
+            _finite(value, f"thresholds.{name}")
     return obj
 
 

@@ -89,7 +89,7 @@ def _fast_table(obj: dict) -> np.ndarray | None:
     every field present) at a fraction of its cost: this runs for every message."""
     turbine, seq, samples = obj.get("turbine_id"), obj.get("seq"), obj.get("samples")
     if type(turbine) is not str or not turbine or type(seq) is not int or seq < 0 \
-            or type(samples) is not list or not samples:
+            or type(samples) is not list or not samples or seq + len(samples) - 1 > payloads.MAX_INT:
         return None
     try:
         table = [[s[k] for k in payloads.SAMPLE_FIELDS] for s in samples]
