@@ -155,13 +155,17 @@ class Demo:
             self._approve_v2(v2)
             self._approve_corrupt_v3(v2)
             self._settle()
+            if self.o.serve:
+                self._serve()
+            self.c.stage("Stopping the fleet and closing the books")
+            from windfleet.nucleus.fleet import stop_devices
+
+            stop_devices(self.procs, self.roots)  # each component logs its final counters
+            time.sleep(2)  # the forwarders' last batches
             report = self._report(time.time() - t_start)
             self._summary(report)
             self._write(report)
-            if self.o.serve:
-                self._serve()
-            self.c.stage("Stopping every process")
-        self.c.info(f"stopped; work directory kept: {self.work}")
+        self.c.info(f"every process stopped; work directory kept: {self.work}")
         return report
 
     def _train_v1(self) -> Path:
@@ -340,7 +344,7 @@ class Demo:
                     f"{_short(reasons[0]) if reasons else 'no reason given'}")
 
     def _settle(self) -> None:
-        self.c.stage("Closing the books")
+        self.c.stage(f"Scoring with v1.0.2 for {self.o.settle:.0f} s more")
         time.sleep(self.o.settle)
 
     # -- helpers ---------------------------------------------------------------
@@ -403,7 +407,7 @@ class Demo:
                 "devices": len(self.things)}
 
     def _report(self, seconds: float) -> dict:
-        from windfleet.nucleus.fleet import DETECTOR, SIMULATOR, build_report
+        from windfleet.nucleus.fleet import DETECTOR, SIMULATOR, build_report, final_counters
 
         from windfleet.cloud.ingest import TelemetryStore
 
@@ -412,9 +416,15 @@ class Demo:
         fleet = build_report(self.collector, self.things, self.roots, self.o.gateways,
                              self.o.turbines_per_gateway, seconds, False)
         det = fleet["detection"]
+        totals = final_counters(self.roots)
+        exact = totals["incarnations_without_totals"] == 0 and "readings_scored" in totals
+        published = totals.get("readings_published") if exact else self.collector.counter(SIMULATOR, "readings_published")
+        scored = totals.get("readings_scored") if exact else self.collector.counter(DETECTOR, "readings_scored")
         return {
-            "readings_published": self.collector.counter(SIMULATOR, "readings_published"),
-            "readings_scored": self.collector.counter(DETECTOR, "readings_scored"),
+            "readings_published": published, "readings_scored": scored,
+            "readings_unscored": published - scored,
+            "readings_dropped": {k: totals.get(k, 0) for k in ("malformed_dropped", "queue_dropped")},
+            "counters_source": "component logs (final totals)" if exact else "last health reports",
             "windows_scored": fleet["windows_scored"],
             "telemetry_received": fleet["telemetry_received"],
             "telemetry_lost": fleet["telemetry_lost"],
@@ -435,7 +445,10 @@ class Demo:
 
     def _summary(self, r: dict) -> None:
         rows = [
-            ("readings published / scored", f"{r['readings_published']:,} / {r['readings_scored']:,}"),
+            ("readings published / scored", f"{r['readings_published']:,} / {r['readings_scored']:,} "
+                                            f"({r['counters_source']})"),
+            ("readings dropped (malformed / queue)", f"{r['readings_dropped']['malformed_dropped']} / "
+                                                     f"{r['readings_dropped']['queue_dropped']}"),
             ("telemetry received / lost", f"{r['telemetry_received']:,} / {r['telemetry_lost']}"),
             ("anomalies injected / detected", f"{r['anomalies_injected']} / {r['anomalies_detected']}"),
             ("window precision / recall", f"{_fmt(r['precision'])} / {_fmt(r['recall'])}"),
@@ -462,7 +475,7 @@ class Demo:
 
     def _serve(self) -> None:
         self.c.echo(f"\n  Serving the fleet and the dashboard at {self.dashboard_url} (token {self.token}); "
-                    "Ctrl-C stops everything.")
+                    "Ctrl-C stops everything and prints the summary.")
         try:
             while True:
                 self._check_runtimes()

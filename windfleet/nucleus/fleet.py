@@ -446,3 +446,35 @@ def build_report(collector: FleetCollector, things: list[str], roots: dict[str, 
         "detection": detection,
         "per_gateway": per_gateway,
     }
+
+
+def final_counters(roots: dict[str, Path]) -> dict[str, Any]:
+    """Exact totals from the components' own logs after they stopped: each incarnation of the
+    simulator and the detector logs its counters when it stops (``"<x> stopped"``), so the sum
+    over incarnations counts every reading, across restarts and model swaps.  Incarnations
+    that died without that line (SIGKILL) are counted in ``incarnations_without_totals``."""
+    totals: dict[str, int] = collections.Counter()
+    missing = 0
+    for root in roots.values():
+        for component, prefix in ((SIMULATOR, "simulator"), (DETECTOR, "detector")):
+            started = stopped = 0
+            try:
+                lines = (root / "logs" / f"{component}.log").read_text(errors="replace").splitlines()
+            except OSError:
+                continue
+            for line in lines:
+                if f'"{prefix} st' not in line:
+                    continue
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if entry.get("msg") == f"{prefix} started":
+                    started += 1
+                elif entry.get("msg") == f"{prefix} stopped":
+                    stopped += 1
+                    for key, value in entry.items():
+                        if key not in ("ts", "level", "logger", "msg") and isinstance(value, int):
+                            totals[key] += value
+            missing += max(0, started - stopped)
+    return {**totals, "incarnations_without_totals": missing}
