@@ -54,8 +54,6 @@ nucleus; the local device runtime calls exactly these (stable API):
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import re
 import time
@@ -65,6 +63,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from windfleet.nucleus.recipe import file_digest as artifact_digest  # one definition of the digest
 
 from .errors import client_error, exceptions_namespace
 from .s3 import LocalS3, split_uri
@@ -96,15 +96,6 @@ def _get(d: dict, key: str, default: Any = None) -> Any:
         if isinstance(k, str) and k.lower() == key.lower():
             return v
     return default
-
-
-def artifact_digest(path: Path) -> str:
-    """Greengrass's artifact digest: base64 of the SHA-256 of the file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return base64.b64encode(h.digest()).decode()
 
 
 def _no_empty(d: dict) -> dict:
