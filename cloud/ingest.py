@@ -790,7 +790,8 @@ def log_events(message: dict) -> list[dict]:
     ``level``, ``message``.
     """
     thing, seq = message["thing"], message["seq"]
-    msg_ts = message.get("ts") if isinstance(message.get("ts"), (int, float)) else time.time()
+    msg_ts = _finite_or(message.get("ts"), None)
+    msg_ts = time.time() if msg_ts is None else msg_ts
     events = [{"ts": msg_ts, "body": {
         "record_type": "message", "thing": thing, "seq": seq, "n_records": len(message["records"]),
     }}]
@@ -801,7 +802,8 @@ def log_events(message: dict) -> list[dict]:
                 payloads.validate_score(body)
                 errors = body["feature_errors"]
                 thresholds = body.get("thresholds") if isinstance(body.get("thresholds"), dict) else {}
-                anomalous = body.get("anomalous_features") or []
+                anomalous = body.get("anomalous_features")
+                anomalous = anomalous if isinstance(anomalous, list) else []
                 event = {
                     "record_type": "score", "thing": thing, "seq": seq, "turbine_id": body["turbine_id"],
                     "model_version": body["model_version"], "window_end_seq": body["window_end_seq"],
@@ -827,9 +829,12 @@ def log_events(message: dict) -> list[dict]:
                 }
         except payloads.MalformedPayload as exc:
             event = {"record_type": "malformed", "thing": thing, "seq": seq, "kind": exc.kind}
-        ts = body.get("ts")
-        events.append({"ts": ts if isinstance(ts, (int, float)) and not isinstance(ts, bool) else msg_ts,
-                       "body": event})
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
+            # Unforeseen by the validators: still one record, never a Lambda error (IoT would retry
+            # the whole message for ever).
+            event = {"record_type": "malformed", "thing": thing, "seq": seq, "kind": "invalid",
+                     "error": f"{type(exc).__name__}: {exc}"[:200]}
+        events.append({"ts": _finite_or(body.get("ts"), msg_ts), "body": event})  # 1e400 parses as inf
     return events
 
 

@@ -60,6 +60,7 @@ def test_credentials_and_files(broker):
         broker.credentials("nobody")
 
 
+@pytest.mark.fault
 def test_anonymous_and_wrong_password_refused(broker):
     user, password = broker.add_device("gw1", 1)
     assert not _connack(broker, user, password).is_failure
@@ -69,6 +70,7 @@ def test_anonymous_and_wrong_password_refused(broker):
     assert not _connack(broker, *broker.cloud_credentials()).is_failure
 
 
+@pytest.mark.fault
 def test_device_cannot_publish_under_another_thing(broker):
     ua, pa = broker.add_device("gwa", 1)
     ub, pb = broker.add_device("gwb", 1)
@@ -124,6 +126,7 @@ def test_add_device_reloads_running_broker(broker):
     wait_until(lambda: not _connack(broker, "gw10", "secret10").is_failure, 10, message="reload via attach")
 
 
+@pytest.mark.fault
 def test_persistent_session_survives_broker_restart(broker):
     ua, pa = broker.add_device("gwa", 1)
     topic = topics.scores("gwa-t00")

@@ -68,6 +68,7 @@ def test_pubsub_between_components(broker, buses):
     assert wildcard.items == [(topics.health("gw1"), b"h")]
 
 
+@pytest.mark.fault
 def test_handler_errors_do_not_stop_the_bus(broker, buses):
     broker.add_device("gw1", 1)
     a = _bus(broker, "gw1", "com.windfleet.A"); buses.append(a)
@@ -85,6 +86,7 @@ def test_handler_errors_do_not_stop_the_bus(broker, buses):
     assert a._dispatcher.handler_errors == 1
 
 
+@pytest.mark.fault
 def test_persistent_session_delivers_what_arrived_while_offline(broker, buses):
     """A restarted component (same client id) gets the QoS1 messages it missed, even those
     the broker delivers before the component has called subscribe() again."""
@@ -106,6 +108,7 @@ def test_persistent_session_delivers_what_arrived_while_offline(broker, buses):
     assert [json.loads(p)["i"] for p in inbox.payloads()] == list(range(50))
 
 
+@pytest.mark.fault
 def test_reconnects_and_resubscribes_after_broker_restart(broker, buses):
     broker.add_device("gw1", 1)
     topic = topics.scores("gw1-t00")
@@ -127,6 +130,7 @@ def test_reconnects_and_resubscribes_after_broker_restart(broker, buses):
     assert pub.stats.get("publish_dropped", 0) == 0
 
 
+@pytest.mark.fault
 def test_qos0_while_disconnected_is_counted(broker, buses):
     broker.add_device("gw1", 1)
     pub = _bus(broker, "gw1", "com.windfleet.Pub"); buses.append(pub)
@@ -136,6 +140,7 @@ def test_qos0_while_disconnected_is_counted(broker, buses):
     assert pub.stats["publish_dropped"] == 1
 
 
+@pytest.mark.fault
 def test_publish_cloud_reports_link_state(broker, cloud_broker, buses):
     broker.add_device("gw1", 1)
     cloud_broker.add_device("gw1", 0, password=broker.credentials("gw1")[1])
@@ -206,6 +211,7 @@ def test_connect_reads_the_runtime_environment(broker, monkeypatch, tmp_path):
         connect("com.windfleet.LogForwarder")
 
 
+@pytest.mark.fault
 def test_wrong_password_keeps_retrying_without_crashing(broker):
     broker.add_device("gw1", 1)
     bus = MqttBus("com.windfleet.X", thing="gw1", broker=broker.url, user="gw1", password="wrong",

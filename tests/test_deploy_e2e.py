@@ -74,6 +74,7 @@ def _lost_windows(collector: TelemetryCollector) -> dict[str, int]:
     return lost
 
 
+@pytest.mark.fault
 def test_approval_rolls_out_and_a_broken_model_rolls_back(broker, runtimes, tmp_path):  # noqa: F811
     from windfleet.build import build
     from windfleet.nucleus.fleet import component_config

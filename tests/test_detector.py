@@ -163,6 +163,7 @@ def bad_payloads(tid: str, good_sample: dict) -> dict[str, list[bytes]]:
     }
 
 
+@pytest.mark.fault
 def test_malformed_readings_are_counted_and_dropped_while_scoring_goes_on(model_v1, tmp_path):
     tid = f"{THING}-t00"
     det, bus = make_detector(model_v1, tmp_path, turbines=[tid])
@@ -190,6 +191,7 @@ def test_malformed_readings_are_counted_and_dropped_while_scoring_goes_on(model_
     assert det.health()["malformed_by_kind"] == expected_kinds
 
 
+@pytest.mark.fault
 def test_unknown_turbines_and_foreign_topics_are_dropped(model_v1, tmp_path):
     det, bus = make_detector(model_v1, tmp_path, turbines=[f"{THING}-t00"])
     raw = messages(f"{THING}-t05", simulate_stream(f"{THING}-t05", 10))[0]
@@ -199,6 +201,7 @@ def test_unknown_turbines_and_foreign_topics_are_dropped(model_v1, tmp_path):
     assert det.malformed == {"unknown_turbine": 1, "bad_topic": 1, "wrong_type": 1}
 
 
+@pytest.mark.fault
 def test_queue_is_bounded_and_drops_are_counted(model_v1, tmp_path):
     tid = f"{THING}-t00"
     det, bus = make_detector(model_v1, tmp_path, turbines=[tid], queue_size=5, put_timeout=0.0)
@@ -230,6 +233,7 @@ def test_hot_swap_scores_with_the_new_model_between_batches(model_v1, model_v2, 
     assert json.loads((tmp_path / "work" / "last_good" / "model.json").read_text())["version"] == "2.0.0"
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("damage", ["corrupt", "digest", "card"])
 def test_a_bad_new_model_is_refused_and_the_old_one_keeps_scoring(model_v1, tmp_path, damage):
     tid = f"{THING}-t00"
@@ -288,6 +292,7 @@ def test_shutdown_and_restart_lose_no_window(model_v1, model_v2, tmp_path):
     assert det.snapshot()["readings_scored"] + det2.snapshot()["readings_scored"] == 800
 
 
+@pytest.mark.fault
 def test_run_with_a_bad_model_dir_falls_back_to_the_last_good_one(model_v1, tmp_path):
     work = tmp_path / "work"
     stop = threading.Event()

@@ -94,6 +94,7 @@ def expected_ends() -> list[int]:
     return sliding_windows(raw_features(data))[1].tolist()
 
 
+@pytest.mark.fault
 def test_malformed_readings_over_mosquitto_are_counted_while_scoring_goes_on(bench):
     v1 = build_model_package(bench.models / "v1", "1.0.0")
     bench.start(v1, "det")
@@ -162,6 +163,7 @@ def test_restart_with_a_new_model_loses_no_reading(bench):
     assert h["counters"]["queue_dropped"] == 0
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("damage", ["corrupt_artifact", "digest_mismatch"])
 def test_a_bad_new_model_keeps_the_old_one_scoring(bench, damage):
     v1 = build_model_package(bench.models / "v1", "1.0.0")

@@ -109,6 +109,7 @@ def test_a_valid_package_loads_and_scores(good):
     assert set(model.thresholds) == set(mc.FEATURES)
 
 
+@pytest.mark.fault
 def test_corrupt_artifact_is_refused_by_digest(good):
     raw = bytearray((good / mc.MODEL_FILE).read_bytes())
     raw[len(raw) // 2] ^= 0xFF
@@ -138,6 +139,7 @@ def test_mismatched_card_is_refused(good, changes, match):
         load_model(good)
 
 
+@pytest.mark.fault
 def test_not_onnx_with_matching_digest_is_refused(good):
     (good / mc.MODEL_FILE).write_bytes(b"definitely not a protobuf")
     edit_card(good, onnx_sha256=mc.sha256_file(good / mc.MODEL_FILE))

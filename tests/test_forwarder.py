@@ -127,6 +127,7 @@ def test_logs_and_health_are_forwarded(make):
     assert any(h["component"] == "com.windfleet.LogForwarder" for h in healths), "its own health too"
 
 
+@pytest.mark.fault
 def test_cloud_down_spools_then_delivers_in_order(make):
     bus, fwd = make(batch_records=20)
     bus.cloud_up = False
@@ -143,6 +144,7 @@ def test_cloud_down_spools_then_delivers_in_order(make):
     assert fwd.spool.records == 0
 
 
+@pytest.mark.fault
 def test_spool_full_drops_oldest_keeps_newest_and_counts(make, caplog):
     bus, fwd = make(batch_records=10, max_records=50)
     wait_until(lambda: bus.cloud, 10, message="its start-up health sent")
@@ -166,6 +168,7 @@ def test_spool_full_drops_oldest_keeps_newest_and_counts(make, caplog):
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "no gap from spool drops"
 
 
+@pytest.mark.fault
 def test_spool_bound_in_bytes(tmp_path):
     spool = Spool(tmp_path / "s.sqlite", max_records=10**6, max_bytes=10_000)
     body = payloads.encode(score_payload("gw1-t00", 1))
@@ -176,6 +179,7 @@ def test_spool_bound_in_bytes(tmp_path):
     spool.close()
 
 
+@pytest.mark.fault
 def test_disk_full_drops_oldest_and_keeps_running(tmp_path):
     spool = Spool(tmp_path / "s.sqlite", max_records=10**6, max_bytes=10**9)
     spool._db.execute("PRAGMA max_page_count=40")  # a tiny 'disk'
@@ -186,6 +190,38 @@ def test_disk_full_drops_oldest_and_keeps_running(tmp_path):
     assert spool.dropped_spool_full + spool.dropped_disk_full > 0
     assert spool.records + spool.dropped_spool_full + spool.dropped_disk_full == 2000
     spool.close()
+
+
+@pytest.mark.fault
+@pytest.mark.fault
+def test_low_disk_stops_the_spool_growing_and_counts_what_it_replaces(tmp_path, monkeypatch):
+    """Under ``min_free_bytes`` free the spool stops growing: each new record replaces the
+    oldest waiting one, counted in ``dropped_disk_full`` (persisted); the newest are kept."""
+    from windfleet.components.forwarder import spool as spool_mod
+
+    free = {"bytes": 10**9}
+
+    class Stat:
+        f_frsize = 1
+
+        @property
+        def f_bavail(self):
+            return free["bytes"]
+
+    monkeypatch.setattr(spool_mod.os, "statvfs", lambda path: Stat())
+    spool = Spool(tmp_path / "s.sqlite", max_records=10**6, max_bytes=10**9, min_free_bytes=1000)
+    bodies = [payloads.encode(score_payload("gw1-t00", i)) for i in range(300)]
+    for body in bodies[:100]:
+        assert spool.add("score", body) == 0
+    free["bytes"] = 999  # the disk runs low
+    for body in bodies[100:]:
+        assert spool.add("score", body) == 1
+    assert spool.records == 100 and spool.dropped_disk_full == 200 and spool.dropped_spool_full == 0
+    message = spool.build("gw1", 1000, 10**9)
+    numbers = [r["body"]["window_end_seq"] for r in payloads.decode(message.payload)["records"]]
+    assert numbers == list(range(200, 300)), "the newest kept"
+    spool.close()
+    assert Spool(tmp_path / "s.sqlite").dropped_disk_full == 200
 
 
 @pytest.mark.parametrize("raw, kind", [
@@ -208,6 +244,7 @@ def test_malformed_scores_are_counted_per_kind_and_dropped(make, raw, kind):
     assert fwd.health_counters()["malformed_dropped"] == 1
 
 
+@pytest.mark.fault
 def test_wrong_turbine_in_body_and_bad_health_are_dropped(make, caplog):
     bus, fwd = make()
     with caplog.at_level(logging.WARNING):
@@ -222,6 +259,7 @@ def test_wrong_turbine_in_body_and_bad_health_are_dropped(make, caplog):
     assert health["malformed_by_kind"] == {"turbine_mismatch": 5, "missing_field": 1}
 
 
+@pytest.mark.fault
 def test_sequence_survives_restart(make, tmp_path):
     path = tmp_path / "persist.sqlite"
     bus, fwd = make(spool_path=path, batch_records=5)

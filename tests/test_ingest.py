@@ -75,6 +75,7 @@ def test_an_earlier_sequence_than_the_first_seen_widens_the_window(store):
     assert (loss["first_seq"], loss["max_seq"], loss["lost"]) == (7, 10, 2)
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("raw, kind", [
     (b"not json", "not_json"),
     (b"[1, 2]", "not_object"),
@@ -93,6 +94,7 @@ def test_malformed_messages_are_counted_and_dropped(store, raw, kind):
     assert store.ingest(message("gw1", 0)) == "stored"
 
 
+@pytest.mark.fault
 def test_a_bad_record_does_not_cost_its_neighbours(store):
     bad_score = {"type": "score", "body": {"turbine_id": "gw1-t00", "ts": NOW}}
     foreign = score("gw2-t00", NOW)  # gw1 may not report gw2's turbines
@@ -225,6 +227,7 @@ def _wait(predicate, timeout=20.0):
     return False
 
 
+@pytest.mark.fault
 @pytest.mark.slow
 def test_service_stores_dedupes_and_drops_malformed_over_mqtt(broker, store):
     user, password = broker.cloud_credentials()
@@ -246,6 +249,7 @@ def test_service_stores_dedupes_and_drops_malformed_over_mqtt(broker, store):
     assert store.counters()["malformed:not_json"] == 1
 
 
+@pytest.mark.fault
 @pytest.mark.slow
 def test_service_misses_nothing_published_while_it_was_down(broker, store):
     """Persistent session + QoS1: the broker queues for the ingest's client id."""
@@ -320,6 +324,7 @@ def test_lambda_creates_missing_group_and_stream_and_clamps_bad_clocks(logs_clie
     assert len(events) == 2 and all(abs(e["@ts"] / 1000 - time.time()) < 600 for e in events)
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("event", ["garbage", {"thing": "gw1"}, {"schema_version": 1, "thing": "gw1", "seq": 0,
                                                                    "records": [{"type": "video"}]}])
 def test_lambda_drops_malformed_events_without_raising(logs_client, event):

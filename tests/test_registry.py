@@ -96,6 +96,7 @@ def test_register_list_approve_reject(kind, request, tmp_path):
         reg.reject("9.9.9", "x")
 
 
+@pytest.mark.fault
 def test_register_refuses_a_package_that_does_not_match_its_card(local, tmp_path):
     d = fake_model_dir(tmp_path / "m")
     (d / "model.onnx").write_bytes(b"tampered")
@@ -151,6 +152,7 @@ def test_handler_ignores_a_stale_event_for_a_package_no_longer_approved(local, t
     assert approval.handler(event, None, backend=local)["status"] == "ignored"
 
 
+@pytest.mark.fault
 def test_handler_refuses_an_artifact_that_does_not_match_its_sha256(local, tmp_path):
     info, desc = _approved(local, tmp_path)
     bucket, key = info["model_uri"][5:].split("/", 1)
@@ -165,6 +167,7 @@ def test_handler_refuses_an_artifact_that_does_not_match_its_sha256(local, tmp_p
     assert after["status"] == "Rejected" and "does not match" in after["description"]
 
 
+@pytest.mark.fault
 def test_approve_through_the_registry_reports_a_refusal(local, tmp_path):
     reg = Registry(local)
     info = reg.register(fake_model_dir(tmp_path / "m"))

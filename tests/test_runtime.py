@@ -131,6 +131,7 @@ def test_layout_logs_variables_and_configuration(tmp_path, started):
     assert any(e["msg"] == "deployment status" and e["status"] == "SUCCEEDED" for e in runtime_log)
 
 
+@pytest.mark.fault
 def test_kill_9_restarts_and_three_crashes_make_broken(tmp_path, started):
     build, root = tmp_path / "build", tmp_path / "dev"
     make_component(build, "com.t.Steady", "1.0.0")
@@ -199,6 +200,7 @@ def _model(version: str, broken: bool = False) -> dict[str, bytes]:
     return {"model.json": json.dumps(card).encode(), "model.onnx": b"onnx-" + version.encode()}
 
 
+@pytest.mark.fault
 def test_health_gate_model_version_success_then_rollback(tmp_path, started, broker):  # noqa: F811
     build, root = tmp_path / "build", tmp_path / "dev"
     for version, broken in (("1.0.0", False), ("2.0.0", False), ("3.0.0", True)):
@@ -231,6 +233,7 @@ def test_health_gate_model_version_success_then_rollback(tmp_path, started, brok
     assert json.loads((root / "config/runtime.json").read_text())["components"]["com.t.Model"] == "2.0.0"
 
 
+@pytest.mark.fault
 def test_timeouts_and_cancel(tmp_path, started):
     build, root = tmp_path / "build", tmp_path / "dev"
     make_component(build, "com.t.Base", "1.0.0")
@@ -269,6 +272,7 @@ def test_timeouts_and_cancel(tmp_path, started):
     assert not any(e["component"] in ("com.t.Hang", "com.t.Slow") for e in events(root))
 
 
+@pytest.mark.fault
 def test_digest_mismatch_fails_before_touching_the_device(tmp_path, started):
     build, root = tmp_path / "build", tmp_path / "dev"
     make_component(build, "com.t.Base", "1.0.0")

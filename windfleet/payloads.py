@@ -3,7 +3,11 @@
 All payloads are UTF-8 JSON objects carrying ``schema_version``.  Validators
 raise :class:`MalformedPayload` whose ``kind`` names what was wrong, so
 consumers can count drops per kind and log each kind once (rate limited).
-Nothing here does I/O.
+Kinds: ``too_large``, ``not_json`` (not JSON, not UTF-8), ``too_deep`` (nested beyond
+the parser), ``not_object``, ``schema_version``, ``missing_field``, ``wrong_type``,
+``non_finite`` (NaN, Infinity, 1e400), ``out_of_range`` (an integer beyond a float64,
+or a sequence number beyond ``MAX_INT``).  No other exception escapes ``decode`` (any
+bytes or str) or a validator (any object ``decode`` returns).  Nothing here does I/O.
 """
 
 from __future__ import annotations

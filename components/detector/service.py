@@ -18,6 +18,12 @@ and counts it: memory stays bounded whatever the input rate.
 
 Malformed messages are counted per kind, logged once per kind per minute, and
 dropped; the handler never raises.
+
+What a crash costs (measured in tests/test_faults.py): SIGTERM saves the window tails
+and loses nothing; ``kill -9`` loses the tails held in memory, so the windows spanning
+them -- at most ``WINDOW / STRIDE - 1`` (9) per turbine, plus any window queued for
+scoring -- are not scored; readings after the last acknowledged one come again from the
+persistent session.
 """
 
 from __future__ import annotations

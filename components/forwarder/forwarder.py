@@ -12,7 +12,10 @@ delivered in order afterwards.
 
 Spool policy when full (see :mod:`.spool`): DROP OLDEST waiting records, keep the
 newest; every dropped record is counted in ``dropped_spool_full`` (health counters)
-and logged (rate limited).
+and logged (rate limited).  When its disk runs low (under ``min_free_bytes``) or is
+full, the spool stops growing and drops the oldest the same way, counted in
+``dropped_disk_full``; a spool write that fails otherwise is counted in
+``dropped_spool_error``, and the sender retries while the disk refuses it.
 
 Malformed input is counted per kind (``payloads.MalformedPayload.kind``), logged once
 per kind per minute, and dropped; it never stops the component.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -127,7 +131,13 @@ class Forwarder:
             self._limited.warn(f"malformed:{exc.kind}", "malformed message dropped", topic=topic,
                                reason=exc.kind, detail=exc.detail[:200], count=self.malformed_by_kind[exc.kind])
             return
-        dropped = self.spool.add(kind, body)
+        try:
+            dropped = self.spool.add(kind, body)
+        except sqlite3.Error as exc:  # not a full disk (the spool handles that): e.g. a damaged file
+            self.counters["dropped_spool_error"] += 1
+            self._limited.warn("spool_error", "spool write failed: record dropped", error=repr(exc)[:200],
+                               dropped_total=self.counters["dropped_spool_error"])
+            return
         if dropped:
             self._limited.warn("spool_full", "spool full: dropped oldest records", dropped=dropped,
                                dropped_total=self.spool.dropped_spool_full, max_records=self.spool.max_records,
@@ -159,13 +169,29 @@ class Forwarder:
     # ------------------------------------------------------------ send
     def _send_loop(self) -> None:
         retry = 0.2
+        while True:
+            try:
+                if self._send_step():
+                    return
+            except sqlite3.Error as exc:
+                # A full disk (after the spool's own relief) or a damaged spool: nothing is lost
+                # (an unacknowledged message stays in the outbox), so wait and try again.
+                self.counters["spool_errors"] += 1
+                self._limited.warn("spool_error", "spool unavailable; retrying", error=repr(exc)[:200])
+                if self._stop.wait(retry):
+                    return
+                retry = min(retry * 2, self.retry_max)
+
+    def _send_step(self) -> bool:
+        """Send until the spool is empty and nothing is due; True when the loop should end."""
+        retry = 0.2
         deadline = None
         while True:
             if self._stop.is_set():
                 if deadline is None:
                     deadline = time.monotonic() + self.flush_timeout
                 if time.monotonic() > deadline or (self.spool.records == 0):
-                    return
+                    return True
             message = self.spool.head()
             if message is None:
                 due = (self.spool.pending_records >= self.batch_records
@@ -194,18 +220,20 @@ class Forwarder:
                 self._limited.warn("cloud_down", "cloud link down: spooling", spooled=self.spool.records,
                                    next_seq=message.seq)
                 if self._stop.is_set() or self._stop.wait(retry):
-                    return  # stopping with the link down: the spool keeps it for the next start
+                    return True  # stopping with the link down: the spool keeps it for the next start
                 retry = min(retry * 2, self.retry_max)
 
     # ------------------------------------------------------------ health
     def health_counters(self) -> dict[str, int]:
-        counters = {k: 0 for k in ("received", "sent", "messages_sent", "malformed_dropped", "cloud_failures")}
+        counters = {k: 0 for k in ("received", "sent", "messages_sent", "malformed_dropped", "cloud_failures",
+                                   "spool_errors", "dropped_spool_error")}
         counters.update(self.counters)
         counters.update(
             spooled=self.spool.records,
             spool_bytes=self.spool.bytes,
             dropped_spool_full=self.spool.dropped_spool_full,
             dropped_disk_full=self.spool.dropped_disk_full,
+            spool_disk_errors=self.spool.disk_errors,
             last_seq=self.last_acked_seq,
         )
         return counters
@@ -237,7 +265,8 @@ class Forwarder:
 
 
 def run(bus, spool_path: str | Path, *, stop_event: threading.Event | None = None,
-        max_records: int = 100_000, max_bytes: int = 64 * 1024 * 1024, **options: Any) -> Forwarder:
+        max_records: int = 100_000, max_bytes: int = 64 * 1024 * 1024, min_free_bytes: int | None = None,
+        **options: Any) -> Forwarder:
     """Run the forwarder on ``bus`` until ``stop_event`` is set; then stop, close the bus and the spool.
 
     ``spool_path`` is the SQLite file (a directory gets ``spool.sqlite`` inside).
@@ -246,7 +275,8 @@ def run(bus, spool_path: str | Path, *, stop_event: threading.Event | None = Non
     path = Path(spool_path)
     if path.is_dir() or str(spool_path).endswith("/"):
         path = path / "spool.sqlite"
-    spool = Spool(path, max_records=max_records, max_bytes=max_bytes)
+    spool = Spool(path, max_records=max_records, max_bytes=max_bytes,
+                  **({} if min_free_bytes is None else {"min_free_bytes": min_free_bytes}))
     forwarder = Forwarder(bus, spool, **options)
     stop_event = stop_event or threading.Event()
     try:

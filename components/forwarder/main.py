@@ -25,6 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-interval", type=float, default=1.0, help="send a partial batch after this many seconds")
     p.add_argument("--max-records", type=int, default=100_000, help="spool bound in records (drop oldest beyond)")
     p.add_argument("--max-bytes", type=int, default=64 * 1024 * 1024, help="spool bound in bytes (drop oldest beyond)")
+    p.add_argument("--min-free-bytes", type=int, default=None,
+                   help="keep this much free on the spool's filesystem (default 2 MiB; drop oldest below)")
     p.add_argument("--health-interval", type=float, default=10.0, help="seconds between health messages")
     p.add_argument("--turbines", default=None, help="turbine count (default: configuration 'turbines')")
     return p.parse_args(argv)
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         jsonlog.event(log, f"cannot start: {exc}", level=40)
         return 2
     run(bus, args.spool, stop_event=stop, max_records=args.max_records, max_bytes=args.max_bytes,
+        min_free_bytes=args.min_free_bytes,
         batch_records=args.batch_records, batch_bytes=args.batch_bytes, batch_interval=args.batch_interval,
         health_interval=args.health_interval,
         **({"turbines": int(args.turbines)} if args.turbines is not None else {}))

@@ -17,14 +17,24 @@ Bound and policy when full: the spool holds at most ``max_records`` records and
 THE OLDEST records waiting in ``records`` (newest data is kept: it describes the
 turbines now), counting them in ``dropped_spool_full`` (persisted).  The message
 being sent (the outbox) is never dropped, so spool drops never make sequence
-gaps: a gap in ``seq`` at the cloud always means a transport loss.  If the disk
-itself is full, the oldest 10% are dropped to make room; if that is not enough
-the new record is dropped and counted in ``dropped_disk_full``.
+gaps: a gap in ``seq`` at the cloud always means a transport loss.
+
+Disk full.  The spool leaves ``min_free_bytes`` free on its filesystem: below
+that it stops growing, and each new record replaces the OLDEST waiting one
+(counted in ``dropped_disk_full``), so SQLite always has room for its WAL and
+checkpoints.  Should the disk fill anyway (another writer; ENOSPC, SQLITE_FULL),
+the oldest 10% are dropped to make room (also ``dropped_disk_full``) and freed
+pages go back to the filesystem (incremental vacuum, WAL truncated); if even that
+fails the new record is dropped and counted in ``dropped_disk_full``.  Nothing
+here raises for a full disk: counters live in memory and are persisted with the
+next transaction that can be written.  ``build``/``ack`` may still raise
+``sqlite3.OperationalError`` while the disk stays full; the sender retries.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -56,26 +66,46 @@ class Message(NamedTuple):
     n_records: int
 
 
+DROP_COUNTERS = ("dropped_spool_full", "dropped_disk_full")
+MIN_FREE_BYTES = 2 * 1024 * 1024
+_WAL_PAGES = 128          # auto-checkpoint often: the WAL stays small (about 512 KB) ...
+_WAL_LIMIT = 1024 * 1024  # ... and is cut back to this after a checkpoint
+
+
+def is_disk_error(exc: BaseException) -> bool:
+    """SQLITE_FULL ("database or disk is full") or an I/O error writing (ENOSPC mid-write)."""
+    text = str(exc).lower()
+    return isinstance(exc, sqlite3.OperationalError) and ("full" in text or "disk i/o" in text)
+
+
 class Spool:
     """A bounded, persistent FIFO of records and their telemetry messages.  Thread-safe."""
 
-    def __init__(self, path: str | Path, max_records: int = 100_000, max_bytes: int = 64 * 1024 * 1024):
-        if max_records < 1 or max_bytes < 1:
+    def __init__(self, path: str | Path, max_records: int = 100_000, max_bytes: int = 64 * 1024 * 1024,
+                 min_free_bytes: int = MIN_FREE_BYTES):
+        if max_records < 1 or max_bytes < 1 or min_free_bytes < 0:
             raise ValueError("spool bounds must be positive")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.max_records, self.max_bytes = max_records, max_bytes
+        self.max_records, self.max_bytes, self.min_free_bytes = max_records, max_bytes, min_free_bytes
         self._lock = threading.Lock()
         self._closed = False
         self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
+        # Before any table exists (a new file): lets a full disk get freed pages back.
+        self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(f"PRAGMA wal_autocheckpoint={_WAL_PAGES}")
+        self._db.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
         self._db.executescript(_SCHEMA)
         row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM records").fetchone()
         self.pending_records, self.pending_bytes = row
         row = self._db.execute("SELECT COALESCE(SUM(n_records), 0), COALESCE(SUM(body_bytes), 0) FROM outbox").fetchone()
         self.outbox_records, self.outbox_bytes = row
-        self.dropped_disk_full = self._meta("dropped_disk_full")
+        # Drop counters in memory (a full disk cannot always persist them at once).
+        self._dropped = {name: self._meta(name) for name in DROP_COUNTERS}
+        self._unpersisted = False
+        self.disk_errors = 0  # writes refused by a full disk (each then handled as above)
 
     # ------------------------------------------------------------ meta
     def _meta(self, key: str, default: int = 0) -> int:
@@ -93,8 +123,30 @@ class Spool:
 
     @property
     def dropped_spool_full(self) -> int:
-        with self._lock:
-            return self._meta("dropped_spool_full")
+        return self._dropped["dropped_spool_full"]
+
+    @property
+    def dropped_disk_full(self) -> int:
+        return self._dropped["dropped_disk_full"]
+
+    def _count(self, name: str, n: int) -> None:
+        """Add to a drop counter outside a transaction: persisted with the next one."""
+        self._dropped[name] += n
+        self._unpersisted = True
+
+    def _persist_counters(self) -> None:
+        for name, value in self._dropped.items():
+            self._set_meta(name, value)
+        self._unpersisted = False
+
+    def _low_on_disk(self) -> bool:
+        if not self.min_free_bytes:
+            return False
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < self.min_free_bytes
 
     @property
     def records(self) -> int:
@@ -107,43 +159,64 @@ class Spool:
 
     # ------------------------------------------------------------ add
     def add(self, kind: str, body: bytes, received: float | None = None) -> int:
-        """Append one record (committed when this returns); returns how many old records were dropped."""
+        """Append one record (committed when this returns); returns how many old records were
+        dropped for it.  Never raises for a full disk (see the module docstring)."""
         received = time.time() if received is None else received
         with self._lock:
+            low = self._low_on_disk()
             try:
-                return self._add(kind, body, received)
+                return self._add(kind, body, received, replace_oldest=low)
             except sqlite3.OperationalError as exc:
-                if "full" not in str(exc):
+                if not is_disk_error(exc):
                     raise
-                # Disk full: make room by dropping the oldest tenth, then try once more.
-                self._drop_oldest(max(1, self.pending_records // 10), "dropped_spool_full")
-                try:
-                    return self._add(kind, body, received)
-                except sqlite3.OperationalError as exc2:
-                    if "full" not in str(exc2):
-                        raise
-                    if self._db.in_transaction:
-                        self._db.execute("ROLLBACK")
-                    self.dropped_disk_full += 1
-                    self._db.execute("BEGIN")
-                    self._set_meta("dropped_disk_full", self.dropped_disk_full)
-                    self._db.execute("COMMIT")
-                    return 0
+                self.disk_errors += 1
+            # The disk is full: make room by dropping the oldest tenth, then try once more.
+            self._relieve(max(1, self.pending_records // 10))
+            try:
+                return self._add(kind, body, received, replace_oldest=True)
+            except sqlite3.OperationalError as exc:
+                if not is_disk_error(exc):
+                    raise
+                self.disk_errors += 1
+                self._rollback()
+                self._count("dropped_disk_full", 1)  # the new record itself
+                return 0
 
-    def _add(self, kind: str, body: bytes, received: float) -> int:
+    def _add(self, kind: str, body: bytes, received: float, replace_oldest: bool = False) -> int:
+        saved = dict(self._dropped)
         self._db.execute("BEGIN IMMEDIATE")
         try:
             self._db.execute("INSERT INTO records(type, body, received) VALUES(?, ?, ?)", (kind, body, received))
             self.pending_records += 1
             self.pending_bytes += len(body)
             dropped = self._enforce_bounds()
+            if replace_oldest and not dropped:
+                # Low on disk: do not grow; the new record takes the oldest one's place.
+                dropped = self._delete_oldest(1, "dropped_disk_full")
+            if self._unpersisted or dropped:
+                self._persist_counters()
             self._db.execute("COMMIT")
         except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            self._reload_counts()
+            self._dropped = saved
+            self._rollback()
             raise
         return dropped
+
+    def _delete_oldest(self, n: int, counter: str) -> int:
+        """In the open transaction: delete the ``n`` oldest waiting records (never the newest)."""
+        n = min(n, self.pending_records - 1)
+        if n <= 0:
+            return 0
+        row = self._db.execute("SELECT id FROM records ORDER BY id LIMIT 1 OFFSET ?", (n - 1,)).fetchone()
+        if row is None:
+            return 0
+        count, size = self._db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM records WHERE id <= ?",
+                                       (row[0],)).fetchone()
+        self._db.execute("DELETE FROM records WHERE id <= ?", (row[0],))
+        self.pending_records -= count
+        self.pending_bytes -= size
+        self._dropped[counter] += count
+        return count
 
     def _enforce_bounds(self) -> int:
         over_records = self.records - self.max_records
@@ -164,19 +237,45 @@ class Spool:
         self._db.execute("DELETE FROM records WHERE id <= ?", (ids[-1],))
         self.pending_records -= len(ids)
         self.pending_bytes -= freed
-        self._set_meta("dropped_spool_full", self._meta("dropped_spool_full") + len(ids))
+        self._dropped["dropped_spool_full"] += len(ids)
         return len(ids)
 
-    def _drop_oldest(self, n: int, counter: str) -> None:
-        if self._db.in_transaction:
-            self._db.execute("ROLLBACK")
-        rows = self._db.execute("SELECT id FROM records ORDER BY id LIMIT ?", (n,)).fetchall()
-        if rows:
-            self._db.execute("BEGIN")
-            self._db.execute("DELETE FROM records WHERE id <= ?", (rows[-1][0],))
-            self._set_meta(counter, self._meta(counter) + len(rows))
-            self._db.execute("COMMIT")
+    def _rollback(self) -> None:
+        try:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        self._unpersisted = True  # whatever the transaction persisted is undone
         self._reload_counts()
+
+    def _checkpoint(self) -> None:
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass
+
+    def _relieve(self, n: int) -> None:
+        """The disk is full: checkpoint, drop the ``n`` oldest waiting records, give the freed
+        pages back to the filesystem.  Each step may fail on a full disk; none raises."""
+        self._rollback()
+        self._checkpoint()
+        saved = dict(self._dropped)
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._delete_oldest(n, "dropped_disk_full")
+            self._persist_counters()
+            self._db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            self._dropped = saved  # nothing was dropped
+            self._rollback()
+            if not is_disk_error(exc):
+                raise
+        try:
+            self._db.execute("PRAGMA incremental_vacuum")
+        except sqlite3.Error:
+            pass
+        self._checkpoint()
 
     def _reload_counts(self) -> None:
         self.pending_records, self.pending_bytes = self._db.execute(
@@ -199,46 +298,74 @@ class Spool:
 
     def build(self, thing: str, max_records: int, max_bytes: int, ts: float | None = None) -> Message | None:
         """Move the oldest waiting records (at least one, then up to the limits) into a
-        new telemetry message with the next ``seq``.  None when nothing waits."""
+        new telemetry message with the next ``seq``.  None when nothing waits.  On a full
+        disk: relieved once (see :meth:`_relieve`), then sqlite3.OperationalError."""
         with self._lock:
-            rows = self._db.execute("SELECT id, type, body FROM records ORDER BY id LIMIT ?",
-                                    (max_records,)).fetchall()
-            if not rows:
-                return None
-            chosen, size = [], 0
-            for row in rows:
-                if chosen and size + len(row[2]) > max_bytes:
-                    break
-                chosen.append(row)
-                size += len(row[2])
-            records = [{"type": kind, "body": json.loads(body)} for _, kind, body in chosen]
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                seq = self._meta("next_seq", 1)
-                payload = payloads.encode(payloads.telemetry(thing, seq, time.time() if ts is None else ts, records))
-                self._db.execute("INSERT INTO outbox(seq, payload, n_records, body_bytes) VALUES(?, ?, ?, ?)",
-                                 (seq, payload, len(chosen), size))
-                self._db.execute("DELETE FROM records WHERE id <= ?", (chosen[-1][0],))
-                self._set_meta("next_seq", seq + 1)
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                self._reload_counts()
+                return self._build(thing, max_records, max_bytes, ts)
+            except sqlite3.OperationalError as exc:
+                if not is_disk_error(exc):
+                    raise
+                self.disk_errors += 1
+            self._relieve(max(1, self.pending_records // 10))
+            return self._build(thing, max_records, max_bytes, ts)  # chosen again: relief drops the oldest
+
+    def _build(self, thing: str, max_records: int, max_bytes: int, ts: float | None) -> Message | None:
+        rows = self._db.execute("SELECT id, type, body FROM records ORDER BY id LIMIT ?", (max_records,)).fetchall()
+        if not rows:
+            return None
+        chosen, size = [], 0
+        for row in rows:
+            if chosen and size + len(row[2]) > max_bytes:
+                break
+            chosen.append(row)
+            size += len(row[2])
+        records = [{"type": kind, "body": json.loads(body)} for _, kind, body in chosen]
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            seq = self._meta("next_seq", 1)
+            payload = payloads.encode(payloads.telemetry(thing, seq, time.time() if ts is None else ts, records))
+            # Delete first: the message then reuses the records' pages (a full disk has no others).
+            self._db.execute("DELETE FROM records WHERE id <= ?", (chosen[-1][0],))
+            self._db.execute("INSERT INTO outbox(seq, payload, n_records, body_bytes) VALUES(?, ?, ?, ?)",
+                             (seq, payload, len(chosen), size))
+            self._set_meta("next_seq", seq + 1)
+            if self._unpersisted:
+                self._persist_counters()
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        self.pending_records -= len(chosen)
+        self.pending_bytes -= size
+        self.outbox_records += len(chosen)
+        self.outbox_bytes += size
+        return Message(seq, payload, len(chosen))
+
+    def _write_or_relieve(self, write, *args) -> None:
+        """``write(*args)`` (one transaction); on a full disk relieve it once and retry.
+        Raises sqlite3.OperationalError when the disk stays full (the caller retries later)."""
+        try:
+            return write(*args)
+        except sqlite3.OperationalError as exc:
+            if not is_disk_error(exc):
                 raise
-            self.pending_records -= len(chosen)
-            self.pending_bytes -= size
-            self.outbox_records += len(chosen)
-            self.outbox_bytes += size
-            return Message(seq, payload, len(chosen))
+            self.disk_errors += 1
+        self._relieve(max(1, self.pending_records // 10))
+        return write(*args)
 
     def ack(self, seq: int) -> None:
-        """The cloud acknowledged message ``seq``: forget it."""
+        """The cloud acknowledged message ``seq``: forget it.  Raises sqlite3.OperationalError
+        while a full disk refuses even that (the message is then resent: same seq, a duplicate)."""
         with self._lock:
             row = self._db.execute("SELECT n_records, body_bytes FROM outbox WHERE seq=?", (seq,)).fetchone()
             if row is None:
                 return
-            self._db.execute("DELETE FROM outbox WHERE seq=?", (seq,))
+
+            def delete() -> None:
+                self._db.execute("DELETE FROM outbox WHERE seq=?", (seq,))
+
+            self._write_or_relieve(delete)
             self.outbox_records -= row[0]
             self.outbox_bytes -= row[1]
 
@@ -247,6 +374,13 @@ class Spool:
             if self._closed:
                 return
             self._closed = True
+            if self._unpersisted:
+                try:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    self._persist_counters()
+                    self._db.execute("COMMIT")
+                except sqlite3.Error:
+                    self._rollback()
             try:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error:
