@@ -6,8 +6,9 @@ model, not a good one.  ``model_dir_factory(version)``: the same package under
 another version string (the card is rewritten; the ONNX file and its sha256 stay).
 
 ``--fuzz-examples N`` (else ``WINDFLEET_FUZZ_EXAMPLES``, else 10,000, the fault suite's
-figure): how many hypothesis examples each fuzz test runs; the ``fuzz_examples``
-fixture reads it.
+figure): how many fuzzed payloads each fuzz test feeds its target; the ``fuzz_examples``
+fixture reads it.  Hypothesis draws them ``FUZZ_BATCH`` per example (a list), which
+spreads its per-example cost: 10,000 payloads take about a minute per target.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import pytest
 from windfleet import model_contract as mc
 
 FUZZ_EXAMPLES_DEFAULT = 10_000
+FUZZ_BATCH = 10  # payloads per hypothesis example
 
 
 def pytest_addoption(parser):
     parser.addoption("--fuzz-examples", type=int, default=None, metavar="N",
-                     help="hypothesis examples per fuzz test (default: $WINDFLEET_FUZZ_EXAMPLES, "
+                     help="fuzzed payloads per fuzz test (default: $WINDFLEET_FUZZ_EXAMPLES, "
                           f"else {FUZZ_EXAMPLES_DEFAULT})")
 
 
@@ -37,7 +39,7 @@ def fuzz_examples_of(config) -> int:
 
 @pytest.fixture(scope="session")
 def fuzz_examples(request) -> int:
-    """Examples per fuzz test (see the module docstring)."""
+    """Fuzzed payloads per fuzz test (see the module docstring)."""
     return fuzz_examples_of(request.config)
 
 

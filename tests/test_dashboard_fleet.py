@@ -119,7 +119,9 @@ def test_operator_watches_the_fleet_and_approves_a_version(served_fleet, page, m
     page.wait_for_selector('tr.gateway[data-thing="gw01"] td.model-version:text("1.0.4")')
     shot(page, "fleet-overview-after-approval")
 
-    # Ctrl-C: the books close and nothing is left running
+    # Ctrl-C: the books close and nothing is left running (the page first, or its live updates
+    # would log the server going away as console errors)
+    page.goto("about:blank")
     proc = served_fleet["proc"]
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(120) == 0, "".join(served_fleet["lines"])[-3000:]

@@ -1,8 +1,9 @@
 """Fuzzing the detector's readings handler: arbitrary payloads never raise, every
 message is either used or counted as dropped, and nothing unencodable is published.
 
-Examples: 10,000 by default (the fault suite's figure); ``pytest --fuzz-examples N``
-or ``WINDFLEET_FUZZ_EXAMPLES=N`` change it (see tests/conftest.py).
+Payloads: 10,000 by default (the fault suite's figure), ``FUZZ_BATCH`` per hypothesis
+example; ``pytest --fuzz-examples N`` or ``WINDFLEET_FUZZ_EXAMPLES=N`` change it (see
+tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from windfleet import payloads, topics
 
+from tests.conftest import FUZZ_BATCH
 from tests.test_detector import FIELDS, THING, make_detector, messages, simulate_stream
 from tests.test_detector_model import build_model_package
 
@@ -95,10 +97,7 @@ def test_fuzzed_payloads_never_raise_and_every_drop_is_counted(fuzz_model, tmp_p
     good = messages(TID, simulate_stream(TID, 5000))
     seen = {"n": 0, "used": 0}
 
-    @settings(max_examples=fuzz_examples, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(payload=payload_strategy)
-    def check(payload):
+    def feed(payload: bytes) -> None:
         before = det.snapshot()
         det.handle(topics.readings(TID), payload)  # must not raise
         after = det.snapshot()
@@ -114,13 +113,19 @@ def test_fuzzed_payloads_never_raise_and_every_drop_is_counted(fuzz_model, tmp_p
             while det.score_available(timeout=0):
                 pass
 
-    for known in KNOWN:  # run every time, before hypothesis' own examples
-        check = example(payload=known)(check)
+    @settings(max_examples=-(-fuzz_examples // FUZZ_BATCH), deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(batch=st.lists(payload_strategy, min_size=FUZZ_BATCH, max_size=FUZZ_BATCH))
+    @example(batch=KNOWN)  # run every time, before hypothesis' own examples
+    def check(batch):
+        for payload in batch:
+            feed(payload)
+
     check()
     while det.score_available(timeout=0):
         pass
     c = det.snapshot()
-    assert seen["n"] >= fuzz_examples, "hypothesis ran every example asked for"
+    assert seen["n"] >= fuzz_examples, "hypothesis fed every payload asked for"
     assert c["messages_received"] == 2 * seen["n"]
     assert c["malformed_dropped"] == sum(det.malformed.values())
     # every drop has a named reason: none came from an exception the validators did not foresee

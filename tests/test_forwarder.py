@@ -193,7 +193,6 @@ def test_disk_full_drops_oldest_and_keeps_running(tmp_path):
 
 
 @pytest.mark.fault
-@pytest.mark.fault
 def test_low_disk_stops_the_spool_growing_and_counts_what_it_replaces(tmp_path, monkeypatch):
     """Under ``min_free_bytes`` free the spool stops growing: each new record replaces the
     oldest waiting one, counted in ``dropped_disk_full`` (persisted); the newest are kept."""
@@ -224,6 +223,7 @@ def test_low_disk_stops_the_spool_growing_and_counts_what_it_replaces(tmp_path, 
     assert Spool(tmp_path / "s.sqlite").dropped_disk_full == 200
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("raw, kind", [
     (b"\xff\xfenot json", "not_json"),
     (b"[1, 2]", "not_object"),

@@ -22,17 +22,21 @@ gaps: a gap in ``seq`` at the cloud always means a transport loss.
 Disk full.  The spool leaves ``min_free_bytes`` free on its filesystem: below
 that it stops growing, and each new record replaces the OLDEST waiting one
 (counted in ``dropped_disk_full``), so SQLite always has room for its WAL and
-checkpoints.  Should the disk fill anyway (another writer; ENOSPC, SQLITE_FULL),
-the oldest 10% are dropped to make room (also ``dropped_disk_full``) and freed
-pages go back to the filesystem (incremental vacuum, WAL truncated); if even that
-fails the new record is dropped and counted in ``dropped_disk_full``.  Nothing
-here raises for a full disk: counters live in memory and are persisted with the
-next transaction that can be written.  ``build``/``ack`` may still raise
-``sqlite3.OperationalError`` while the disk stays full; the sender retries.
+checkpoints.  It also keeps ``reserve_bytes`` allocated in ``<spool>.reserve``.
+Should the disk fill anyway (another writer; ENOSPC, SQLITE_FULL), the reserve is
+released, the oldest 10% are dropped to make room (also ``dropped_disk_full``),
+freed pages go back to the filesystem (incremental vacuum, WAL truncated) and the
+reserve is taken again; if even that fails the new record is dropped and counted in
+``dropped_disk_full``.  So the spool keeps accepting and sending on a disk that
+another process filled to the last byte.  Nothing here raises for a full disk:
+counters live in memory and are persisted with the next transaction that can be
+written.  ``build``/``ack`` may still raise ``sqlite3.OperationalError`` while the
+disk refuses even that; the sender retries.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -68,6 +72,7 @@ class Message(NamedTuple):
 
 DROP_COUNTERS = ("dropped_spool_full", "dropped_disk_full")
 MIN_FREE_BYTES = 2 * 1024 * 1024
+RESERVE_BYTES = 1024 * 1024
 _WAL_PAGES = 128          # auto-checkpoint often: the WAL stays small (about 512 KB) ...
 _WAL_LIMIT = 1024 * 1024  # ... and is cut back to this after a checkpoint
 
@@ -82,12 +87,16 @@ class Spool:
     """A bounded, persistent FIFO of records and their telemetry messages.  Thread-safe."""
 
     def __init__(self, path: str | Path, max_records: int = 100_000, max_bytes: int = 64 * 1024 * 1024,
-                 min_free_bytes: int = MIN_FREE_BYTES):
-        if max_records < 1 or max_bytes < 1 or min_free_bytes < 0:
+                 min_free_bytes: int = MIN_FREE_BYTES, reserve_bytes: int | None = None):
+        if reserve_bytes is None:
+            reserve_bytes = min(RESERVE_BYTES, min_free_bytes // 2)
+        if max_records < 1 or max_bytes < 1 or min_free_bytes < 0 or reserve_bytes < 0:
             raise ValueError("spool bounds must be positive")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_records, self.max_bytes, self.min_free_bytes = max_records, max_bytes, min_free_bytes
+        self.reserve_bytes = reserve_bytes
+        self._reserve = self.path.with_name(self.path.name + ".reserve")
         self._lock = threading.Lock()
         self._closed = False
         self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
@@ -98,6 +107,7 @@ class Spool:
         self._db.execute(f"PRAGMA wal_autocheckpoint={_WAL_PAGES}")
         self._db.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
         self._db.executescript(_SCHEMA)
+        self._page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
         row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM records").fetchone()
         self.pending_records, self.pending_bytes = row
         row = self._db.execute("SELECT COALESCE(SUM(n_records), 0), COALESCE(SUM(body_bytes), 0) FROM outbox").fetchone()
@@ -106,6 +116,11 @@ class Spool:
         self._dropped = {name: self._meta(name) for name in DROP_COUNTERS}
         self._unpersisted = False
         self.disk_errors = 0  # writes refused by a full disk (each then handled as above)
+        self._reserve_held = False
+        if self._reserve.exists():
+            self._take_reserve()  # ours from the last run: keep it (it is not free space)
+        else:
+            self._maybe_take_reserve()
 
     # ------------------------------------------------------------ meta
     def _meta(self, key: str, default: int = 0) -> int:
@@ -139,14 +154,76 @@ class Spool:
             self._set_meta(name, value)
         self._unpersisted = False
 
-    def _low_on_disk(self) -> bool:
-        if not self.min_free_bytes:
-            return False
+    def _free_bytes(self) -> int | None:
         try:
             st = os.statvfs(self.path.parent)
         except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
+
+    def _low_on_disk(self) -> bool:
+        if not self.min_free_bytes:
             return False
-        return st.f_bavail * st.f_frsize < self.min_free_bytes
+        free = self._free_bytes()
+        if free is None:
+            return False
+        if self._reserve_missing:
+            self._maybe_take_reserve(free)
+        return free < self.min_free_bytes
+
+    def _free_pages_for(self, size: int) -> bool:
+        """The database file has room for ``size`` bytes in free pages, as acknowledged messages
+        leave them (16 pages at least: the odd page that replacing records frees does not count)."""
+        free_pages = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        return free_pages >= 16 and free_pages * self._page_size >= 2 * size
+
+    # ------------------------------------------------------------ the reserve
+    @property
+    def _reserve_missing(self) -> bool:
+        return self.reserve_bytes > 0 and not self._reserve_held
+
+    def _maybe_take_reserve(self, free: int | None = None) -> bool:
+        """Take the reserve when there is room for it twice (else it would take the last bytes)."""
+        free = self._free_bytes() if free is None else free
+        if self._reserve_held or free is None or free < 2 * self.reserve_bytes:
+            return self._reserve_held
+        return self._take_reserve()
+
+    def _take_reserve(self) -> bool:
+        """Allocate ``reserve_bytes`` in ``<spool>.reserve`` (what a full disk will need to make room)."""
+        self._reserve_held = False
+        if not self.reserve_bytes:
+            return False
+        try:
+            if self._reserve.stat().st_size >= self.reserve_bytes:
+                self._reserve_held = True
+                return True
+        except FileNotFoundError:
+            pass
+        try:
+            with open(self._reserve, "wb") as fh:
+                try:
+                    os.posix_fallocate(fh.fileno(), 0, self.reserve_bytes)
+                except (AttributeError, OSError) as exc:
+                    if getattr(exc, "errno", None) == errno.ENOSPC:
+                        raise
+                    fh.write(b"\0" * self.reserve_bytes)  # no fallocate on this filesystem
+            self._reserve_held = True
+        except OSError:
+            try:
+                self._reserve.unlink()
+            except OSError:
+                pass
+        return self._reserve_held
+
+    def _release_reserve(self) -> None:
+        try:
+            self._reserve.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return
+        self._reserve_held = False
 
     @property
     def records(self) -> int:
@@ -163,24 +240,33 @@ class Spool:
         dropped for it.  Never raises for a full disk (see the module docstring)."""
         received = time.time() if received is None else received
         with self._lock:
-            low = self._low_on_disk()
+            # Low on disk, the spool must not grow: unless pages freed by sent messages can take
+            # the record, it replaces the oldest one.
+            low = self._low_on_disk() and not self._free_pages_for(len(body))
             try:
-                return self._add(kind, body, received, replace_oldest=low)
+                return self._relieving(lambda relieved: self._add(kind, body, received, replace_oldest=low or relieved))
             except sqlite3.OperationalError as exc:
                 if not is_disk_error(exc):
                     raise
-                self.disk_errors += 1
-            # The disk is full: make room by dropping the oldest tenth, then try once more.
-            self._relieve(max(1, self.pending_records // 10))
-            try:
-                return self._add(kind, body, received, replace_oldest=True)
-            except sqlite3.OperationalError as exc:
-                if not is_disk_error(exc):
-                    raise
-                self.disk_errors += 1
                 self._rollback()
                 self._count("dropped_disk_full", 1)  # the new record itself
                 return 0
+
+    def _relieving(self, write):
+        """``write(relieved)`` (one transaction).  On a full disk: make room without losing
+        anything (the reserve, the WAL, free pages) and try again; then drop the oldest tenth
+        and try once more; then raise the disk error."""
+        for drop in (None, False, True):
+            if drop is not None:
+                self._relieve(drop)
+            try:
+                return write(drop is not None)
+            except sqlite3.OperationalError as exc:
+                if not is_disk_error(exc):
+                    raise
+                self.disk_errors += 1
+                if drop:
+                    raise
 
     def _add(self, kind: str, body: bytes, received: float, replace_oldest: bool = False) -> int:
         saved = dict(self._dropped)
@@ -255,27 +341,31 @@ class Spool:
         except sqlite3.Error:
             pass
 
-    def _relieve(self, n: int) -> None:
-        """The disk is full: checkpoint, drop the ``n`` oldest waiting records, give the freed
-        pages back to the filesystem.  Each step may fail on a full disk; none raises."""
+    def _relieve(self, drop: bool) -> None:
+        """The disk is full: release the reserve, checkpoint, (``drop``: delete the oldest tenth
+        of the waiting records), give free pages back to the filesystem, take the reserve again
+        if there is room for it twice.  Each step may fail on a full disk; none raises."""
         self._rollback()
+        self._release_reserve()  # room for what follows (a checkpoint, a delete, a vacuum)
         self._checkpoint()
-        saved = dict(self._dropped)
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._delete_oldest(n, "dropped_disk_full")
-            self._persist_counters()
-            self._db.execute("COMMIT")
-        except sqlite3.OperationalError as exc:
-            self._dropped = saved  # nothing was dropped
-            self._rollback()
-            if not is_disk_error(exc):
-                raise
+        if drop:
+            saved = dict(self._dropped)
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._delete_oldest(max(1, self.pending_records // 10), "dropped_disk_full")
+                self._persist_counters()
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                self._dropped = saved  # nothing was dropped
+                self._rollback()
+                if not is_disk_error(exc):
+                    raise
         try:
             self._db.execute("PRAGMA incremental_vacuum")
         except sqlite3.Error:
             pass
         self._checkpoint()
+        self._maybe_take_reserve()
 
     def _reload_counts(self) -> None:
         self.pending_records, self.pending_bytes = self._db.execute(
@@ -299,16 +389,10 @@ class Spool:
     def build(self, thing: str, max_records: int, max_bytes: int, ts: float | None = None) -> Message | None:
         """Move the oldest waiting records (at least one, then up to the limits) into a
         new telemetry message with the next ``seq``.  None when nothing waits.  On a full
-        disk: relieved once (see :meth:`_relieve`), then sqlite3.OperationalError."""
+        disk: relieved (see :meth:`_relieving`), then sqlite3.OperationalError."""
         with self._lock:
-            try:
-                return self._build(thing, max_records, max_bytes, ts)
-            except sqlite3.OperationalError as exc:
-                if not is_disk_error(exc):
-                    raise
-                self.disk_errors += 1
-            self._relieve(max(1, self.pending_records // 10))
-            return self._build(thing, max_records, max_bytes, ts)  # chosen again: relief drops the oldest
+            # chosen again at each try: a relief may drop the oldest
+            return self._relieving(lambda _: self._build(thing, max_records, max_bytes, ts))
 
     def _build(self, thing: str, max_records: int, max_bytes: int, ts: float | None) -> Message | None:
         rows = self._db.execute("SELECT id, type, body FROM records ORDER BY id LIMIT ?", (max_records,)).fetchall()
@@ -342,18 +426,6 @@ class Spool:
         self.outbox_bytes += size
         return Message(seq, payload, len(chosen))
 
-    def _write_or_relieve(self, write, *args) -> None:
-        """``write(*args)`` (one transaction); on a full disk relieve it once and retry.
-        Raises sqlite3.OperationalError when the disk stays full (the caller retries later)."""
-        try:
-            return write(*args)
-        except sqlite3.OperationalError as exc:
-            if not is_disk_error(exc):
-                raise
-            self.disk_errors += 1
-        self._relieve(max(1, self.pending_records // 10))
-        return write(*args)
-
     def ack(self, seq: int) -> None:
         """The cloud acknowledged message ``seq``: forget it.  Raises sqlite3.OperationalError
         while a full disk refuses even that (the message is then resent: same seq, a duplicate)."""
@@ -362,10 +434,7 @@ class Spool:
             if row is None:
                 return
 
-            def delete() -> None:
-                self._db.execute("DELETE FROM outbox WHERE seq=?", (seq,))
-
-            self._write_or_relieve(delete)
+            self._relieving(lambda _: self._db.execute("DELETE FROM outbox WHERE seq=?", (seq,)))
             self.outbox_records -= row[0]
             self.outbox_bytes -= row[1]
 
@@ -386,3 +455,4 @@ class Spool:
             except sqlite3.Error:
                 pass
             self._db.close()
+            # the reserve stays: the next start needs it as much as this one did
