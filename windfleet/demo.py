@@ -445,8 +445,8 @@ class Demo:
 
     def _summary(self, r: dict) -> None:
         rows = [
-            ("readings published / scored", f"{r['readings_published']:,} / {r['readings_scored']:,} "
-                                            f"({r['counters_source']})"),
+            ("readings published / scored", f"{r['readings_published']:,} / {r['readings_scored']:,}, "
+                                            f"from {r['counters_source']}"),
             ("readings dropped (malformed / queue)", f"{r['readings_dropped']['malformed_dropped']} / "
                                                      f"{r['readings_dropped']['queue_dropped']}"),
             ("telemetry received / lost", f"{r['telemetry_received']:,} / {r['telemetry_lost']}"),
