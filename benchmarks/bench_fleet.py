@@ -649,15 +649,9 @@ def train_model(scratch: Path) -> Path:
 
 def leftovers(scratch: Path) -> list[str]:
     """Processes still running from this run's scratch directory (should be none)."""
-    out = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            cmd = " ".join(p.info["cmdline"] or [])
-        except psutil.Error:
-            continue
-        if str(scratch) in cmd and p.info["pid"] != os.getpid():
-            out.append(f"{p.info['pid']} {cmd[:160]}")
-    return out
+    from windfleet.nucleus.fleet import leftover_processes
+
+    return leftover_processes(scratch)
 
 
 def main(argv=None) -> int:

@@ -11,27 +11,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
+
+from windfleet.nucleus.fleet import leftover_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 GATEWAYS, TURBINES = 2, 2
 
 
-def _leftovers(work: Path) -> list[str]:
-    """Processes whose command line or working files point into the demo's work directory."""
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if any(str(work) in part for part in proc.info["cmdline"] or ()) and proc.pid != os.getpid():
-                found.append(" ".join(proc.info["cmdline"]))
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
+_leftovers = leftover_processes  # processes of a run still alive (should be none)
 
 
 def _demo(work: Path, model_dir: Path, *extra: str) -> subprocess.Popen:

@@ -11,28 +11,17 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.mqtt_fixtures import wait_until
 from tests.test_runtime_helpers import make_component
 from windfleet import payloads, topics
-from windfleet.nucleus.fleet import FleetCollector, anomaly_schedule, run_fleet
+from windfleet.nucleus.fleet import FleetCollector, anomaly_schedule, leftover_processes, run_fleet
 
 pytestmark = pytest.mark.timeout(240)
 
 
-def leftovers(work: Path) -> list[str]:
-    """Processes still running that belong to this fleet run (their command line names ``work``)."""
-    out = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            cmd = " ".join(p.info["cmdline"] or [])
-        except psutil.Error:
-            continue
-        if str(work) in cmd and p.pid != os.getpid():
-            out.append(f"{p.pid}: {cmd[:200]}")
-    return out
+leftovers = leftover_processes
 
 
 def tele(thing: str, seq: int, records: list[dict]) -> bytes:

@@ -478,3 +478,19 @@ def final_counters(roots: dict[str, Path]) -> dict[str, Any]:
                             totals[key] += value
             missing += max(0, started - stopped)
     return {**totals, "incarnations_without_totals": missing}
+
+
+def leftover_processes(work: str | Path) -> list[str]:
+    """Processes still running whose command line names ``work`` (a run's directory), as
+    ``"pid: command"``; after a run has stopped there should be none."""
+    import psutil
+
+    out = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+        except psutil.Error:
+            continue
+        if str(work) in cmd and proc.pid != os.getpid():
+            out.append(f"{proc.pid}: {cmd[:200]}")
+    return out
