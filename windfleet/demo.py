@@ -243,23 +243,16 @@ class Demo:
         self.stack.callback(cloud.loop_stop)
 
     def _start_fleet(self) -> None:
-        from windfleet.nucleus.fleet import stop_devices
+        from windfleet.nucleus.fleet import start_device, stop_devices
 
         self.c.stage(f"Starting {len(self.things)} gateways x {self.o.turbines_per_gateway} turbines "
                      "(device runtimes pull the deployment)")
         self.stack.callback(stop_devices, self.procs, self.roots)
         t0 = time.time()
         for thing in self.things:
-            user, password = self.broker.credentials(thing)
-            root = self.roots[thing]
-            root.mkdir(parents=True, exist_ok=True)
-            env = {**os.environ, "WINDFLEET_BROKER_USER": user, "WINDFLEET_BROKER_PASSWORD": password}
-            with open(root / "runtime.out", "ab") as out:
-                self.procs[thing] = subprocess.Popen(
-                    [sys.executable, "-m", "windfleet.nucleus", "device", "run", "--thing", thing, "--root",
-                     str(root), "--broker", self.broker.url, "--thing-group", self.backend.thing_group,
-                     "--home", str(self.home), "--poll-interval", "0.5"],
-                    env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            self.procs[thing] = start_device(
+                thing, self.roots[thing], self.broker.url, self.broker.credentials(thing),
+                ["--thing-group", self.backend.thing_group, "--home", str(self.home), "--poll-interval", "0.5"])
         outcome = self._watch(self.suite_deployment, "installing the suite", t0)
         failed = {t: o for t, o in outcome.items() if o["status"] != "SUCCEEDED"}
         if failed:

@@ -43,6 +43,11 @@ def turbine_id(thing: str, index: int) -> str:
     return f"{thing}-t{index:02d}"
 
 
+def gateway_of(turbine: str) -> str:
+    """The gateway of a :func:`turbine_id` (thing names contain no ``-t<digits>`` suffix)."""
+    return turbine.rsplit("-t", 1)[0]
+
+
 def turbine_of(topic: str) -> str:
     """``windfleet/turbines/{id}/...`` -> ``id``; ValueError for anything else."""
     parts = topic.split("/")

@@ -159,12 +159,12 @@ class FleetCollector:
         return {t: (max(e) - min(e)) // stride + 1 - len(set(e)) for t, e in ends.items()}
 
     def scoring_versions(self, since: float) -> dict[str, set[str]]:
-        """Per gateway (turbine id prefix ``<thing>-``): model versions its scores carried since ``since``."""
+        """Per gateway: model versions its turbines' scores carried since ``since``."""
         with self._lock:
             seen = [(t, v) for (t, _), (at, v) in self.score_seen.items() if at >= since and v]
         out: dict[str, set[str]] = collections.defaultdict(set)
         for turbine, version in seen:
-            out[turbine.rsplit("-", 1)[0]].add(version)
+            out[topics.gateway_of(turbine)].add(version)
         return out
 
     def counter(self, component: str, *names: str) -> int:
@@ -336,19 +336,12 @@ def run_fleet(*, gateways: int, turbines_per_gateway: int, duration: float, repo
     started_at = ended_at = None
     try:
         cloud = subscribe_cloud(collector, mq.host, mq.port, *mq.cloud_credentials())
+        args = ["--recipe-dir", str(build_dir / "recipes"), "--artifact-dir", str(build_dir / "artifacts"),
+                "--update-config", json.dumps(update_config or {}), "--poll-interval", "1"]
+        for name, version in components.items():
+            args += ["--merge", f"{name}={version}"]
         for thing in things:
-            user, password = mq.add_device(thing, turbines_per_gateway)
-            roots[thing].mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, "-m", "windfleet.nucleus", "device", "run", "--thing", thing,
-                   "--root", str(roots[thing]), "--broker", mq.url,
-                   "--recipe-dir", str(build_dir / "recipes"), "--artifact-dir", str(build_dir / "artifacts"),
-                   "--update-config", json.dumps(update_config or {}), "--poll-interval", "1"]
-            for name, version in components.items():
-                cmd += ["--merge", f"{name}={version}"]
-            env = {**os.environ, "WINDFLEET_BROKER_USER": user, "WINDFLEET_BROKER_PASSWORD": password}
-            with open(roots[thing] / "runtime.out", "ab") as out:
-                procs[thing] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL, start_new_session=True)
+            procs[thing] = start_device(thing, roots[thing], mq.url, mq.add_device(thing, turbines_per_gateway), args)
 
         # Wait for every gateway's deployment to finish (bounded), then run for `duration`.
         deadline = time.monotonic() + startup_timeout
@@ -387,6 +380,20 @@ def run_fleet(*, gateways: int, turbines_per_gateway: int, duration: float, repo
     Path(report_path).write_text(json.dumps(report, indent=2, sort_keys=True))
     jsonlog.event(log, "fleet report written", path=str(report_path))
     return report
+
+
+def start_device(thing: str, root: Path, broker_url: str, credentials: tuple[str, str],
+                 args: list[str]) -> subprocess.Popen:
+    """``windfleet device run`` for ``thing`` in its own session (so it can be stopped as a group),
+    its output in ``root/runtime.out``; ``args`` choose where its deployments come from."""
+    root.mkdir(parents=True, exist_ok=True)
+    user, password = credentials
+    env = {**os.environ, "WINDFLEET_BROKER_USER": user, "WINDFLEET_BROKER_PASSWORD": password}
+    with open(root / "runtime.out", "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "windfleet.nucleus", "device", "run", "--thing", thing,
+                                 "--root", str(root), "--broker", broker_url, *args],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
 
 
 def stop_devices(procs: dict[str, subprocess.Popen], roots: dict[str, Path], grace: float = 40.0) -> None:
