@@ -19,6 +19,8 @@ from windfleet.cloud.dashboard.app import create_app
 from windfleet.cloud.dashboard.synth import THRESHOLDS, Episode, fleet_messages
 from windfleet.cloud.ingest import IngestService, TelemetryStore
 
+from tests.mqtt_fixtures import wait_until
+
 ARTIFACTS = Path(__file__).parent / "artifacts"
 TOKEN = "test-token-0123456789"
 VERSIONS = {"gw1": "1.0.3", "gw2": "1.0.2"}
@@ -123,15 +125,6 @@ def request(url: str, method: str = "GET", headers: dict | None = None, body: by
             return exc.code, raw, exc.headers
 
 
-def wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 class Publisher:
     """A device's own MQTT connection (its credentials, its ACL)."""
 
@@ -170,7 +163,7 @@ def live(tmp_path_factory):
                 episodes=[Episode("gw1-t01", now - 60, now - 50, ("rps",))]):
             publishers[message["thing"]].send(topic, message)
             sent += 1
-        assert wait_for(lambda: service.stats["stored"] >= sent), service.stats
+        wait_until(lambda: service.stats["stored"] >= sent, 30.0, message=f"all {sent} stored")
         gg = FakeGreengrass()
         registry = FakeRegistry(gg)
         served = Served(create_app(store, registry=registry, greengrass=gg, token=TOKEN, poll_ms=500))

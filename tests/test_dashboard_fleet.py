@@ -11,11 +11,11 @@ import os
 import re
 import signal
 import threading
-import time
 import urllib.request
 
 import pytest
 
+from tests.mqtt_fixtures import wait_until
 from tests.test_dashboard import browser, page, shot  # noqa: F401 - fixtures
 from tests.test_demo import GATEWAYS, _demo, _leftovers
 
@@ -27,16 +27,6 @@ def _get(url: str) -> dict:
         return json.loads(resp.read())
 
 
-def _wait(predicate, timeout: float, message: str, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out: {message}")
-
-
 @pytest.fixture
 def served_fleet(model_dir, tmp_path):
     work = tmp_path / "work"
@@ -44,8 +34,8 @@ def served_fleet(model_dir, tmp_path):
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
     try:
-        _wait(lambda: any("Serving the fleet" in line for line in lines) or proc.poll() is not None, 420,
-              "the demo serves")
+        wait_until(lambda: any("Serving the fleet" in line for line in lines) or proc.poll() is not None,
+                   420, 1.0, "the demo serves")
         out = "".join(lines)
         assert proc.poll() is None, out[-3000:]
         url = re.search(r"dashboard: (http://127\.0\.0\.1:\d+)/", out).group(1)
@@ -114,7 +104,7 @@ def test_operator_watches_the_fleet_and_approves_a_version(served_fleet, page, m
         gateways = _get(url + "/api/fleet")["gateways"]
         return len(gateways) == GATEWAYS and all(g["model_version"] == "1.0.4" for g in gateways)
 
-    _wait(on_v4, 120, "every gateway on 1.0.4")
+    wait_until(on_v4, 120, 1.0, "every gateway on 1.0.4")
     page.goto(url + "/")
     page.wait_for_selector('tr.gateway[data-thing="gw01"] td.model-version:text("1.0.4")')
     shot(page, "fleet-overview-after-approval")

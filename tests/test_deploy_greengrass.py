@@ -183,17 +183,24 @@ def _existing_recipe(version, sha):
     return {"recipeOutputFormat": "JSON", "recipe": json.dumps(recipe).encode()}
 
 
+def _existing_component(stub, version, sha, latest=None):
+    """The model component version exists already (ConflictException, then its recipe); with
+    ``latest``, it is DEPLOYABLE and ``latest`` is the group's latest deployment."""
+    _conflict(stub)
+    stub.add_response("get_component", _existing_recipe(version, sha),
+                      {"arn": carn(MODEL, version), "recipeOutputFormat": "JSON"})
+    if latest:
+        stub.add_response("describe_component", describe(MODEL, version), {"arn": carn(MODEL, version)})
+        stub.add_response("list_deployments", list_latest_response(latest),
+                          {"targetArn": GROUP_ARN, "historyFilter": "LATEST_ONLY"})
+
+
 def test_repeated_approval_is_idempotent(gg, backend, model_files):
     """ConflictException on the component + the model already in the latest deployment -> no new deployment."""
     client, stub = gg
     version = "1.0.2"
     sha = json.loads(model_files["model.json"])["onnx_sha256"]
-    _conflict(stub)
-    stub.add_response("get_component", _existing_recipe(version, sha),
-                      {"arn": carn(MODEL, version), "recipeOutputFormat": "JSON"})
-    stub.add_response("describe_component", describe(MODEL, version), {"arn": carn(MODEL, version)})
-    stub.add_response("list_deployments", list_latest_response("d-new"),
-                      {"targetArn": GROUP_ARN, "historyFilter": "LATEST_ONLY"})
+    _existing_component(stub, version, sha, latest="d-new")
     current = copy.deepcopy(SUITE_OLD)
     current[MODEL] = {"componentVersion": version}
     stub.add_response("get_deployment", get_deployment_response("d-new", current), {"deploymentId": "d-new"})
@@ -207,12 +214,7 @@ def test_existing_component_of_a_crashed_earlier_attempt_is_still_deployed(gg, b
     client, stub = gg
     version = "1.0.2"
     sha = json.loads(model_files["model.json"])["onnx_sha256"]
-    _conflict(stub)
-    stub.add_response("get_component", _existing_recipe(version, sha),
-                      {"arn": carn(MODEL, version), "recipeOutputFormat": "JSON"})
-    stub.add_response("describe_component", describe(MODEL, version), {"arn": carn(MODEL, version)})
-    stub.add_response("list_deployments", list_latest_response("d-old"),
-                      {"targetArn": GROUP_ARN, "historyFilter": "LATEST_ONLY"})
+    _existing_component(stub, version, sha, latest="d-old")
     stub.add_response("get_deployment", get_deployment_response("d-old", SUITE_OLD), {"deploymentId": "d-old"})
     stub.add_response("create_deployment", {"deploymentId": "d-new"},
                       {"targetArn": GROUP_ARN, "deploymentName": ANY, "components": ANY,
@@ -223,9 +225,7 @@ def test_existing_component_of_a_crashed_earlier_attempt_is_still_deployed(gg, b
 
 def test_existing_version_holding_another_model_is_refused(gg, backend, model_files):
     client, stub = gg
-    _conflict(stub)
-    stub.add_response("get_component", _existing_recipe("1.0.2", "ff" * 32),
-                      {"arn": carn(MODEL, "1.0.2"), "recipeOutputFormat": "JSON"})
+    _existing_component(stub, "1.0.2", "ff" * 32)
     with pytest.raises(deployer.DeployError, match="already exists with another model"):
         deployer.deploy_model(backend, 2, model_files)
 

@@ -17,6 +17,8 @@ from windfleet.cloud import ingest
 from windfleet.cloud.ingest import IngestService, TelemetryStore, dashboard_body, lambda_handler
 from windfleet.model_contract import FEATURES
 
+from tests.mqtt_fixtures import wait_until
+
 THR = {f: 1.0 for f in FEATURES}
 NOW = time.time()
 
@@ -218,15 +220,6 @@ def _device_client(broker, thing: str) -> mqtt.Client:
     return client
 
 
-def _wait(predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.mark.fault
 @pytest.mark.slow
 def test_service_stores_dedupes_and_drops_malformed_over_mqtt(broker, store):
@@ -238,11 +231,11 @@ def test_service_stores_dedupes_and_drops_malformed_over_mqtt(broker, store):
             for seq in (0, 1, 3, 1):
                 device.publish(topic, message("gw1", seq, [score("gw1-t00", NOW + seq, seq=seq)]), qos=1).wait_for_publish()
             device.publish(topic, b"{broken", qos=1).wait_for_publish()
-            assert _wait(lambda: service.stats["received"] >= 5)
+            wait_until(lambda: service.stats["received"] >= 5, message="5 received")
             assert service.stats["malformed"] == 1 and service.stats["duplicate"] == 1
             assert store.loss()["gw1"]["lost"] == 1
             device.publish(topic, message("gw1", 2), qos=1).wait_for_publish()
-            assert _wait(lambda: store.loss()["gw1"]["lost"] == 0)
+            wait_until(lambda: store.loss()["gw1"]["lost"] == 0, message="the gap filled")
         finally:
             device.loop_stop()
             device.disconnect()
@@ -264,7 +257,7 @@ def test_service_misses_nothing_published_while_it_was_down(broker, store):
         device.loop_stop()
         device.disconnect()
     with IngestService(store, broker.host, broker.port, user, password, client_id="ingest-persist"):
-        assert _wait(lambda: store.loss().get("gw1", {}).get("received") == 20)
+        wait_until(lambda: store.loss().get("gw1", {}).get("received") == 20, message="20 received")
     assert store.loss()["gw1"]["lost"] == 0
 
 
