@@ -500,13 +500,17 @@ def _stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 def run_demo(opts: DemoOptions, console: Console | None = None) -> dict:
-    """Run the demo; SIGTERM is treated like Ctrl-C so every process is stopped either way."""
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    """Run the demo; Ctrl-C and SIGTERM stop every process it started.  SIGINT is installed
+    explicitly: a process started in the background inherits it ignored, and ``--serve``
+    is stopped with it."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, signal.default_int_handler)
     try:
         return Demo(opts, console).run()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def register(group: click.Group) -> None:
