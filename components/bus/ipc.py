@@ -1,11 +1,19 @@
-"""The bus over Greengrass IPC (``awsiot.greengrasscoreipc.clientv2``), on a real nucleus.
+"""The bus over Greengrass IPC (``awsiot.greengrasscoreipc.clientv2``).
 
-The client is passed in (``GreengrassCoreIPCClientV2()`` in production, a fake in
-tests).  Local messages travel as ``BinaryMessage`` (the bytes of
-``payloads.encode``), so subscribers see the same bytes as over MQTT; a
-``JsonMessage`` from another publisher is re-encoded.  Cloud messages go through
-``publish_to_iot_core`` at QoS1 (the nucleus spools them while offline).  The
-nucleus itself keeps the pub/sub queue, so there is no session to persist here.
+The client is passed in (``GreengrassCoreIPCClientV2(executor=None)`` under a
+nucleus, a fake in tests).  Local messages travel as ``BinaryMessage`` (the bytes
+of ``payloads.encode``); a ``JsonMessage`` from another publisher is re-encoded.
+
+Local publishes are pipelined: :meth:`IpcBus.publish` sends and returns without
+waiting for the nucleus' reply (about 0.5 ms a round trip); a failed publish is
+counted in ``publish_errors`` and logged.  Pub/sub keeps no queue on the nucleus
+(developer guide, "Publish/subscribe local messages"): what is published while a
+subscriber restarts is lost, so components that must not lose messages stay up
+(the detector swaps models in process).
+
+Cloud messages go through ``publish_to_iot_core`` at QoS1 and wait for the reply:
+the nucleus answers once the message is in its spooler (not on PUBACK), and
+refuses it with ServiceError when the spooler is full.
 """
 
 from __future__ import annotations
@@ -47,12 +55,25 @@ class IpcBus(Bus):
         self._operations: list = []
         self._lock = threading.Lock()
         self._closed = False
+        self.publish_errors = 0
 
     # ------------------------------------------------------------ local pub/sub
     def publish(self, topic: str, payload: dict | bytes, qos: int = 0) -> None:
         # Local pub/sub has no QoS: the nucleus delivers in memory.
         message = PublishMessage(binary_message=BinaryMessage(message=to_bytes(payload)))
-        self.client.publish_to_topic(topic=topic, publish_message=message)
+        publish_async = getattr(self.client, "publish_to_topic_async", None)
+        if publish_async is None:
+            self.client.publish_to_topic(topic=topic, publish_message=message)
+            return
+        publish_async(topic=topic, publish_message=message).add_done_callback(
+            lambda future, topic=topic: self._published(future, topic))
+
+    def _published(self, future: Any, topic: str) -> None:
+        exc = future.exception()
+        if exc is not None:
+            self.publish_errors += 1
+            self._limited.warn(f"publish:{type(exc).__name__}", "publish_to_topic failed", topic=topic,
+                               error=repr(exc)[:200])
 
     def subscribe(self, topic: str, handler: Handler) -> None:
         def on_event(event: SubscriptionResponseMessage) -> None:

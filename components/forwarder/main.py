@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from windfleet.components.bus import connect
+    from windfleet.components.bus import NotUnderNucleus, connect
     from windfleet.components.forwarder import COMPONENT, run
 
     log = jsonlog.setup(COMPONENT)
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda signum, frame: stop.set())
     try:
         bus = connect(COMPONENT)
-    except ValueError as exc:
+    except NotUnderNucleus as exc:
         jsonlog.event(log, f"cannot start: {exc}", level=40)
         return 2
     run(bus, args.spool, stop_event=stop, max_records=args.max_records, max_bytes=args.max_bytes,

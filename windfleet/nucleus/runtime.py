@@ -48,15 +48,22 @@ import yaml
 
 from windfleet import jsonlog, payloads, topics
 
+from .authorization import Authorizer
+from .ipc import CLI_CLIENT, IpcServer
+from .iotcore import IotCoreConnection
+from .atomic import write_json_atomic
+from .deployments import GOOD_STATES, DeploymentAborted, Deployments
+from .operations import IpcOperations
 from .recipe import (
     Context, RecipeError, default_configuration, dependencies, device_platform, merge_configuration,
     select_manifest, topological_order, verify_digest, version_satisfies,
 )
 
-GOOD_STATES = ("RUNNING", "FINISHED")
-FINAL_STATUSES = ("SUCCEEDED", "FAILED", "TIMED_OUT", "CANCELED", "REJECTED")
-# Never hand the nucleus' IPC variables to a component: the bus would pick IPC.
-_STRIP_ENV = ("SVCUID", "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT")
+# Another nucleus' IPC variables (this runtime started from a component) never leak into ours.
+_STRIP_ENV = ("SVCUID", "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT", "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH",
+              "AWS_CONTAINER_AUTHORIZATION_TOKEN")
+GGC_VERSION = "2.14.0"   # the nucleus version whose behaviour this runtime copies
+_MAX_SOCKET_PATH = 100   # sun_path holds 108 bytes
 
 
 @dataclass
@@ -73,7 +80,8 @@ class Settings:
     poll_interval: float = 2.0         # deployment source polling
     deployment_timeout: float = 900.0  # a whole deployment, install included
     health_timeout: float = 120.0      # components RUNNING after a deployment
-    stable_seconds: float = 2.0        # ... and staying so for this long
+    stable_seconds: float = 0.0        # ... and staying so for this long (the nucleus: 0)
+    update_timeout: float = 60.0       # NOTIFY_COMPONENTS default timeoutInSeconds
     rollback_timeout: float = 300.0
 
 
@@ -102,6 +110,8 @@ class Component:
     good_since: float | None = None     # monotonic time it last became RUNNING/FINISHED
     reported: dict = field(default_factory=dict)
     verify: Callable[[], str | None] | None = None
+    pending_error: str | None = None    # UpdateState(ERRORED) / RestartComponent, handled by the next tick
+    stop_requested: bool = False        # StopComponent
 
     def signature(self) -> str:
         """What, if changed, means the process must restart (as the nucleus compares
@@ -124,20 +134,7 @@ class Component:
         return out
 
 
-class DeploymentAborted(Exception):
-    def __init__(self, status: str, reason: str):
-        super().__init__(reason)
-        self.status, self.reason = status, reason
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-
-
-class DeviceRuntime:
+class DeviceRuntime(Deployments, IpcOperations):
     """The nucleus of one gateway.
 
     :param thing: the core device's thing name (``{iot:thingName}``).
@@ -166,7 +163,16 @@ class DeviceRuntime:
         self.last_deployment: dict | None = None
         self._lock = threading.RLock()
         self._stop = threading.Event()
-        self._mqtt = None
+        self.iot: IotCoreConnection | None = None
+        self.authorizer = Authorizer(thing, interpolate=False)
+        self.ipc = IpcServer(self._socket_path(), self)
+        self.svcuids: dict[str, str] = {}
+        self.config_watchers: list[tuple] = []
+        self.config_modified: dict[str, float] = {}
+        self.update_watchers: dict[str, Any] = {}
+        self.pending_update: dict | None = None
+        self.local_deployments: dict[str, dict] = {}
+        self.local_queue: collections.deque = collections.deque()
         self._last_status = ""
         for sub in ("packages/recipes", "packages/artifacts", "packages/artifacts-unarchived", "work", "logs",
                     "config/components"):
@@ -180,6 +186,18 @@ class DeviceRuntime:
         self.log.addHandler(self._log_handler)
         self.log.setLevel(logging.INFO)
         self._load_state()
+
+    def _socket_path(self) -> Path:
+        """``<root>/ipc.socket``, or a short path it links to when the root is too deep for sun_path."""
+        path = self.root / "ipc.socket"
+        if len(str(path)) <= _MAX_SOCKET_PATH:
+            return path
+        import hashlib
+        short = Path("/tmp") / f"wf-ipc-{hashlib.sha256(str(self.root).encode()).hexdigest()[:12]}" / "ipc.socket"
+        return short
+
+    def _nucleus_option(self, key: str, default: Any = None) -> Any:
+        return (self.configuration.get(NUCLEUS) or {}).get(key, default)
 
     # ================================================================ persistence
     @property
@@ -204,7 +222,7 @@ class DeviceRuntime:
         self.last_deployment = state.get("last_deployment")
 
     def _save_state(self) -> None:
-        _write_json_atomic(self.state_path, {
+        write_json_atomic(self.state_path, {
             "components": {n: c.version for n, c in self.components.items()},
             "configuration": self.configuration, "deployments": self.finished_deployments,
             "last_deployment": self.last_deployment,
@@ -239,16 +257,17 @@ class DeviceRuntime:
                 return f"artifact {file.name} does not match its digest"
         return None
 
-    def _download(self, name: str, version: str) -> dict:
+    def _download(self, name: str, version: str, source: Any = None) -> dict:
         """Fetch a component version into packages/ and verify it (idempotent)."""
+        source = source if source is not None else self.source
         recipe = self._stored_recipe(name, version)
         if recipe is not None:
             problem = self._verify_artifacts(recipe, select_manifest(recipe, self.platform))
             if problem is None:
                 return recipe
-        if self.source is None:
+        if source is None:
             raise RecipeError(f"{name}-{version} is not on this device and there is no deployment source")
-        recipe, files = self.source.fetch_component(name, version)
+        recipe, files = source.fetch_component(name, version)
         manifest = select_manifest(recipe, self.platform)
         art_dir = self.artifacts_path(name, version)
         art_dir.mkdir(parents=True, exist_ok=True)
@@ -305,20 +324,19 @@ class DeviceRuntime:
             self._event("recipe variables left unresolved", logging.WARNING, component=name,
                         variables=sorted(set(ctx.unresolved)))
         work = self.root / "work" / name
+        svcuid = self.svcuids.get(name) or self.ipc.issue_token(name)
+        self.svcuids[name] = svcuid
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        # What the nucleus sets for every lifecycle step (developer guide, "Component environment variables").
         env = {
-            "WINDFLEET_THING": self.thing, "AWS_IOT_THING_NAME": self.thing,
-            "WINDFLEET_COMPONENT": name, "WINDFLEET_COMPONENT_VERSION": version,
-            "WINDFLEET_CONFIG_FILE": str(self.config_path(name)),
-            "WINDFLEET_KERNEL_ROOT": str(self.root),
+            "AWS_IOT_THING_NAME": self.thing, "AWS_REGION": region, "AWS_DEFAULT_REGION": region,
+            "GGC_VERSION": GGC_VERSION, "SVCUID": svcuid,
+            "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT": str(self.ipc.path),
+            "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH": str(self.ipc.path),
+            "AWS_CONTAINER_AUTHORIZATION_TOKEN": svcuid,
             # python3 in a recipe means this runtime's interpreter (the project's venv locally).
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         }
-        if self.broker:
-            env["WINDFLEET_BROKER"] = self.broker
-            env["WINDFLEET_CLOUD_BROKER"] = self.cloud_broker or self.broker
-        if self.broker_user:
-            env["WINDFLEET_BROKER_USER"] = self.broker_user
-            env["WINDFLEET_BROKER_PASSWORD"] = self.broker_password or ""
         env.update(self.extra_env)
         setenv = lifecycle.get("Setenv") or lifecycle.get("setenv") or {}
         if isinstance(setenv, dict):
@@ -423,8 +441,17 @@ class DeviceRuntime:
         """One non-blocking step of a component's lifecycle state machine."""
         now = time.monotonic()
         s = self.settings
+        if component.stop_requested:
+            component.stop_requested = False
+            self._stop_component(component)
+            return
         if component.state in ("BROKEN", "FINISHED", "STOPPING"):
             return
+        if component.pending_error is not None:
+            reason, component.pending_error = component.pending_error, None
+            if component.state in ("STARTING", "RUNNING"):
+                self._error(component, reason)
+                return
         if component.proc is not None:
             rc = component.proc.poll()
             if component.step_deadline is not None and rc is None and now > component.step_deadline:
@@ -525,9 +552,9 @@ class DeviceRuntime:
                 self._stop_component(self.components[name])
 
     # ================================================================ health
-    def _on_health(self, client, userdata, msg) -> None:  # paho callback thread
+    def _on_health(self, topic: str, data: bytes) -> None:  # an IPC connection's thread
         try:
-            body = payloads.validate_health(payloads.decode(msg.payload))
+            body = payloads.validate_health(payloads.decode(data))
         except payloads.MalformedPayload:
             return
         with self._lock:
@@ -537,23 +564,49 @@ class DeviceRuntime:
             component.reported = {k: body[k] for k in ("state", "model_version", "reason", "counters", "ts")
                                   if k in body}
 
-    def _connect_health(self) -> None:
-        if not self.broker:
-            return
-        import paho.mqtt.client as mqtt
+    # ================================================================ requests from IPC
+    def report_state(self, component: Component, state: str) -> None:
+        """UpdateState: ERRORED from STARTING/RUNNING restarts the component (Lifecycle.reportState);
+        a RUNNING report from RUNNING resets its error count."""
+        if state == "ERRORED" and component.state in ("STARTING", "RUNNING"):
+            component.pending_error = "reported ERRORED"
+        elif state == "RUNNING" and component.state == "STARTING" and component.phase == "startup":
+            pass  # Startup's exit code decides
+        elif state == "RUNNING" and component.state == "RUNNING":
+            component.errors.clear()
 
-        from windfleet.components.bus.mqtt import parse_hostport
+    def request_restart(self, name: str) -> bool:
+        """RestartComponent: a BROKEN component stays BROKEN (only a deployment revives it)."""
+        component = self.components[name]
+        if component.state in ("BROKEN", "NEW"):
+            return False
+        self._kill(component)
+        component.state, component.good_since = "INSTALLED", None
+        component.not_before = 0.0
+        self._event("component restart requested", component=name)
+        return True
 
-        host, port = parse_hostport(self.broker)
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{self.thing}-nucleus-{os.getpid()}")
-        if self.broker_user:
-            client.username_pw_set(self.broker_user, self.broker_password)
-        client.on_connect = lambda c, u, f, rc, p: c.subscribe(topics.health(self.thing), qos=1)
-        client.on_message = self._on_health
-        client.reconnect_delay_set(0.2, 5)
-        client.connect_async(host, port, keepalive=30)
-        client.loop_start()
-        self._mqtt = client
+    def request_stop_component(self, name: str) -> None:
+        self.components[name].stop_requested = True
+
+    def _start_ipc(self) -> None:
+        self.ipc.start()
+        if self.ipc.path != self.root / "ipc.socket":
+            link = self.root / "ipc.socket"
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(self.ipc.path)
+        # What greengrass-cli reads (aws-greengrass-cli CLIService.generateCliIpcInfoForClient).
+        info = self.root / "cli_ipc_info"
+        info.mkdir(exist_ok=True)
+        write_json_atomic(info / f"user-{os.getuid()}", {
+            "cli_auth_token": self.ipc.issue_token(CLI_CLIENT), "domain_socket_path": str(self.ipc.path)})
+        os.chmod(info / f"user-{os.getuid()}", 0o600)
+        self._unsubscribe_health = self.ipc.local_subscribe(topics.health(self.thing), self._on_health)
+        if self.broker:
+            self.iot = IotCoreConnection(self.thing, self.cloud_broker or self.broker, self.broker_user,
+                                         self.broker_password)
+            self.iot.start()
 
     # ================================================================ loop
     def tick(self) -> None:
@@ -575,11 +628,11 @@ class DeviceRuntime:
         text = json.dumps(status, sort_keys=True, default=str)
         if text != self._last_status:
             self._last_status = text
-            _write_json_atomic(self.status_path, {**status, "ts": time.time()})
+            write_json_atomic(self.status_path, {**status, "ts": time.time()})
 
     def start(self) -> None:
         """Connect health, start the persisted component set (Install runs again: idempotent)."""
-        self._connect_health()
+        self._start_ipc()
         if self.source is not None:
             try:
                 self.source.register_core_device(self.thing, self.thing_groups)
@@ -595,9 +648,12 @@ class DeviceRuntime:
                 recipes[name] = recipe
             versions = {n: self._persisted_set[n] for n in recipes}
             with self._lock:
+                self.authorizer.interpolate = bool(self._nucleus_option("interpolateComponentConfiguration", False))
+                for name in recipes:
+                    self.authorizer.set_component(name, self.configuration.get(name))
                 for name in topological_order({n: dependencies(r) for n, r in recipes.items()}):
                     self.components[name] = self._resolve(versions, recipes, self.configuration, name)
-                    _write_json_atomic(self.config_path(name), self.configuration.get(name, {}))
+                    write_json_atomic(self.config_path(name), self.configuration.get(name, {}))
         self._event("runtime started", root=str(self.root), components=self._persisted_set)
 
     def run(self, stop: threading.Event | None = None) -> None:
@@ -608,6 +664,8 @@ class DeviceRuntime:
         try:
             while not stop.is_set() and not self._stop.is_set():
                 self.tick()
+                if self.local_queue:
+                    self.apply_local(self.local_queue.popleft(), stop)
                 if self.source is not None and time.monotonic() >= next_poll:
                     next_poll = time.monotonic() + self.settings.poll_interval
                     self.poll_once(stop)
@@ -622,218 +680,10 @@ class DeviceRuntime:
         with self._lock:
             self._stop_all(list(self.components))
             self._write_status()
-        if self._mqtt is not None:
-            self._mqtt.loop_stop()
-            self._mqtt.disconnect()
-            self._mqtt = None
+        self.ipc.close()
+        if self.iot is not None:
+            self.iot.close()
+            self.iot = None
         self._event("runtime stopped")
         self.log.removeHandler(self._log_handler)
         self._log_handler.close()
-
-    # ================================================================ deployments
-    def poll_once(self, stop: threading.Event | None = None) -> str | None:
-        """Ask the source for a deployment and apply it; returns its final status."""
-        try:
-            deployment = self.source.next_deployment(self.thing)
-        except Exception as exc:  # noqa: BLE001 - a down service must not stop the device
-            self._event("deployment service unavailable", logging.WARNING, error=str(exc)[:200])
-            return None
-        if not deployment or deployment.get("deploymentId") in self.finished_deployments:
-            return None
-        return self.apply(deployment, stop)
-
-    def _report(self, source: Any, deployment_id: str, status: str, reason: str | None = None) -> None:
-        self.last_deployment = {"id": deployment_id, "status": status, "reason": reason, "ts": time.time()}
-        if status in FINAL_STATUSES:
-            self.finished_deployments[deployment_id] = status
-        try:
-            if source is not None and status in FINAL_STATUSES:
-                # what now runs on the device (after a rollback: the old set)
-                with self._lock:
-                    running = {n: {"componentVersion": c.version, "lifecycleState": c.state}
-                               for n, c in self.components.items()}
-                source.report_device_status(self.thing, deployment_id, status, reason=reason, components=running)
-            elif source is not None:
-                source.report_device_status(self.thing, deployment_id, status, reason=reason)
-        except Exception as exc:  # noqa: BLE001
-            self._event("cannot report deployment status", logging.WARNING, error=str(exc)[:200])
-        self._event("deployment status", deployment=deployment_id, status=status, reason=reason)
-
-    def _canceled(self, source: Any, deployment_id: str) -> bool:
-        getter = getattr(source, "get_deployment", None)
-        if getter is None:
-            return False
-        try:
-            return getter(deploymentId=deployment_id).get("deploymentStatus") == "CANCELED"
-        except Exception:  # noqa: BLE001
-            return False
-
-    def apply(self, deployment: dict, stop: threading.Event | None = None) -> str:
-        """Apply one deployment; returns its Greengrass status (also reported)."""
-        dep_id, source = deployment["deploymentId"], self.source  # report to where it came from
-        if deployment.get("deploymentStatus") == "CANCELED":
-            self._report(source, dep_id, "CANCELED", "canceled before it was applied")
-            return "CANCELED"
-        policies = deployment.get("deploymentPolicies") or {}
-        rollback = (policies.get("failureHandlingPolicy") or "ROLLBACK").upper() == "ROLLBACK"
-        deadline = time.monotonic() + self.settings.deployment_timeout
-        self._report(source, dep_id, "IN_PROGRESS")
-        with self._lock:
-            previous = ({n: c.version for n, c in self.components.items()}, copy.deepcopy(self.configuration))
-        try:
-            versions, recipes, configs = self._prepare(deployment)
-        except Exception as exc:  # noqa: BLE001 - any problem here fails the deployment, not the device
-            reason = str(exc) if isinstance(exc, RecipeError) else f"{type(exc).__name__}: {exc}"
-            self._report(source, dep_id, "FAILED", reason)  # nothing was changed on the device
-            return "FAILED"
-        try:
-            self._switch(versions, recipes, configs)
-            self._gate(source, dep_id, versions, configs, deadline, stop)
-        except DeploymentAborted as abort:
-            status, reason = abort.status, abort.reason
-            if status == "INTERRUPTED":
-                # Not an outcome: the persisted set is still the previous one and the
-                # deployment is applied again when the runtime next starts (as the nucleus resumes).
-                self._event("deployment interrupted by shutdown", deployment=dep_id)
-                return "IN_PROGRESS"
-            if rollback or status == "CANCELED":
-                reason = self._rollback(previous, reason)
-            self._report(source, dep_id, status, reason)
-            return status
-        with self._lock:
-            self.configuration = configs
-        self._report(source, dep_id, "SUCCEEDED")
-        with self._lock:
-            self._save_state()
-        return "SUCCEEDED"
-
-    def _prepare(self, deployment: dict) -> tuple[dict[str, str], dict[str, dict], dict[str, dict]]:
-        """Fetch and verify everything, merge configuration: nothing running is touched."""
-        specs = deployment.get("components") or {}
-        versions = {name: str(spec["componentVersion"]) for name, spec in specs.items()}
-        recipes = {name: self._download(name, version) for name, version in versions.items()}
-        for name, recipe in recipes.items():
-            select_manifest(recipe, self.platform)
-            for dep, _kind in dependencies(recipe).items():
-                requirement = (recipe.get("ComponentDependencies") or {})[dep].get("VersionRequirement")
-                if dep not in versions:
-                    raise RecipeError(f"{name} depends on {dep}, which the deployment does not contain")
-                if not version_satisfies(versions[dep], requirement):
-                    raise RecipeError(f"{name} needs {dep} {requirement}, deployment has {versions[dep]}")
-        topological_order({n: dependencies(r) for n, r in recipes.items()})
-        configs = {}
-        for name, recipe in recipes.items():
-            update = specs[name].get("configurationUpdate")
-            configs[name] = merge_configuration(default_configuration(recipe), self.configuration.get(name), update)
-        return versions, recipes, configs
-
-    def _switch(self, versions: dict[str, str], recipes: dict[str, dict], configs: dict[str, dict]) -> None:
-        """Make the running set ``versions``: stop what goes or changes, start what is new."""
-        with self._lock:
-            new = {n: self._resolve(versions, recipes, configs, n) for n in versions}
-            changed = {n for n, c in new.items()
-                       if n not in self.components or self.components[n].signature() != c.signature()
-                       or self.components[n].state == "BROKEN"}
-            # HARD dependents restart with their dependency (transitively).
-            grew = True
-            while grew:
-                grew = False
-                for n, c in new.items():
-                    if n not in changed and any(d in changed and k == "HARD" for d, k in c.deps.items()):
-                        changed.add(n)
-                        grew = True
-            removed = [n for n in self.components if n not in new]
-            self._stop_all(removed + [n for n in changed if n in self.components])
-            for name in versions:
-                _write_json_atomic(self.config_path(name), configs[name])
-            for name in removed:
-                del self.components[name]
-            for name in changed:
-                self.components[name] = new[name]
-            self._event("deployment switching", start=sorted(changed), stop=sorted(removed), versions=versions)
-
-    def _gate_requirements(self, versions: dict[str, str], configs: dict[str, dict]) -> list[tuple[str, str, set, float]]:
-        """(component, model component, acceptable versions, timeout) per ``health_gate`` config."""
-        reqs = []
-        for name in versions:
-            gate = (configs.get(name) or {}).get("health_gate") or {}
-            model = gate.get("reports_model_of")
-            if not model or model not in versions:
-                continue
-            accepted = {versions[model]}
-            card = self.artifacts_path(model, versions[model]) / "model.json"
-            try:
-                accepted.add(str(json.loads(card.read_text())["version"]))
-            except (OSError, ValueError, KeyError, TypeError):
-                pass
-            reqs.append((name, model, accepted, float(gate.get("timeout_s", self.settings.health_timeout))))
-        return reqs
-
-    def _gate(self, source: Any, dep_id: str, versions: dict[str, str], configs: dict[str, dict], deadline: float,
-              stop: threading.Event | None) -> None:
-        """Wait until every component is RUNNING (FINISHED for run-less ones) for
-        ``stable_seconds`` and each ``health_gate`` reports its model; raise
-        DeploymentAborted(FAILED | TIMED_OUT | CANCELED) otherwise."""
-        s = self.settings
-        reqs = self._gate_requirements(versions, configs)
-        start = time.monotonic()
-        gate_deadline = min(deadline, start + max([s.health_timeout] + [r[3] for r in reqs]))
-        next_cancel_check = 0.0
-        while True:
-            self.tick()
-            now = time.monotonic()
-            if stop is not None and stop.is_set():
-                raise DeploymentAborted("INTERRUPTED", "the device runtime is stopping")
-            if now >= next_cancel_check:
-                next_cancel_check = now + 0.5
-                if self._canceled(source, dep_id):
-                    raise DeploymentAborted("CANCELED", "deployment canceled")
-            waiting = []
-            with self._lock:
-                for name in versions:
-                    c = self.components[name]
-                    if c.state == "BROKEN":
-                        raise DeploymentAborted("FAILED", f"{name} is BROKEN: {c.reason}")
-                    if c.reported.get("state") == "ERRORED":
-                        raise DeploymentAborted(
-                            "FAILED", f"{name} reported ERRORED: {c.reported.get('reason') or 'no reason given'}")
-                    if c.state not in GOOD_STATES or c.good_since is None or now - c.good_since < s.stable_seconds:
-                        waiting.append(f"{name} is {c.state}")
-                for name, model, accepted, timeout in reqs:
-                    reported = self.components[name].reported.get("model_version")
-                    if reported not in accepted:
-                        if now - start > timeout:
-                            raise DeploymentAborted(
-                                "TIMED_OUT", f"{name} did not report {model} version {versions[model]} within "
-                                f"{timeout:g}s (reports {reported!r})")
-                        waiting.append(f"{name} reports model {reported!r}")
-            if not waiting:
-                return
-            if now >= gate_deadline:
-                raise DeploymentAborted("TIMED_OUT", "health gate timed out: " + "; ".join(waiting))
-            time.sleep(0.1)
-
-    def _rollback(self, previous: tuple[dict[str, str], dict[str, dict]], reason: str) -> str:
-        versions, configs = previous
-        self._event("rolling back", logging.WARNING, reason=reason, to=versions)
-        try:
-            recipes = {n: self._stored_recipe(n, v) for n, v in versions.items()}
-            missing = [n for n, r in recipes.items() if r is None]
-            if missing:
-                raise RecipeError(f"previous recipes missing: {missing}")
-            with self._lock:
-                self.configuration = configs
-            self._switch(versions, recipes, configs)
-            deadline = time.monotonic() + self.settings.rollback_timeout
-            while time.monotonic() < deadline:
-                self.tick()
-                with self._lock:
-                    states = {n: self.components[n].state for n in versions}
-                if all(st in GOOD_STATES or st == "BROKEN" for st in states.values()):
-                    break
-                time.sleep(0.1)
-            with self._lock:
-                self._save_state()
-            return f"{reason}; rolled back"
-        except (RecipeError, OSError) as exc:
-            return f"{reason}; rollback failed: {exc}"

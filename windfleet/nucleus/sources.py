@@ -62,12 +62,8 @@ class DirectorySource:
         components: dict[str, Any] = {}
         for name, version in self.components.items():
             spec: dict[str, Any] = {"componentVersion": version}
-            update = self.update_config.get(name) or {}
-            if update:
-                spec["configurationUpdate"] = {
-                    k: v for k, v in (("merge", json.dumps(update["MERGE"]) if "MERGE" in update else None),
-                                      ("reset", update.get("RESET"))) if v is not None
-                }
+            if self.update_config.get(name):
+                spec["configurationUpdate"] = configuration_update(self.update_config[name])
             components[name] = spec
         policies: dict[str, Any] = {"failureHandlingPolicy": self.failure_handling}
         if self.timeout_seconds:
@@ -118,6 +114,12 @@ class DirectorySource:
             self.statuses.append((deployment_id, status, reason))
             if status not in ("IN_PROGRESS", "QUEUED"):
                 self._done.add(deployment_id)
+
+
+def configuration_update(update: dict) -> dict:
+    """greengrass-cli's ``{"MERGE": {...}, "RESET": [...]}`` -> a deployment's ``configurationUpdate``."""
+    return {k: v for k, v in (("merge", json.dumps(update["MERGE"]) if "MERGE" in update else None),
+                              ("reset", update.get("RESET"))) if v is not None}
 
 
 def local_service(home: str | Path | None = None):
