@@ -78,8 +78,17 @@ def model_recipe(version: str, uris: dict[str, str], card: dict | None = None,
             "OnnxSha256": str(card.get("onnx_sha256", "")),
             "ModelPackageArn": package_arn or "",
         }},
+        # The same dependency and self-check as recipes/com.windfleet.AnomalyModel.yaml:
+        # a model that fails its check goes BROKEN, so the deployment fails and rolls back.
+        "ComponentDependencies": {settings.DETECTOR: {"VersionRequirement": ">=1.0.0", "DependencyType": "HARD"}},
         "Manifests": [{
             "Platform": {"os": "linux"},
+            "Lifecycle": {
+                "Setenv": {"PYTHONPATH": f"{{{settings.DETECTOR}:artifacts:decompressedPath}}/windfleet"},
+                "Install": {"Timeout": 300, "Script": (
+                    f'exec "{{kernel:rootPath}}/work/{settings.DETECTOR}/venv/bin/python3" '
+                    '-m windfleet.components.detector.check_model "{artifacts:path}"')},
+            },
             "Artifacts": [{"Uri": uri, "Unarchive": "NONE", "Permission": {"Read": "ALL", "Execute": "NONE"}}
                           for uri in uris.values()],
         }],
@@ -171,6 +180,8 @@ def merge(components: dict, updates: dict[str, str]) -> dict:
     for name, version in updates.items():
         spec = merged.get(name, {})
         spec["componentVersion"] = version
+        if name == settings.MODEL_COMPONENT:
+            spec["configurationUpdate"] = dict(settings.MODEL_CONFIGURATION_UPDATE)
         merged[name] = spec
     return merged
 

@@ -52,6 +52,10 @@ DETECTOR = "com.windfleet.AnomalyDetector"
 FORWARDER = "com.windfleet.LogForwarder"
 MODEL_COMPONENT = "com.windfleet.AnomalyModel"
 SUITE = (SIMULATOR, DETECTOR, FORWARDER, MODEL_COMPONENT)
+# Every deployment of a model version resets the model component's configuration to that
+# version's defaults: the nucleus keeps a component's running configuration over a new
+# version's DefaultConfiguration, and the detector finds its model by the OnnxSha256 there.
+MODEL_CONFIGURATION_UPDATE = {"reset": [""]}
 
 MODEL_COMPONENT_VERSION = "1.0.{n}"
 COMPONENT_PUBLISHER = "windfleet"

@@ -177,6 +177,8 @@ def build(
             except model_contract.ModelPackageError as exc:
                 raise BuildError(str(exc)) from None
             recipe["ComponentVersion"] = model_version or str(card.get("version", ""))
+            defaults = recipe.setdefault("ComponentConfiguration", {}).setdefault("DefaultConfiguration", {})
+            defaults.update(ModelVersion=str(card.get("version", "")), OnnxSha256=str(card.get("onnx_sha256", "")))
         version = str(recipe["ComponentVersion"])
         if not SEMVER.match(version):
             raise BuildError(f"{name}: version {version!r} is not explicit semver (NEXT_PATCH is not used offline)")

@@ -47,12 +47,17 @@ class Bus(abc.ABC):
         it (QoS1); False when the cloud link is down or the ack did not come."""
 
     @abc.abstractmethod
-    def get_configuration(self) -> dict:
-        """The component's current merged configuration."""
+    def get_configuration(self, component: str | None = None) -> dict:
+        """The merged configuration of this component, or of ``component`` (GetConfiguration
+        allows reading another component's).  Raises when that component is not deployed."""
 
     @abc.abstractmethod
-    def on_configuration_update(self, handler: ConfigHandler) -> None:
-        """Call ``handler(new_config)`` whenever the configuration changes."""
+    def on_configuration_update(self, handler: ConfigHandler, component: str | None = None) -> None:
+        """Call ``handler(new_config)`` whenever the configuration (of ``component``) changes."""
+
+    def on_component_update(self, handler: Callable[[str, str], None]) -> None:
+        """Call ``handler(kind, deployment_id)`` (kind ``pre`` or ``post``) for component-update
+        events; a transport without them ignores the handler."""
 
     @abc.abstractmethod
     def update_state(self, state: str, **extra: Any) -> None:

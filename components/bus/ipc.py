@@ -107,16 +107,29 @@ class IpcBus(Bus):
         return True
 
     # ------------------------------------------------------------ configuration
-    def get_configuration(self) -> dict:
-        response = self.client.get_configuration()
+    def get_configuration(self, component: str | None = None) -> dict:
+        response = (self.client.get_configuration(component_name=component) if component
+                    else self.client.get_configuration())
         return dict(response.value or {})
 
-    def on_configuration_update(self, handler: ConfigHandler) -> None:
+    def on_configuration_update(self, handler: ConfigHandler, component: str | None = None) -> None:
         def on_event(event) -> None:
             # The event names only the changed key path: read the whole configuration again.
-            self._dispatcher.submit(lambda: handler(self.get_configuration()))
+            self._dispatcher.submit(lambda: handler(self.get_configuration(component)))
 
-        _, operation = self.client.subscribe_to_configuration_update(on_stream_event=on_event)
+        kwargs = {"component_name": component} if component else {}
+        _, operation = self.client.subscribe_to_configuration_update(on_stream_event=on_event, **kwargs)
+        with self._lock:
+            self._operations.append(operation)
+
+    def on_component_update(self, handler) -> None:
+        def on_event(event) -> None:
+            if event.pre_update_event is not None:
+                self._dispatcher.submit(handler, "pre", event.pre_update_event.deployment_id)
+            elif event.post_update_event is not None:
+                self._dispatcher.submit(handler, "post", event.post_update_event.deployment_id)
+
+        _, operation = self.client.subscribe_to_component_updates(on_stream_event=on_event)
         with self._lock:
             self._operations.append(operation)
 

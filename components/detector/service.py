@@ -47,6 +47,8 @@ from windfleet.preprocessing import StreamWindower, prepare, raw_features
 from .model import LoadedModel, ModelRejected, keep_as_last_good, last_good_dir, load_model
 
 COMPONENT = "com.windfleet.AnomalyDetector"
+MODEL_COMPONENT = "com.windfleet.AnomalyModel"
+MODEL_CHECK_INTERVAL = 5.0  # seconds between looks at the model component's configuration
 STATE_FILE = "detector_state.json"
 # A message whose samples end this far before what the windower already has is not a
 # QoS1 redelivery but a stream that started over (a restarted simulator, a replaced
@@ -120,7 +122,7 @@ class Detector:
     :meth:`score_available` scores one batch synchronously (tests, benchmarks).
     """
 
-    def __init__(self, bus, model: LoadedModel, turbines: Iterable[str], work_dir: str | os.PathLike, *,
+    def __init__(self, bus, model: LoadedModel | None, turbines: Iterable[str], work_dir: str | os.PathLike, *,
                  max_batch: int = 256, queue_size: int = 1024, put_timeout: float = 1.0,
                  health_interval: float = 10.0, score_qos: int = 1):
         self.bus = bus
@@ -136,6 +138,7 @@ class Detector:
         self.reason: str | None = None
         self.failed_model_version: str | None = None
         self._model = model
+        self._failed_dir: Path | None = None
         self._windowers = {t: StreamWindower() for t in self.turbines}
         self._last_end: dict[str, int] = {}
         self._queue: queue.Queue[_Window] = queue.Queue(queue_size)
@@ -145,15 +148,46 @@ class Detector:
         self._counter_lock = threading.Lock()
         self._limited = jsonlog.RateLimited(log, interval=60.0)
         self._next_health = 0.0
+        self._locate_model = None
+        self._model_check = threading.Event()
+        self._next_model_check = 0.0
 
     # ------------------------------------------------------------ model
     @property
-    def model(self) -> LoadedModel:
+    def model(self) -> LoadedModel | None:
         return self._model
 
     @property
-    def model_version(self) -> str:
-        return self._model.version
+    def model_version(self) -> str | None:
+        return self._model.version if self._model is not None else None
+
+    def follow_model(self, locate) -> None:
+        """Swap to ``locate()`` (a model dir or None) whenever it changes: checked every
+        MODEL_CHECK_INTERVAL seconds and at once after :meth:`check_model_soon`."""
+        self._locate_model = locate
+        self._model_check.set()
+
+    def check_model_soon(self, *_: Any) -> None:
+        self._model_check.set()
+
+    def _check_model(self) -> None:
+        now = time.monotonic()
+        if self._locate_model is None or (not self._model_check.is_set() and now < self._next_model_check):
+            return
+        self._model_check.clear()
+        self._next_model_check = now + MODEL_CHECK_INTERVAL
+        try:
+            wanted = self._locate_model()
+        except Exception as exc:  # noqa: BLE001 - the model component may not be deployed yet
+            self._limited.warn("locate_model", "cannot locate the model component", error=repr(exc)[:200])
+            return
+        if wanted is None:
+            return
+        wanted = Path(wanted).resolve()
+        current = self._model.model_dir.resolve() if self._model is not None else None
+        if wanted != current and wanted != self._failed_dir:
+            if not self.swap(wanted):
+                self._failed_dir = wanted
 
     def swap(self, model_dir: str | os.PathLike) -> bool:
         """Load, verify and self-test ``model_dir`` on the caller's thread, then swap it in
@@ -166,35 +200,41 @@ class Detector:
                 self.model_failed(exc)
                 return False
             old, self._model = self._model, new  # one reference: the scoring loop reads it once per batch
+            self._failed_dir, self.failed_model_version, self.reason = None, None, None
             self._bump("model_swaps")
             try:
                 keep_as_last_good(new, self.work_dir)
             except OSError as exc:
                 jsonlog.event(log, "cannot keep the model as last good", logging.WARNING, error=str(exc))
-            jsonlog.event(log, "model swapped", old_version=old.version, model_version=new.version,
+            jsonlog.event(log, "model swapped", old_version=old.version if old else None, model_version=new.version,
                           model_dir=str(model_dir))
             self.set_state("RUNNING")
             return True
 
     def model_failed(self, exc: ModelRejected) -> None:
-        """Report a rejected package: the current model keeps scoring."""
+        """Report a rejected package: the current model keeps scoring.
+
+        The component stays RUNNING: ERRORED would make the nucleus restart it (and after
+        three, BROKEN), which loses readings and fixes nothing.  The model component's own
+        Install check is what fails the deployment."""
         self._bump("model_load_failures")
         self.failed_model_version = exc.version
         jsonlog.event(log, "model rejected; keeping the last good model", logging.ERROR,
                       reason=exc.reason, failed_model_version=exc.version, model_version=self.model_version)
-        self.set_state("ERRORED", reason=exc.reason)
+        self.set_state("RUNNING", reason=exc.reason)
 
     def on_configuration_update(self, config: dict) -> None:
         """Bus configuration handler: a new ``model_dir`` is swapped in on a side thread."""
         new_dir = config.get("model_dir")
-        if new_dir and Path(new_dir).resolve() != self._model.model_dir.resolve():
+        current = self._model.model_dir.resolve() if self._model is not None else None
+        if new_dir and Path(new_dir).resolve() != current:
             threading.Thread(target=self.swap, args=(new_dir,), name="detector-swap", daemon=True).start()
 
     # ------------------------------------------------------------ state / health
     def set_state(self, state: str, reason: str | None = None) -> None:
         self.state, self.reason = state, reason
         extra: dict[str, Any] = {"model_version": self.model_version}
-        if state == "ERRORED":
+        if reason:
             extra.update(reason=reason, failed_model_version=self.failed_model_version)
         try:
             self.bus.update_state(state, counters=self.snapshot(), **extra)
@@ -208,7 +248,7 @@ class Detector:
     def health(self) -> dict:
         extra: dict[str, Any] = {"model_version": self.model_version, "malformed_by_kind": dict(self.malformed),
                                  "queue_depth": self._queue.qsize(), "turbines": len(self.turbines)}
-        if self.state == "ERRORED":
+        if self.reason:
             extra.update(reason=self.reason, failed_model_version=self.failed_model_version)
         return payloads.health(self.thing, COMPONENT, self.version, self.state, time.time(), self.snapshot(), **extra)
 
@@ -293,7 +333,11 @@ class Detector:
 
     # ------------------------------------------------------------ scoring
     def score_available(self, timeout: float = 0.2) -> int:
-        """Score one batch (up to ``max_batch`` queued windows, any turbines); returns its size."""
+        """Score one batch (up to ``max_batch`` queued windows, any turbines); returns its size.
+        Without a model nothing is scored: windows wait in the queue for the first one."""
+        if self._model is None:
+            time.sleep(timeout)
+            return 0
         try:
             items = [self._queue.get(timeout=timeout)] if timeout > 0 else [self._queue.get_nowait()]
         except queue.Empty:
@@ -339,6 +383,7 @@ class Detector:
     def serve(self, stop: threading.Event) -> None:
         """Score until ``stop`` is set, publishing health every ``health_interval`` seconds."""
         while not stop.is_set():
+            self._check_model()
             self.score_available(timeout=0.2)
             now = time.monotonic()
             if now >= self._next_health:
@@ -441,9 +486,35 @@ def load_initial_model(model_dir: str | os.PathLike | None, work_dir: str | os.P
     return None, rejected
 
 
+def model_locator(bus, models_root: str | os.PathLike) -> Any:
+    """A function giving the model dir the model component's configuration names: the
+    version under ``models_root`` (``{kernel:rootPath}/packages/artifacts/<model component>``)
+    whose card carries the configured ``OnnxSha256``; None while nothing matches."""
+    root = Path(models_root)
+
+    def locate() -> Path | None:
+        sha = bus.get_configuration(MODEL_COMPONENT).get("OnnxSha256")
+        if not sha:
+            return None
+        for card in sorted(root.glob(f"*/{mc.CARD_FILE}")):
+            try:
+                if json.loads(card.read_text()).get("onnx_sha256") == sha:
+                    return card.parent
+            except (OSError, ValueError, AttributeError):
+                continue
+        return None
+    return locate
+
+
 def run(bus, model_dir: str | os.PathLike | None = None, work_dir: str | os.PathLike = ".",
-        stop: threading.Event | None = None, turbines: Any = None, **options: Any) -> int:
+        stop: threading.Event | None = None, turbines: Any = None, models_root: str | os.PathLike | None = None,
+        **options: Any) -> int:
     """Run the detector on ``bus`` until ``stop`` is set; returns a process exit code.
+
+    The model: ``model_dir`` when given, else the one the model component's configuration
+    names under ``models_root`` (followed for the whole run, see :func:`model_locator`),
+    else the last good one kept in ``work_dir``.  Without any, the detector runs, keeps
+    windows queued and scores from the first model that arrives.
 
     Configuration keys (component configuration, overridden by arguments):
     ``turbines`` (count or ids), ``model_dir``, ``max_batch``, ``queue_size``,
@@ -461,9 +532,15 @@ def run(bus, model_dir: str | os.PathLike | None = None, work_dir: str | os.Path
         "health_interval": float(config.get("health_interval_s", 10.0)),
     }
     settings.update({k: v for k, v in options.items() if v is not None})
+    locate = model_locator(bus, models_root) if models_root and not model_dir else None
+    if locate is not None:
+        try:
+            model_dir = locate()
+        except Exception as exc:  # noqa: BLE001 - not deployed yet: the last good model, then follow
+            jsonlog.event(log, "model component not available yet", logging.WARNING, error=repr(exc)[:200])
 
     model, rejected = load_initial_model(model_dir, work_dir)
-    if model is None:
+    if model is None and locate is None:
         reason = rejected.reason if rejected else "no model"
         jsonlog.event(log, "no usable model; cannot score", logging.ERROR, reason=reason)
         bus.update_state("ERRORED", reason=reason,
@@ -474,15 +551,18 @@ def run(bus, model_dir: str | os.PathLike | None = None, work_dir: str | os.Path
     detector = Detector(bus, model, ids, work_dir, **settings)
     detector.restore_state()
     bus.on_configuration_update(detector.on_configuration_update)
+    if locate is not None:
+        detector.follow_model(locate)
+        # Post-update events come with cloud deployments (NOTIFY_COMPONENTS); the periodic
+        # check covers local ones, which send none (developer guide, "Interact with component lifecycle").
+        bus.on_component_update(detector.check_model_soon)
     detector.subscribe()
-    # Reported after subscribing: on MQTT the subscription then precedes the state message
-    # on the wire, so whoever waits for RUNNING can publish readings right away.
-    if rejected is not None:
+    if rejected is not None and model is not None and model_dir:
         detector.model_failed(rejected)
     else:
         detector.set_state("RUNNING")
-    jsonlog.event(log, "detector started", turbines=len(ids), model_version=model.version,
-                  model_dir=str(model.model_dir), state=detector.state)
+    jsonlog.event(log, "detector started", turbines=len(ids), model_version=detector.model_version,
+                  model_dir=str(model.model_dir) if model else None, state=detector.state)
     try:
         detector.serve(stop)
     finally:

@@ -544,6 +544,9 @@ def mqtt_topic_matches(topic_filter: str, topic: str) -> bool:
     places: ``a/#`` does not receive ``a`` (only ``a/...``), a ``#`` that is not last acts
     like ``+``, and trailing ``/`` are ignored on both sides (Java's split), so ``a/b/`` and
     ``a/b`` are the same topic.  ``+`` matches exactly one level, also an empty one.
+    For valid MQTT filters this is also how ``MqttClient`` hands IoT Core messages to
+    SubscribeToIoTCore subscribers (``MqttTopic.isSupersetOf``: ``a/#`` does not get ``a``
+    there either); the two differ only on invalid filters (a ``#`` not last).
     """
     flt, top = _levels(topic_filter), _levels(topic)
     if not top:

@@ -268,6 +268,7 @@ def component_config(turbines: int, sample_rate: float, anomaly_every: float, se
                               "anomalies": anomaly_schedule(turbines, seconds, anomaly_every)}},
         DETECTOR: {"MERGE": common},
         FORWARDER: {"MERGE": common},
+        MODEL: {"RESET": [""]},  # the version's own OnnxSha256 (see cloud.settings.MODEL_CONFIGURATION_UPDATE)
     }
 
 

@@ -59,10 +59,9 @@ def dependencies(recipe: dict) -> dict[str, str]:
 
 
 def default_configuration(recipe: dict) -> dict:
-    """DefaultConfiguration without ``accessControl`` (that is nucleus policy, not app config)."""
-    conf = copy.deepcopy((recipe.get("ComponentConfiguration") or {}).get("DefaultConfiguration") or {})
-    conf.pop("accessControl", None)
-    return conf
+    """DefaultConfiguration, ``accessControl`` included: the nucleus keeps the policies in the
+    component's configuration (GetConfiguration returns them) and authorizes from there."""
+    return copy.deepcopy((recipe.get("ComponentConfiguration") or {}).get("DefaultConfiguration") or {})
 
 
 # ------------------------------------------------------------------ semver ranges

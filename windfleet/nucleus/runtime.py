@@ -52,7 +52,7 @@ from .authorization import Authorizer
 from .ipc import CLI_CLIENT, IpcServer
 from .iotcore import IotCoreConnection
 from .atomic import write_json_atomic
-from .deployments import GOOD_STATES, DeploymentAborted, Deployments
+from .deployments import GOOD_STATES, NUCLEUS, DeploymentAborted, Deployments
 from .operations import IpcOperations
 from .recipe import (
     Context, RecipeError, default_configuration, dependencies, device_platform, merge_configuration,
