@@ -78,6 +78,7 @@ def _lost_windows(collector: TelemetryCollector) -> dict[str, int]:
 def test_approval_rolls_out_and_a_broken_model_rolls_back(broker, runtimes, tmp_path):  # noqa: F811
     from windfleet.build import build
     from windfleet.nucleus.fleet import component_config
+    from windfleet.nucleus.sources import configuration_update
 
     from tests.test_detector_model import build_model_package, edit_card
 
@@ -88,7 +89,7 @@ def test_approval_rolls_out_and_a_broken_model_rolls_back(broker, runtimes, tmp_
     config = component_config(TURBINES, 20.0, 1e9, 3600.0)
     suite = {name: {"componentVersion": version} for name, version in components.items()}
     for name, update in config.items():
-        suite[name]["configurationUpdate"] = {"merge": json.dumps(update["MERGE"])}
+        suite[name]["configurationUpdate"] = configuration_update(update)
     first = backend.greengrassv2.create_deployment(
         targetArn=backend.thing_group_arn(), deploymentName="suite", components=suite,
         deploymentPolicies=settings.DEPLOYMENT_POLICIES, iotJobConfiguration=settings.IOT_JOB_CONFIGURATION)

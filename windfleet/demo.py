@@ -208,7 +208,8 @@ class Demo:
         # the fleet's own settings (turbines, anomaly schedule) ride on a suite deployment, as an
         # operator would set them; it keeps the approved model
         config = component_config(self.o.turbines_per_gateway, 20.0, self.o.anomaly_every, 3600.0)
-        suite = deployer.deploy_suite(self.backend, configuration={n: u["MERGE"] for n, u in config.items()})
+        suite = deployer.deploy_suite(self.backend, configuration={n: u["MERGE"] for n, u in config.items()
+                                                                   if "MERGE" in u})
         self.suite_deployment = suite["deploymentId"]
         self.c.info(f"fleet configuration: {self.o.turbines_per_gateway} turbines per gateway at 20 Hz, "
                     f"an anomaly every {self.o.anomaly_every:.0f} s per turbine (deployment {self.suite_deployment})")

@@ -130,6 +130,149 @@ def device_run(thing: str, root: str, broker: str | None, broker_user: str | Non
     runtime.run(stop)
 
 
+# ------------------------------------------------------------------ greengrass-cli verbs
+# The same verbs, flags and output as greengrass-cli (aws-greengrass-cli's DeploymentCommand
+# and ComponentCommand), over IPC with the token the nucleus writes to <root>/cli_ipc_info,
+# so a README section on local testing reads the same for a laptop and a Pi.
+def _cli_client(root: str):
+    from awsiot.greengrasscoreipc import connect
+    from awsiot.greengrasscoreipc.clientv2 import GreengrassCoreIPCClientV2
+
+    info_dir = Path(root) / "cli_ipc_info"
+    candidates = [info_dir / f"user-{os.geteuid()}", info_dir / f"group-{os.getegid()}"]
+    candidates += sorted(info_dir.glob("*")) if info_dir.is_dir() else []
+    for path in candidates:
+        try:
+            info = json.loads(path.read_text())
+            return GreengrassCoreIPCClientV2(client=connect(ipc_socket=info["domain_socket_path"],
+                                                            authtoken=info["cli_auth_token"], timeout=10.0))
+        except (OSError, ValueError, KeyError):
+            continue
+        except Exception as exc:  # noqa: BLE001 - the SDK's connection errors
+            _fail(f"cannot connect to the nucleus at {root}: {type(exc).__name__}: {exc}")
+    _fail(f"no nucleus IPC info under {info_dir} (is `windfleet device run --root {root}` running?)")
+
+
+def _ipc(call):
+    try:
+        return call()
+    except click.ClickException:
+        raise
+    except Exception as exc:  # noqa: BLE001 - modelled IPC errors: one line, as greengrass-cli prints
+        _fail(f"{type(exc).__name__}: {getattr(exc, 'message', None) or exc}")
+
+
+@device.group("deployment")
+def deployment_group() -> None:
+    """Local deployments (greengrass-cli deployment ...)."""
+
+
+@deployment_group.command("create")
+@click.option("--root", required=True, type=click.Path(file_okay=False), help="The nucleus root.")
+@click.option("--recipeDir", "-r", "recipe_dir", default=None, type=click.Path(exists=True, file_okay=False))
+@click.option("--artifactDir", "-a", "artifact_dir", default=None, type=click.Path(exists=True, file_okay=False))
+@click.option("--merge", "-m", "merge", multiple=True, help="Name=Version to add or update.")
+@click.option("--remove", "remove", multiple=True, help="Component to remove.")
+@click.option("--update-config", "-c", "update_config", default=None,
+              help='JSON {"Name": {"MERGE": {...}, "RESET": ["/ptr"]}}.')
+@click.option("--groupId", "-g", "group", default=None)
+@click.option("--failure-handling-policy", default=None, type=click.Choice(["ROLLBACK", "DO_NOTHING"]))
+def deployment_create(root: str, recipe_dir: str | None, artifact_dir: str | None, merge: tuple[str, ...],
+                      remove: tuple[str, ...], update_config: str | None, group: str | None,
+                      failure_handling_policy: str | None) -> None:
+    """Submit a local deployment."""
+    try:
+        configuration = json.loads(update_config) if update_config else None
+    except ValueError as exc:
+        _fail(f"--update-config is not JSON: {exc}")
+    client = _cli_client(root)
+    response = _ipc(lambda: client.create_local_deployment(
+        group_name=group, root_component_versions_to_add=_merge_pairs(merge) or None,
+        root_components_to_remove=list(remove) or None, component_to_configuration=configuration,
+        recipe_directory_path=str(Path(recipe_dir).resolve()) if recipe_dir else None,
+        artifacts_directory_path=str(Path(artifact_dir).resolve()) if artifact_dir else None,
+        failure_handling_policy=failure_handling_policy))
+    click.echo(f"Local deployment submitted! Deployment Id: {response.deployment_id}")
+
+
+@deployment_group.command("status")
+@click.option("--root", required=True, type=click.Path(file_okay=False))
+@click.option("--deploymentId", "-i", "deployment_id", required=True)
+def deployment_status(root: str, deployment_id: str) -> None:
+    """One local deployment's status."""
+    d = _ipc(lambda: _cli_client(root).get_local_deployment_status(deployment_id=deployment_id)).deployment
+    click.echo(f"{d.deployment_id}: {d.status}")
+    click.echo(f"Created on: {d.created_on}")
+    details = d.deployment_status_details
+    if d.status == "FAILED" and details is not None:
+        click.echo(f"Detailed Status: {details.detailed_deployment_status}")
+        click.echo(f"Deployment Error Stack: {', '.join(details.deployment_error_stack or [])}")
+        click.echo(f"Deployment Error Types: {', '.join(details.deployment_error_types or [])}")
+        click.echo(f"Deployment Failure Cause: {details.deployment_failure_cause}")
+
+
+@deployment_group.command("list")
+@click.option("--root", required=True, type=click.Path(file_okay=False))
+def deployment_list(root: str) -> None:
+    """Every local deployment."""
+    deployments = _ipc(lambda: _cli_client(root).list_local_deployments()).local_deployments or []
+    click.echo("\n\n".join(f"Deployment ID: {d.deployment_id}\nCreated on: {d.created_on}\nStatus: {d.status}"
+                            for d in deployments))
+
+
+@device.group("component")
+def component_group() -> None:
+    """Components on a running nucleus (greengrass-cli component ...)."""
+
+
+def _component_block(c) -> str:
+    return (f"Component Name: {c.component_name}\n    Version: {c.version}\n    State: {c.state}\n"
+            f"    Configuration: {json.dumps(c.configuration or {}, sort_keys=True)}")
+
+
+@component_group.command("list")
+@click.option("--root", required=True, type=click.Path(file_okay=False))
+def component_list(root: str) -> None:
+    components = _ipc(lambda: _cli_client(root).list_components()).components or []
+    click.echo("Components currently running in Greengrass:")
+    for c in components:
+        click.echo(_component_block(c))
+
+
+def _names(names: str) -> list[str]:
+    out = [n.strip() for n in names.split(",") if n.strip()]
+    if not out:
+        _fail("--names: give at least one component name")
+    return out
+
+
+@component_group.command("details")
+@click.option("--root", required=True, type=click.Path(file_okay=False))
+@click.option("--name", "-n", "--names", "names", required=True)
+def component_details(root: str, names: str) -> None:
+    client = _cli_client(root)
+    for name in _names(names):
+        click.echo(_component_block(_ipc(lambda: client.get_component_details(component_name=name)).component_details))
+
+
+@component_group.command("restart")
+@click.option("--root", required=True, type=click.Path(file_okay=False))
+@click.option("--names", "-n", "names", required=True, help="Comma-separated component names.")
+def component_restart(root: str, names: str) -> None:
+    client = _cli_client(root)
+    for name in _names(names):
+        _ipc(lambda: client.restart_component(component_name=name))
+
+
+@component_group.command("stop")
+@click.option("--root", required=True, type=click.Path(file_okay=False))
+@click.option("--names", "-n", "names", required=True, help="Comma-separated component names.")
+def component_stop(root: str, names: str) -> None:
+    client = _cli_client(root)
+    for name in _names(names):
+        _ipc(lambda: client.stop_component(component_name=name))
+
+
 @click.group("fleet")
 def fleet() -> None:
     """Many gateways on this machine."""
