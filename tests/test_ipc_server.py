@@ -24,6 +24,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -49,6 +50,7 @@ from awsiot.greengrasscoreipc.model import (
     UnauthorizedError,
 )
 
+from windfleet.nucleus import eventstream as es
 from windfleet.nucleus.runtime import DeviceRuntime, Settings
 from windfleet.nucleus.sources import DirectorySource
 from tests.mqtt_fixtures import Subscriber, broker, wait_until  # noqa: F401  (broker is a fixture)
@@ -384,6 +386,81 @@ def test_client_killed_mid_stream(nucleus, tmp_path):
     assert events[0].json_message.message == {"to": "alive"}
 
 
+def _raw_read(sock: socket.socket, decoder: es.Decoder, until, deadline: float) -> tuple[list, bool]:
+    """Read frames until ``until(messages)`` or EOF or ``deadline``; returns (messages, eof)."""
+    messages: list = []
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, min(0.2, deadline - time.monotonic())))
+        try:
+            data = sock.recv(1 << 20)
+        except socket.timeout:
+            if until(messages):
+                return messages, False
+            continue
+        if not data:
+            return messages, True
+        messages += decoder.feed(data)  # a FramingError here is a torn stream: the test fails
+        if until(messages):
+            return messages, False
+    return messages, False
+
+
+def test_slow_subscriber_never_sees_a_torn_frame(nucleus):
+    """A subscriber that stops reading for ``send_timeout`` loses its connection (counted)
+    instead of stalling publishers.  A send that timed out part-way through a frame cannot be
+    resumed (event-stream framing, aws-c-event-stream), so nothing may be written after it:
+    the client sees the frames before, then end of stream, never a valid-looking frame
+    spliced onto half of one.  Other clients keep being served."""
+    rt = nucleus.runtime
+    rt.ipc.send_timeout = 0.3  # applied to connections accepted from now on
+    token = nucleus.principal(TESTER, {"accessControl": ALL_PUBSUB})
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(nucleus.socket)
+    try:
+        decoder = es.Decoder()
+        raw.sendall(es.rpc_message(es.CONNECT, 0, json.dumps({"authToken": token}).encode(),
+                                   headers={":version": "0.1.0"}))
+        msgs, _ = _raw_read(raw, decoder, lambda m: any(x.message_type == es.CONNECT_ACK for x in m),
+                            time.monotonic() + 5)
+        assert msgs and msgs[0].flags & es.CONNECTION_ACCEPTED
+        raw.sendall(es.rpc_message(es.APPLICATION_MESSAGE, 1, json.dumps({"topic": "demo/slow"}).encode(), headers={
+            "operation": "aws.greengrass#SubscribeToTopic", "service-model-type": "aws.greengrass#SubscribeToTopicRequest",
+            ":content-type": "application/json"}))
+        msgs, _ = _raw_read(raw, decoder, lambda m: any(x.stream_id == 1 for x in m), time.monotonic() + 5)
+        assert msgs[0].header("service-model-type") == "aws.greengrass#SubscribeToTopicResponse"
+
+        pub = nucleus.client(token)
+        big = os.urandom(256 * 1024)
+        for _ in range(12):  # the raw reader does not read: its socket buffer fills, a send times out
+            call(pub, "publish_to_topic", topic="demo/slow", publish_message=PublishMessage(
+                binary_message=BinaryMessage(message=big)))
+            if rt.ipc.counters.get("send_timeouts", 0):
+                break
+        assert rt.ipc.counters.get("send_timeouts", 0) >= 1, "the slow subscriber never timed out"
+        # more publishes after the timeout: none of them may reach the torn connection
+        call(pub, "publish_to_topic", topic="demo/slow", publish_message=PublishMessage(
+            json_message=JsonMessage(message={"marker": True})))
+
+        msgs, eof = _raw_read(raw, decoder, lambda m: False, time.monotonic() + 3)
+        assert eof, "the server kept a connection whose last frame it could not finish"
+        assert not any(b'"marker"' in m.payload for m in msgs), "a frame was written after a torn one"
+        assert all(m.payload == big for m in msgs if m.stream_id == 1), "a delivered frame was corrupt"
+
+        # the publisher (another connection) is unaffected
+        listener = nucleus.client(token)
+        got = []
+        listener.subscribe_to_topic(topic="demo/after", on_stream_event=got.append)
+        call(pub, "publish_to_topic", topic="demo/after", publish_message=PublishMessage(
+            json_message=JsonMessage(message={"ok": 1})))
+        deadline = time.monotonic() + 5
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert got and got[0].json_message.message == {"ok": 1}
+    finally:
+        raw.close()
+
+
 # ================================================================ configuration
 def test_get_configuration(nucleus):
     """Developer guide "Interact with component configuration" / ConfigStoreIPCEventStreamAgent:
@@ -584,6 +661,48 @@ def test_component_update_notify_and_defer(nucleus):
     assert nucleus.component(SLEEPER).version == "1.0.1"
     assert time.monotonic() - t0 < 5, "the acknowledgement did not end the wait"
     assert events.empty()
+
+
+def test_component_updates_reach_every_subscription(nucleus):
+    """LifecycleIPCEventStreamAgent keeps a *set* of SubscribeToComponentUpdates listeners per
+    component (componentUpdateListeners: add on subscribe, remove *this* stream on close) and
+    sends the PreComponentUpdateEvent to each.  So with two subscriptions of one component,
+    closing the first must leave the second subscribed and notified."""
+    write_recipe(nucleus.recipes, SLEEPER, "1.0.0", config=_sleeper_config())
+    write_recipe(nucleus.recipes, SLEEPER, "1.0.1", config=_sleeper_config())
+    nucleus.deploy({SLEEPER: "1.0.0"})
+    rt = nucleus.runtime
+    first, second = nucleus.client(rt.svcuids[SLEEPER]), nucleus.client(rt.svcuids[SLEEPER])
+    first_events: queue.Queue = queue.Queue()
+    second_events: queue.Queue = queue.Queue()
+    _, first_op = subscribe(first, "subscribe_to_component_updates", on_stream_event=first_events.put)
+    subscribe(second, "subscribe_to_component_updates", on_stream_event=second_events.put)
+    first_op.close().result(CALL_TIMEOUT)
+    time.sleep(0.2)  # let the server process the close
+
+    source = DirectorySource(nucleus.recipes, nucleus.artifacts, {SLEEPER: "1.0.1"})
+    deployment = source.deployment()
+    deployment["deploymentId"] = "cloud-notify-2"
+    deployment["deploymentPolicies"] = {"failureHandlingPolicy": "DO_NOTHING", "componentUpdatePolicy": {
+        "action": "NOTIFY_COMPONENTS", "timeoutInSeconds": 3}}
+    result: dict = {}
+    applier = threading.Thread(target=lambda: result.update(status=rt.apply(deployment, source=source)),
+                               daemon=True)
+    applier.start()
+    try:
+        try:
+            event = second_events.get(timeout=4)
+        except queue.Empty:
+            pytest.fail("the remaining subscription got no preUpdateEvent: closing the other stream "
+                        "unsubscribed the component entirely")
+        assert event.pre_update_event is not None and event.pre_update_event.deployment_id == "cloud-notify-2"
+        call(second, "defer_component_update", deployment_id="cloud-notify-2", recheck_after_ms=0)
+        post = second_events.get(timeout=20)
+        assert post.post_update_event is not None
+        assert first_events.empty()
+    finally:
+        applier.join(30)
+    assert result.get("status") == "SUCCEEDED"
 
 
 # ================================================================ IoT Core

@@ -146,12 +146,13 @@ class Deployments:
         the longest DeferComponentUpdate, then ask again (UpdateSystemPolicyService)."""
         while True:
             with self._lock:
-                watchers = dict(self.update_watchers)
+                watchers = {n: list(s) for n, s in self.update_watchers.items()}
                 if not watchers:
                     return
                 self.pending_update = {"deploymentId": dep_id, "replies": {}}
-            for stream in watchers.values():
-                stream.send({"preUpdateEvent": {"deploymentId": dep_id, "isGgcRestarting": False}})
+            for streams in watchers.values():
+                for stream in streams:
+                    stream.send({"preUpdateEvent": {"deploymentId": dep_id, "isGgcRestarting": False}})
             start = time.monotonic()
             while time.monotonic() - start < timeout:
                 with self._lock:
@@ -176,7 +177,7 @@ class Deployments:
 
     def _notify_post_update(self, dep_id: str) -> None:
         with self._lock:
-            watchers = list(self.update_watchers.values())
+            watchers = [s for streams in self.update_watchers.values() for s in streams]
         for stream in watchers:
             stream.send({"postUpdateEvent": {"deploymentId": dep_id}})
 

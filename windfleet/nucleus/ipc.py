@@ -19,8 +19,8 @@ wire and the routing:
 * a client that dies mid-stream just closes its connection: its streams go with it.
 
 Threading: one thread per connection reads; writes to a connection are
-serialised by its lock and time out after ``send_timeout`` (a subscriber that
-stops reading loses messages, counted, instead of stalling publishers).
+serialised by its lock and time out after ``send_timeout``: a client that stops
+reading that long loses its connection (counted) instead of stalling publishers.
 """
 
 from __future__ import annotations
@@ -117,9 +117,16 @@ class Connection:
                 self.sock.sendall(frame)
                 return True
             except socket.timeout:
+                # Part of the frame may be out: the stream cannot be resynchronised, so the
+                # connection goes (the client reconnects; pub/sub keeps no queue anyway).
                 self.server.count("send_timeouts")
-                self.server.limited.warn("send_timeout", "IPC client not reading; message dropped",
+                self.server.limited.warn("send_timeout", "IPC client stopped reading; connection closed",
                                          component=self.component)
+                self.alive = False
+                try:
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
                 return False
             except OSError:
                 self.alive = False

@@ -197,8 +197,16 @@ class IpcOperations:
         with self._lock:
             if component not in self.components:
                 raise IpcError("ResourceNotFoundError", f"Component {component} not found")
-            self.update_watchers[component] = stream
-        stream.on_close.append(lambda: self.update_watchers.pop(component, None))
+            self.update_watchers.setdefault(component, []).append(stream)
+
+        def unwatch() -> None:
+            with self._lock:
+                streams = self.update_watchers.get(component, [])
+                if stream in streams:
+                    streams.remove(stream)
+                if not streams:
+                    self.update_watchers.pop(component, None)
+        stream.on_close.append(unwatch)
         return {}
 
     def op_DeferComponentUpdate(self, component: str, request: dict, stream: Stream | None) -> dict:
