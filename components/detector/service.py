@@ -489,20 +489,25 @@ def load_initial_model(model_dir: str | os.PathLike | None, work_dir: str | os.P
 def model_locator(bus, models_root: str | os.PathLike) -> Any:
     """A function giving the model dir the model component's configuration names: the
     version under ``models_root`` (``{kernel:rootPath}/packages/artifacts/<model component>``)
-    whose card carries the configured ``OnnxSha256``; None while nothing matches."""
+    whose card carries the configured ``OnnxSha256`` (and ``ModelVersion``); None while nothing
+    matches."""
     root = Path(models_root)
 
     def locate() -> Path | None:
-        sha = bus.get_configuration(MODEL_COMPONENT).get("OnnxSha256")
+        config = bus.get_configuration(MODEL_COMPONENT)
+        sha, version = config.get("OnnxSha256"), config.get("ModelVersion")
         if not sha:
             return None
-        for card in sorted(root.glob(f"*/{mc.CARD_FILE}")):
+        matches = []
+        for card_path in sorted(root.glob(f"*/{mc.CARD_FILE}")):
             try:
-                if json.loads(card.read_text()).get("onnx_sha256") == sha:
-                    return card.parent
-            except (OSError, ValueError, AttributeError):
+                card = json.loads(card_path.read_text())
+            except (OSError, ValueError):
                 continue
-        return None
+            if isinstance(card, dict) and card.get("onnx_sha256") == sha:
+                matches.append((card.get("version") == version, card_path.parent))
+        # the same weights may ship under two versions: the card's version decides
+        return max(matches, key=lambda m: m[0])[1] if matches else None
     return locate
 
 
