@@ -10,15 +10,19 @@ import pytest
 from awsiot.greengrasscoreipc.model import (
     QOS,
     BinaryMessage,
+    ComponentUpdatePolicyEvents,
     ConfigurationUpdateEvent,
     ConfigurationUpdateEvents,
     GetConfigurationResponse,
+    PostComponentUpdateEvent,
+    PreComponentUpdateEvent,
     JsonMessage,
     MessageContext,
     PublishMessage,
     PublishToIoTCoreResponse,
     PublishToTopicResponse,
     ReportedLifecycleState,
+    SubscribeToComponentUpdatesResponse,
     SubscribeToConfigurationUpdateResponse,
     SubscribeToTopicResponse,
     SubscriptionResponseMessage,
@@ -26,7 +30,7 @@ from awsiot.greengrasscoreipc.model import (
 )
 
 from windfleet import payloads, topics
-from windfleet.components.bus import connect
+from windfleet.components.bus import NotUnderNucleus, connect
 from windfleet.components.bus.ipc import IpcBus
 from tests.mqtt_fixtures import wait_until
 
@@ -42,14 +46,19 @@ class FakeOperation:
 class FakeIPCClientV2:
     """The ClientV2 methods the bus uses, recording calls; streams are driven by the test."""
 
-    def __init__(self, config: dict | None = None, fail_iot_core: bool = False):
+    def __init__(self, config: dict | None = None, fail_iot_core: bool = False,
+                 others: dict[str, dict] | None = None):
         self.published: list[tuple[str, PublishMessage]] = []
         self.iot_core: list[dict] = []
         self.states: list[str] = []
         self.streams: dict[str, object] = {}
         self.config_streams: list = []
+        self.config_stream_components: list = []
+        self.config_reads: list = []
+        self.update_streams: list = []
         self.operations: list[FakeOperation] = []
         self.config = config or {}
+        self.others = dict(others or {})  # other components' configuration, by name
         self.fail_iot_core = fail_iot_core
         self.closed = False
 
@@ -71,14 +80,27 @@ class FakeIPCClientV2:
         return PublishToIoTCoreResponse()
 
     def get_configuration(self, *, component_name=None, key_path=None):
-        return GetConfigurationResponse(component_name="com.windfleet.X", value=dict(self.config))
+        self.config_reads.append(component_name)
+        if component_name is None:
+            return GetConfigurationResponse(component_name="com.windfleet.LogForwarder", value=dict(self.config))
+        if component_name not in self.others:
+            raise KeyError(f"{component_name} is not deployed")  # the SDK raises ResourceNotFoundError
+        return GetConfigurationResponse(component_name=component_name, value=dict(self.others[component_name]))
 
     def subscribe_to_configuration_update(self, *, component_name=None, key_path=None, stream_handler=None,
                                           on_stream_event=None, on_stream_error=None, on_stream_closed=None):
         self.config_streams.append(on_stream_event)
+        self.config_stream_components.append(component_name)
         op = FakeOperation()
         self.operations.append(op)
         return SubscribeToConfigurationUpdateResponse(), op
+
+    def subscribe_to_component_updates(self, *, stream_handler=None, on_stream_event=None, on_stream_error=None,
+                                       on_stream_closed=None):
+        self.update_streams.append(on_stream_event)
+        op = FakeOperation()
+        self.operations.append(op)
+        return SubscribeToComponentUpdatesResponse(), op
 
     def update_state(self, *, state=None):
         self.states.append(state)
@@ -86,6 +108,38 @@ class FakeIPCClientV2:
 
     def close(self):
         self.closed = True
+
+
+class Future:
+    """The concurrent.futures.Future subset IpcBus uses, resolved at once."""
+
+    def __init__(self, exc: Exception | None = None):
+        self._exc = exc
+
+    def exception(self):
+        return self._exc
+
+    def add_done_callback(self, fn):
+        fn(self)
+
+
+class AsyncFakeIPCClientV2(FakeIPCClientV2):
+    """A client with ``publish_to_topic_async`` (as ClientV2 has): the bus pipelines publishes."""
+
+    def __init__(self, fail_publish: bool = False, **kw):
+        super().__init__(**kw)
+        self.fail_publish = fail_publish
+        self.sync_publishes = 0
+
+    def publish_to_topic(self, **kw):
+        self.sync_publishes += 1
+        return super().publish_to_topic(**kw)
+
+    def publish_to_topic_async(self, *, topic=None, publish_message=None):
+        if self.fail_publish:
+            return Future(RuntimeError("UnauthorizedError"))
+        self.published.append((topic, publish_message))
+        return Future()
 
 
 @pytest.fixture
@@ -166,15 +220,86 @@ def test_close_closes_streams_and_client(ipc):
     assert all(op.closed for op in client.operations) and client.closed
 
 
+def test_publish_pipelines_through_the_async_call_and_counts_failures():
+    client = AsyncFakeIPCClientV2()
+    bus = IpcBus("com.windfleet.TurbineSimulator", client, thing="gw1", version="1.0.0")
+    try:
+        bus.publish(topics.readings("gw1-t00"), b"r1")
+        assert client.published == [(topics.readings("gw1-t00"),
+                                     PublishMessage(binary_message=BinaryMessage(message=b"r1")))]
+        assert client.sync_publishes == 0 and bus.publish_errors == 0
+        client.fail_publish = True
+        bus.publish(topics.readings("gw1-t00"), b"r2")  # refused: counted, not raised
+        assert bus.publish_errors == 1 and len(client.published) == 1
+    finally:
+        bus.close()
+
+
+def test_configuration_of_another_component_and_its_updates():
+    client = FakeIPCClientV2(config={"turbines": 3}, others={"com.windfleet.AnomalyModel": {"OnnxSha256": "aa"}})
+    bus = IpcBus("com.windfleet.AnomalyDetector", client, thing="gw1", version="1.0.0")
+    try:
+        assert bus.get_configuration("com.windfleet.AnomalyModel") == {"OnnxSha256": "aa"}
+        assert bus.get_configuration() == {"turbines": 3}
+        assert client.config_reads == ["com.windfleet.AnomalyModel", None]
+        with pytest.raises(KeyError):
+            bus.get_configuration("com.windfleet.NotDeployed")
+        updates = []
+        bus.on_configuration_update(updates.append, component="com.windfleet.AnomalyModel")
+        assert client.config_stream_components == ["com.windfleet.AnomalyModel"]
+        client.others["com.windfleet.AnomalyModel"] = {"OnnxSha256": "bb"}
+        client.config_streams[0](ConfigurationUpdateEvents(configuration_update_event=ConfigurationUpdateEvent(
+            component_name="com.windfleet.AnomalyModel", key_path=["OnnxSha256"])))
+        wait_until(lambda: updates, 5)
+        # the handler gets the whole configuration of the component it follows, read again
+        assert updates == [{"OnnxSha256": "bb"}]
+    finally:
+        bus.close()
+
+
+def test_component_update_events_reach_the_handler(ipc):
+    client, bus = ipc
+    got = []
+    bus.on_component_update(lambda kind, dep: got.append((kind, dep)))
+    stream = client.update_streams[0]
+    stream(ComponentUpdatePolicyEvents(pre_update_event=PreComponentUpdateEvent(deployment_id="d1",
+                                                                                is_ggc_restarting=False)))
+    stream(ComponentUpdatePolicyEvents(post_update_event=PostComponentUpdateEvent(deployment_id="d1")))
+    wait_until(lambda: len(got) == 2, 5)
+    assert got == [("pre", "d1"), ("post", "d1")]
+    bus.close()
+    assert all(op.closed for op in client.operations)
+
+
 def test_connect_picks_ipc_in_the_nucleus_environment(monkeypatch):
     monkeypatch.setenv("AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT", "/tmp/ipc.socket")
     monkeypatch.setenv("SVCUID", "secret")
     monkeypatch.setenv("AWS_IOT_THING_NAME", "gw42")
     fake = FakeIPCClientV2()
+    made = []
+
+    def factory(**kwargs):
+        made.append(kwargs)
+        return fake
+
     import awsiot.greengrasscoreipc.clientv2 as clientv2
-    monkeypatch.setattr(clientv2, "GreengrassCoreIPCClientV2", lambda: fake)
+    monkeypatch.setattr(clientv2, "GreengrassCoreIPCClientV2", factory)
     bus = connect("com.windfleet.AnomalyDetector")
     try:
         assert isinstance(bus, IpcBus) and bus.client is fake and bus.thing_name == "gw42"
+        # stream events on the connection's thread, in arrival order
+        assert made == [{"executor": None}]
     finally:
         bus.close()
+
+
+@pytest.mark.parametrize("missing", ["AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT", "SVCUID"])
+def test_connect_outside_a_nucleus_refuses(monkeypatch, missing):
+    monkeypatch.setenv("AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT", "/tmp/ipc.socket")
+    monkeypatch.setenv("SVCUID", "secret")
+    monkeypatch.delenv(missing)
+    import awsiot.greengrasscoreipc.clientv2 as clientv2
+    monkeypatch.setattr(clientv2, "GreengrassCoreIPCClientV2",
+                        lambda **kw: pytest.fail("no client may be made outside a nucleus"))
+    with pytest.raises(NotUnderNucleus, match=missing):
+        connect("com.windfleet.AnomalyDetector")

@@ -2,12 +2,13 @@
 bounded queue, model swaps and window continuity across a restart.
 
 The bus is an in-memory fake with the Bus interface; tests/test_detector_e2e.py
-repeats the cross-process behaviours with real Mosquitto and real processes.
+repeats the cross-process behaviours with real processes under the local nucleus.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from windfleet import payloads, topics
 from windfleet.components.bus.base import Bus
 from windfleet.components.detector import Detector, load_model
 from windfleet.components.detector.model import session_options
+from windfleet.components.detector.service import MODEL_COMPONENT, model_locator
 from windfleet.components.detector.service import run as run_detector
 from windfleet.preprocessing import prepare, raw_features, sliding_windows
 from windfleet.simulation import Turbine, turbine_seed
@@ -33,13 +35,16 @@ FIELDS = payloads.SAMPLE_FIELDS + payloads.EXTRA_SAMPLE_FIELDS
 class FakeBus(Bus):
     """Records everything; ``deliver`` plays the broker's part."""
 
-    def __init__(self, thing: str = THING, config: dict | None = None):
+    def __init__(self, thing: str = THING, config: dict | None = None, others: dict[str, dict] | None = None):
         self.thing_name, self.component_name, self.version = thing, "test", "0.1.0"
         self.config = config or {}
+        self.others = dict(others or {})  # other deployed components' configuration
         self.published: list[tuple[str, dict]] = []
         self.states: list[tuple[str, dict]] = []
         self.handlers: dict[str, list] = {}
         self.config_handlers: list = []
+        self.other_config_handlers: dict[str, list] = {}
+        self.update_handlers: list = []
         self.closed = False
         self._lock = threading.Lock()
 
@@ -60,11 +65,21 @@ class FakeBus(Bus):
     def publish_cloud(self, topic, payload, qos=1):
         return False
 
-    def get_configuration(self):
-        return dict(self.config)
+    def get_configuration(self, component=None):
+        if component is None:
+            return dict(self.config)
+        if component not in self.others:
+            raise LookupError(f"{component} is not deployed")  # as GetConfiguration's ResourceNotFoundError
+        return dict(self.others[component])
 
-    def on_configuration_update(self, handler):
-        self.config_handlers.append(handler)
+    def on_configuration_update(self, handler, component=None):
+        if component is None:
+            self.config_handlers.append(handler)
+        else:
+            self.other_config_handlers.setdefault(component, []).append(handler)
+
+    def on_component_update(self, handler):
+        self.update_handlers.append(handler)
 
     def update_state(self, state, **extra):
         self.states.append((state, extra))
@@ -246,8 +261,10 @@ def test_a_bad_new_model_is_refused_and_the_old_one_keeps_scoring(model_v1, tmp_
     else:
         edit_card(bad, features=["roll", "pitch", "yaw", "rps", "wind_speed_rps", "voltage"])
     assert det.swap(bad) is False
+    # Refused, not failed: the detector stays RUNNING (ERRORED would make the nucleus restart
+    # it) and says why; the model component's Install check is what fails a deployment.
     state, extra = bus.states[-1]
-    assert state == "ERRORED" and extra["failed_model_version"] == "3.0.0" and extra["reason"]
+    assert state == "RUNNING" and extra["failed_model_version"] == "3.0.0" and extra["reason"]
     assert extra["model_version"] == "1.0.0"
     assert det.snapshot()["model_load_failures"] == 1
     for raw in messages(tid, simulate_stream(tid, 200)):
@@ -255,7 +272,12 @@ def test_a_bad_new_model_is_refused_and_the_old_one_keeps_scoring(model_v1, tmp_
     drain(det)
     assert bus.scores() and {s["model_version"] for s in bus.scores()} == {"1.0.0"}
     health = det.health()
-    assert health["state"] == "ERRORED" and health["failed_model_version"] == "3.0.0" and health["reason"]
+    assert health["state"] == "RUNNING" and health["failed_model_version"] == "3.0.0" and health["reason"]
+    # a good model afterwards clears the reason
+    assert det.swap(model_v1) is True
+    state, extra = bus.states[-1]
+    assert state == "RUNNING" and "reason" not in extra and "failed_model_version" not in extra
+    assert "reason" not in det.health()
 
 
 def test_configuration_update_naming_a_new_model_dir_swaps(model_v1, model_v2, tmp_path):
@@ -303,12 +325,90 @@ def test_run_with_a_bad_model_dir_falls_back_to_the_last_good_one(model_v1, tmp_
     bus = FakeBus(config={"turbines": 1})
     assert run_detector(bus, bad, work, stop) == 0
     state, extra = bus.states[-1]
-    assert state == "ERRORED" and extra["failed_model_version"] == "4.0.0" and "sha256" in extra["reason"]
+    assert state == "RUNNING" and extra["failed_model_version"] == "4.0.0" and "sha256" in extra["reason"]
     assert extra["model_version"] == "1.0.0"
     # no last good model and a bad one: nothing to score with -> exit code 1, reported
     bus = FakeBus(config={"turbines": 1})
     assert run_detector(bus, bad, tmp_path / "fresh-work", stop) == 1
-    assert bus.states[-1][0] == "ERRORED"
+    assert bus.states[-1][0] == "ERRORED" and "sha256" in bus.states[-1][1]["reason"]
+
+
+def _models_root(tmp_path: Path, *packages: Path) -> Path:
+    """``{kernel:rootPath}/packages/artifacts/<model component>``: one dir per version."""
+    root = tmp_path / "artifacts" / MODEL_COMPONENT
+    for package in packages:
+        version = json.loads((package / mc.CARD_FILE).read_text())["version"]  # no checks: bad ones too
+        shutil.copytree(package, root / version)
+    return root
+
+
+def _model_config(package: Path) -> dict:
+    card = json.loads((package / mc.CARD_FILE).read_text())
+    return {"OnnxSha256": card["onnx_sha256"], "ModelVersion": card["version"]}
+
+
+def test_model_locator_follows_the_model_components_configuration(model_v1, model_v2, tmp_path):
+    root = _models_root(tmp_path, model_v1, model_v2)
+    # the same weights shipped again under another version: the configured version decides
+    shutil.copytree(model_v1, root / "1.0.1")
+    edit_card(root / "1.0.1", version="1.0.1")
+    bus = FakeBus()
+    locate = model_locator(bus, root)
+    with pytest.raises(LookupError):
+        locate()  # the model component is not deployed
+    bus.others[MODEL_COMPONENT] = {}
+    assert locate() is None  # deployed, no OnnxSha256 yet
+    bus.others[MODEL_COMPONENT] = _model_config(model_v2)
+    assert locate() == root / "2.0.0"
+    bus.others[MODEL_COMPONENT] = _model_config(model_v1)
+    assert locate() == root / "1.0.0"
+    bus.others[MODEL_COMPONENT] = {**_model_config(model_v1), "ModelVersion": "1.0.1"}
+    assert locate() == root / "1.0.1"
+    bus.others[MODEL_COMPONENT] = {"OnnxSha256": "f" * 64, "ModelVersion": "9.0.0"}
+    assert locate() is None  # not on the device (yet)
+
+
+@pytest.mark.timeout(60)
+def test_run_follows_the_model_component_and_keeps_running_on_a_bad_one(model_v1, model_v2, tmp_path):
+    from tests.mqtt_fixtures import wait_until
+
+    bad = build_model_package(tmp_path / "bad", "3.0.0", seed=0)
+    edit_card(bad, onnx_sha256="2" * 64)  # the card's digest no longer matches model.onnx
+    root = _models_root(tmp_path, model_v1, model_v2, bad)
+    bus = FakeBus(config={"turbines": 1}, others={MODEL_COMPONENT: _model_config(model_v1)})
+    stop = threading.Event()
+    result = []
+    thread = threading.Thread(target=lambda: result.append(run_detector(bus, None, tmp_path / "work", stop,
+                                                                        models_root=root)), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: bus.states and bus.states[-1][1].get("model_version") == "1.0.0", 20, message="v1")
+        assert bus.states[-1][0] == "RUNNING"
+        assert len(bus.update_handlers) == 1  # component-update events trigger a look at the model
+        # A deployment changes the model component's configuration; the post-update event
+        # makes the detector look at once (not after MODEL_CHECK_INTERVAL).
+        bus.others[MODEL_COMPONENT] = _model_config(model_v2)
+        for handler in bus.update_handlers:
+            handler("post", "deployment-2")
+        wait_until(lambda: bus.states[-1][1].get("model_version") == "2.0.0", 20, message="v2 swapped in")
+        assert bus.states[-1][0] == "RUNNING"
+        # A model that fails its checks: refused, v2 keeps scoring, still RUNNING, with a reason.
+        bus.others[MODEL_COMPONENT] = _model_config(bad)
+        for handler in bus.update_handlers:
+            handler("post", "deployment-3")
+        wait_until(lambda: bus.states[-1][1].get("failed_model_version") == "3.0.0", 20, message="v3 refused")
+        state, extra = bus.states[-1]
+        assert state == "RUNNING" and extra["model_version"] == "2.0.0" and extra["reason"]
+        tid = f"{THING}-t00"
+        for raw in messages(tid, simulate_stream(tid, 200)):
+            bus.deliver(topics.readings(tid), raw)
+        wait_until(lambda: bus.scores(), 20, message="scores")
+        assert {s["model_version"] for s in bus.scores()} == {"2.0.0"}
+    finally:
+        stop.set()
+        thread.join(30)
+    assert result == [0]
+    assert json.loads((tmp_path / "work" / "last_good" / "model.json").read_text())["version"] == "2.0.0"
 
 
 def test_a_trained_package_scores_like_the_training_side(model_dir, tmp_path):

@@ -52,10 +52,13 @@ class MemoryBus(Bus):
         self.cloud.append(payload)
         return True
 
-    def get_configuration(self):
+    def get_configuration(self, component=None):
+        if component not in (None, self.component_name):
+            raise LookupError(f"{component} is not deployed")  # only the forwarder is, here
         return dict(self.config)
 
-    def on_configuration_update(self, handler):
+    def on_configuration_update(self, handler, component=None):
+        assert component in (None, self.component_name), "the forwarder follows only its own configuration"
         self.config_handlers.append(handler)
 
     def update_state(self, state, **extra):

@@ -12,7 +12,9 @@ import jsonschema
 import pytest
 import yaml
 
+from windfleet import topics
 from windfleet.nucleus import recipe as R
+from windfleet.nucleus.authorization import Authorizer
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMAS = Path("/work/shared/schemas")
@@ -75,25 +77,60 @@ def test_the_validator_can_fail():
     assert list(jsonschema.Draft7Validator(schema).iter_errors(load(RECIPE_FILES[0])))
 
 
+PUBSUB, MQTTPROXY = "aws.greengrass.ipc.pubsub", "aws.greengrass.ipc.mqttproxy"
+PUBLISH, SUBSCRIBE = "aws.greengrass#PublishToTopic", "aws.greengrass#SubscribeToTopic"
+TO_IOT_CORE = "aws.greengrass#PublishToIoTCore"
+# What each component does on the bus (windfleet.components.*), on gateway gw1 with turbine gw1-t03.
+NEEDS = {
+    "com.windfleet.TurbineSimulator": [(PUBSUB, PUBLISH, topics.readings("gw1-t03")),
+                                       (PUBSUB, PUBLISH, topics.labels("gw1-t03")),
+                                       (PUBSUB, PUBLISH, topics.health("gw1")), (PUBSUB, PUBLISH, topics.logs("gw1"))],
+    "com.windfleet.AnomalyDetector": [(PUBSUB, SUBSCRIBE, topics.readings("gw1-t03")),
+                                      (PUBSUB, PUBLISH, topics.scores("gw1-t03")),
+                                      (PUBSUB, PUBLISH, topics.health("gw1")), (PUBSUB, PUBLISH, topics.logs("gw1"))],
+    "com.windfleet.LogForwarder": [(PUBSUB, SUBSCRIBE, topics.scores("gw1-t03")),
+                                   (PUBSUB, SUBSCRIBE, topics.health("gw1")), (PUBSUB, SUBSCRIBE, topics.logs("gw1")),
+                                   (PUBSUB, PUBLISH, topics.health("gw1")),
+                                   (MQTTPROXY, TO_IOT_CORE, topics.telemetry("gw1"))],
+    "com.windfleet.AnomalyModel": [],
+}
+ALL_TOPICS = [f("gw1-t03") for f in (topics.readings, topics.labels, topics.scores)] + \
+    [f("gw1") for f in (topics.health, topics.logs, topics.telemetry)] + ["windfleet/other", "other/topic"]
+
+
 def test_access_control_is_least_privilege(recipes):
     assert R.access_control_problems(recipes.values()) == []
-    pubsub_resources = []
+    # `*` stands only for the thing / turbine level of a windfleet topic: accessControl is not
+    # interpolated on a stock nucleus, so {iot:thingName} would be literal text and deny everything.
+    allowed = {f("*") for f in (topics.readings, topics.labels, topics.scores, topics.health, topics.logs,
+                                topics.telemetry)}
     for name, recipe in recipes.items():
         acl = recipe.get("ComponentConfiguration", {}).get("DefaultConfiguration", {}).get("accessControl", {})
         for service, policies in acl.items():
             for policy in policies.values():
                 assert "*" not in policy["operations"]
                 for res in policy["resources"]:
-                    assert res != "*" and ("{iot:thingName}" in res), (name, res)
-                    if service == "aws.greengrass.ipc.pubsub":
-                        pubsub_resources.append(res)
-    # Only the forwarder talks to IoT Core, and only on its own telemetry topic.
-    mqtt = {n: r["ComponentConfiguration"]["DefaultConfiguration"]["accessControl"].get("aws.greengrass.ipc.mqttproxy")
-            for n, r in recipes.items() if "ComponentConfiguration" in r}
+                    assert res in allowed and "{iot:thingName}" not in res, (name, res)
+
+    # The nucleus' own authorization over the recipes' default configuration (accessControl
+    # stays in the configuration): each component may do exactly what it does, nothing more.
+    auth = Authorizer("gw1", interpolate=False)
+    for name, recipe in recipes.items():
+        auth.set_component(name, R.default_configuration(recipe))
+    assert auth.errors == []
+    for name in recipes:
+        for service, operation in ((PUBSUB, PUBLISH), (PUBSUB, SUBSCRIBE), (MQTTPROXY, TO_IOT_CORE)):
+            granted = {t for t in ALL_TOPICS if auth.is_authorized(name, service, operation, t)}
+            wanted = {t for s, o, t in NEEDS[name] if (s, o) == (service, operation)}
+            assert granted == wanted, (name, service, operation)
+    # Only the forwarder talks to IoT Core, and only on the telemetry topic.
+    mqtt = {n: r["ComponentConfiguration"]["DefaultConfiguration"]["accessControl"].get(MQTTPROXY)
+            for n, r in recipes.items() if "accessControl" in R.default_configuration(r)}
     assert [n for n, v in mqtt.items() if v] == ["com.windfleet.LogForwarder"]
     policy = next(iter(mqtt["com.windfleet.LogForwarder"].values()))
-    assert policy["resources"] == ["windfleet/fleet/{iot:thingName}/telemetry"]
-    assert policy["operations"] == ["aws.greengrass#PublishToIoTCore"]
+    assert policy["resources"] == [topics.telemetry("*")]
+    assert policy["operations"] == [TO_IOT_CORE]
+    assert not auth.is_authorized("com.windfleet.LogForwarder", MQTTPROXY, TO_IOT_CORE, "windfleet/fleet/gw1/other")
 
 
 def test_access_control_checker_catches_each_mistake(recipes):
@@ -106,7 +143,7 @@ def test_access_control_checker_catches_each_mistake(recipes):
     # the forwarder's mqttproxy may use MQTT wildcards; its duplicated policy id may not
     fwd_acl = fwd["ComponentConfiguration"]["DefaultConfiguration"]["accessControl"]
     fwd_acl["aws.greengrass.ipc.mqttproxy"]["com.windfleet.LogForwarder:mqttproxy:1"]["resources"].append(
-        "windfleet/fleet/{iot:thingName}/#")
+        "windfleet/fleet/*/#")
     fwd_acl["aws.greengrass.ipc.pubsub"]["com.windfleet.AnomalyDetector:pubsub:1"] = {
         "operations": ["aws.greengrass#SubscribeToTopic"], "resources": ["windfleet/devices/x/health"]}
     acl["aws.greengrass.ipc.shadow"] = {}
@@ -116,7 +153,7 @@ def test_access_control_checker_catches_each_mistake(recipes):
     assert "'aws.greengrass#PublishToIoTCore' is not an operation of aws.greengrass.ipc.pubsub" in joined
     assert "also used by com.windfleet.AnomalyDetector" in joined
     assert "unknown IPC service 'aws.greengrass.ipc.shadow'" in joined
-    assert "windfleet/fleet/{iot:thingName}/#" not in joined
+    assert "windfleet/fleet/*/#" not in joined
     assert len(problems) == 5  # the four above + the borrowed id not starting with its component's name
 
 
@@ -149,17 +186,40 @@ def test_lifecycle_install_run_and_the_model_found_through_variables(recipes):
             (artifact,) = manifest["Artifacts"]
             assert artifact["Uri"].endswith("/windfleet.zip") and artifact["Unarchive"] == "ZIP"
     det = recipes["com.windfleet.AnomalyDetector"]
-    assert det["ComponentDependencies"]["com.windfleet.AnomalyModel"]["DependencyType"] == "HARD"
-    assert all("{com.windfleet.AnomalyModel:artifacts:path}" in m["Lifecycle"]["Run"]["Script"] for m in det["Manifests"])
-    gate = R.default_configuration(det)["health_gate"]
-    assert gate["reports_model_of"] == "com.windfleet.AnomalyModel" and gate["timeout_s"] > 0
+    # The detector does not depend on the model (a model change must not restart it): it
+    # follows the model component's configuration over IPC and finds its versions on disk.
+    assert "ComponentDependencies" not in det
+    for m in det["Manifests"]:
+        run = m["Lifecycle"]["Run"]["Script"]
+        assert '--models-root "{kernel:rootPath}/packages/artifacts/com.windfleet.AnomalyModel"' in run
+        assert "{com.windfleet.AnomalyModel:" not in run and "--model-dir" not in run
+    assert "health_gate" not in R.default_configuration(det)
     fwd = recipes["com.windfleet.LogForwarder"]
     assert all('--spool "{work:path}/' in m["Lifecycle"]["Run"]["Script"] for m in fwd["Manifests"])
     model = recipes["com.windfleet.AnomalyModel"]
+    # The model HARD-depends on the detector: its Install validates with the detector's code and venv.
+    assert model["ComponentDependencies"]["com.windfleet.AnomalyDetector"]["DependencyType"] == "HARD"
+    assert set(R.default_configuration(model)) >= {"OnnxSha256", "ModelVersion"}
     (manifest,) = model["Manifests"]
-    assert "Lifecycle" not in manifest
+    life = manifest["Lifecycle"]
+    assert set(life) == {"Setenv", "Install"}  # no Run: nothing to restart
+    assert "-m windfleet.components.detector.check_model \"{artifacts:path}\"" in life["Install"]["Script"]
+    assert "{kernel:rootPath}/work/com.windfleet.AnomalyDetector/venv/bin/python3" in life["Install"]["Script"]
+    assert life["Setenv"]["PYTHONPATH"] == "{com.windfleet.AnomalyDetector:artifacts:decompressedPath}/windfleet"
     assert sorted(a["Uri"].rsplit("/", 1)[-1] for a in manifest["Artifacts"]) == ["model.json", "model.onnx"]
     assert all(a["Permission"]["Read"] == "ALL" for a in manifest["Artifacts"])
+    # Everything the recipes reference resolves: no variable is left as literal text.
+    versions = {n: r["ComponentVersion"] for n, r in recipes.items()}
+    configs = {n: R.default_configuration(r) for n, r in recipes.items()}
+    for name, recipe in recipes.items():
+        for manifest in recipe["Manifests"]:
+            ctx = R.Context(name, "gw1", Path("/greengrass/v2"),
+                            artifacts_path=lambda n: Path(f"/gg/art/{n}/{versions[n]}"),
+                            decompressed_path=lambda n: Path(f"/gg/unz/{n}/{versions[n]}"),
+                            work_path=lambda n: Path(f"/gg/work/{n}"), configuration=lambda n: configs[n],
+                            direct_dependencies=list(R.dependencies(recipe)))
+            ctx.interpolate_tree(copy.deepcopy(manifest.get("Lifecycle") or {}))
+            assert ctx.unresolved == [], (name, ctx.unresolved)
 
 
 def test_gdk_config_is_valid_and_names_one_component(recipes):

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.mqtt_fixtures import broker, wait_until  # noqa: F401 (fixture)
-from tests.test_runtime_helpers import FAST, RuntimeThread, deployment, events, make_component, state_of, status
+from tests.mqtt_fixtures import wait_until
+from tests.test_runtime_helpers import (
+    FAST, RuntimeThread, deployment, events, health_acl, make_component, state_of, status,
+)
 from windfleet.nucleus import recipe as R
 from windfleet.nucleus.runtime import DeviceRuntime
 from windfleet.nucleus.sources import DirectorySource
@@ -124,9 +125,18 @@ def test_layout_logs_variables_and_configuration(tmp_path, started):
     assert a["--work"] == str(root / "work/com.t.App") and (root / "work/com.t.App").is_dir()
     assert (a["--root"], a["--thing"], a["--cfg"], a["--dep"]) == (str(root), "gw-lay", "hello", "from-dep")
     assert a["--depart"] == str(root / "packages/artifacts/com.t.Dep/1.0.0")
+    # The merged configuration, as the component reads it over IPC (GetConfiguration).
     assert line["config"] == {"greeting": "hello", "nested": {"a": 1, "b": 3}}
-    assert line["env"]["WINDFLEET_CONFIG_FILE"] == str(rt.config_path("com.t.App"))
-    assert line["env"]["SETENV_WORK"] == a["--work"] and line["env"]["WINDFLEET_THING"] == "gw-lay"
+    # What the nucleus sets for every lifecycle step (developer guide, "Component environment variables").
+    env = line["env"]
+    assert env["SETENV_WORK"] == a["--work"] and env["AWS_IOT_THING_NAME"] == "gw-lay"
+    assert env["AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT"] == str(rt.ipc.path)
+    assert env["SVCUID"] and env["AWS_REGION"] and env["GGC_VERSION"]
+    dep_log = root / "logs" / "com.t.Dep.log"
+    wait_until(lambda: dep_log.exists() and "standin started" in dep_log.read_text(), message="dependency log")
+    dep_env = json.loads(dep_log.read_text().splitlines()[0])["env"]
+    assert dep_env["SVCUID"] != env["SVCUID"]  # one identity per component
+    assert json.loads(dep_log.read_text().splitlines()[0])["config"] == {"shared": "from-dep"}
     runtime_log = [json.loads(x) for x in (root / "logs/greengrass.log").read_text().splitlines()]
     assert any(e["msg"] == "deployment status" and e["status"] == "SUCCEEDED" for e in runtime_log)
 
@@ -200,47 +210,115 @@ def _model(version: str, broken: bool = False) -> dict[str, bytes]:
     return {"model.json": json.dumps(card).encode(), "model.onnx": b"onnx-" + version.encode()}
 
 
+# The model component's Install validates its own package (as com.windfleet.AnomalyModel runs
+# check_model): a bad one exits 1, so the component errors, and on the third error is BROKEN.
+CHECK_MODEL = ("python3 -c \"import json, sys; card = json.load(open('{artifacts:path}/model.json')); "
+               "print('model', card['version'], 'broken' if card['broken'] else 'ok'); "
+               "sys.exit(1 if card['broken'] else 0)\"")
+
+
 @pytest.mark.fault
-def test_health_gate_model_version_success_then_rollback(tmp_path, started, broker):  # noqa: F811
+def test_a_broken_component_fails_the_deployment_and_rollback_restores_the_previous_set(tmp_path, started):
     build, root = tmp_path / "build", tmp_path / "dev"
+    # The detector stand-in reports (over IPC pub/sub) the ModelVersion of the model component's
+    # configuration; the model HARD-depends on it and validates itself in Install.
+    make_component(build, "com.t.Detector", "1.0.0", run="health --follow com.t.Model",
+                   config={"accessControl": health_acl("com.t.Detector")})
     for version, broken in (("1.0.0", False), ("2.0.0", False), ("3.0.0", True)):
-        make_component(build, "com.t.Model", version, run=None, files=_model(version, broken))
-    make_component(build, "com.t.Detector", "1.0.0", run='health --model-dir "{com.t.Model:artifacts:path}"',
-                   deps={"com.t.Model": {"VersionRequirement": ">=1.0.0", "DependencyType": "HARD"}},
-                   config={"health_gate": {"reports_model_of": "com.t.Model", "timeout_s": 20}})
-    user, password = broker.add_device("gw-gate", 1)
-    rt = DeviceRuntime("gw-gate", root, source(build, {"com.t.Detector": "1.0.0", "com.t.Model": "1.0.0"}),
-                       broker=broker.url, broker_user=user, broker_password=password, settings=FAST)
+        make_component(build, "com.t.Model", version, run=None, files=_model(version, broken),
+                       deps={"com.t.Detector": {"VersionRequirement": ">=1.0.0", "DependencyType": "HARD"}},
+                       config={"ModelVersion": version}, install={"Script": CHECK_MODEL, "Timeout": 10})
+
+    def model(version: str) -> DirectorySource:
+        # RESET: the model's configuration is the new version's own (as windfleet's deployer does)
+        return source(build, {"com.t.Detector": "1.0.0", "com.t.Model": version},
+                      update_config={"com.t.Model": {"RESET": [""]}})
+
+    def detector() -> dict:
+        return status(root)["components"]["com.t.Detector"]
+
+    rt = DeviceRuntime("gw-gate", root, model("1.0.0"), settings=FAST)
     started(rt)
     wait_until(lambda: deployment(root).get("status") == "SUCCEEDED", 40, message="v1")
-    assert status(root)["components"]["com.t.Detector"]["model_version"] == "1.0.0"
+    assert state_of(root, "com.t.Model") == "FINISHED"  # no Run: installed and done
+    # the health the stand-in publishes over IPC reaches the nucleus' status
+    wait_until(lambda: detector().get("model_version") == "1.0.0", 20, message="detector reports v1")
+    pid = detector()["pid"]
 
-    v2 = source(build, {"com.t.Detector": "1.0.0", "com.t.Model": "2.0.0"})
+    v2 = model("2.0.0")
     rt.source = v2
     wait_until(lambda: deployment(root)["id"] == v2.deployment_id
                and deployment(root)["status"] == "SUCCEEDED", 40, message="v2")
-    assert status(root)["components"]["com.t.Detector"]["model_version"] == "2.0.0"
+    wait_until(lambda: detector().get("model_version") == "2.0.0", 20, message="detector follows v2")
+    assert detector()["pid"] == pid and detector()["restarts"] == 0  # a new model does not restart it
 
-    v3 = source(build, {"com.t.Detector": "1.0.0", "com.t.Model": "3.0.0"})
+    v3 = model("3.0.0")
     rt.source = v3
     wait_until(lambda: deployment(root)["id"] == v3.deployment_id
                and deployment(root)["status"] == "FAILED", 40, message="v3 fails")
     reason = deployment(root)["reason"]
-    assert "com.t.Detector reported ERRORED: model self-test failed" in reason and reason.endswith("rolled back")
-    wait_until(lambda: status(root)["components"]["com.t.Detector"].get("model_version") == "2.0.0",
-               20, message="back on v2")
+    assert "com.t.Model is BROKEN: install exited with 1" in reason and reason.endswith("rolled back")
+    model_log = (root / "logs" / "com.t.Model.log").read_text()
+    assert model_log.count("model 3.0.0 broken") == 3  # three errors, then BROKEN
+    assert [s for _, s, _ in v3.statuses] == ["IN_PROGRESS", "FAILED"]
+    # ROLLBACK: the previous set and configuration, persisted
     assert status(root)["components"]["com.t.Model"]["version"] == "2.0.0"
+    wait_until(lambda: state_of(root, "com.t.Model") == "FINISHED", 20, message="v2 reinstalled")
     assert json.loads((root / "config/runtime.json").read_text())["components"]["com.t.Model"] == "2.0.0"
+    assert json.loads((root / "config/runtime.json").read_text())["configuration"]["com.t.Model"] == \
+        {"ModelVersion": "2.0.0"}
+    wait_until(lambda: detector().get("model_version") == "2.0.0", 20, message="detector back on v2")
+    assert detector()["pid"] == pid and state_of(root, "com.t.Detector") == "RUNNING"
+
+
+@pytest.mark.fault
+def test_errored_via_update_state_restarts_the_component_and_three_make_it_broken(tmp_path, started):
+    build, root = tmp_path / "build", tmp_path / "dev"
+    make_component(build, "com.t.Base", "1.0.0")
+    make_component(build, "com.t.Flaky", "1.0.0", run="run --errors 2")   # ERRORED twice, then RUNNING
+    make_component(build, "com.t.Sulky", "1.0.0", run="run --errors 99")  # ERRORED at every start
+    # Long enough that the ERRORED reports come while the deployment is still waiting.
+    rt = DeviceRuntime("gw-err", root, source(build, {"com.t.Base": "1.0.0"}),
+                       settings=dataclasses.replace(FAST, stable_seconds=4))
+    started(rt)
+    wait_until(lambda: deployment(root).get("status") == "SUCCEEDED", 30, message="base")
+
+    flaky = source(build, {"com.t.Base": "1.0.0", "com.t.Flaky": "1.0.0"})
+    rt.source = flaky
+    wait_until(lambda: deployment(root)["id"] == flaky.deployment_id
+               and deployment(root)["status"] in ("SUCCEEDED", "FAILED", "TIMED_OUT"), 40, message="flaky")
+    assert deployment(root)["status"] == "SUCCEEDED"  # ERRORED is a restart, not a failure
+    reports = [e for e in events(root) if e["component"] == "com.t.Flaky" and e["what"].startswith("reported")]
+    assert [(e["what"], e["start"]) for e in reports] == [("reported ERRORED", 1), ("reported ERRORED", 2),
+                                                          ("reported RUNNING", 3)]
+    starts = [e["pid"] for e in events(root) if e["component"] == "com.t.Flaky" and e["what"] == "start"]
+    assert len(set(starts)) == 3  # each ERRORED report killed the process and started a new one
+    flaky_status = status(root)["components"]["com.t.Flaky"]
+    assert flaky_status["state"] == "RUNNING" and flaky_status["restarts"] == 2
+    assert flaky_status["pid"] == starts[-1]
+    runtime_log = [json.loads(x) for x in (root / "logs/greengrass.log").read_text().splitlines()]
+    assert [e["reason"] for e in runtime_log if e["msg"] == "component errored; restarting"
+            and e["component"] == "com.t.Flaky"] == ["reported ERRORED"] * 2
+
+    sulky = source(build, {"com.t.Base": "1.0.0", "com.t.Flaky": "1.0.0", "com.t.Sulky": "1.0.0"})
+    rt.source = sulky
+    wait_until(lambda: deployment(root)["id"] == sulky.deployment_id
+               and deployment(root)["status"] == "FAILED", 40, message="sulky fails")
+    reason = deployment(root)["reason"]
+    assert "com.t.Sulky is BROKEN: reported ERRORED" in reason and reason.endswith("rolled back")
+    assert sum(e["component"] == "com.t.Sulky" and e["what"] == "reported ERRORED" for e in events(root)) == 3
+    assert set(status(root)["components"]) == {"com.t.Base", "com.t.Flaky"}
+    assert state_of(root, "com.t.Flaky") == "RUNNING" and status(root)["components"]["com.t.Flaky"]["pid"] == starts[-1]
 
 
 @pytest.mark.fault
 def test_timeouts_and_cancel(tmp_path, started):
     build, root = tmp_path / "build", tmp_path / "dev"
     make_component(build, "com.t.Base", "1.0.0")
-    # A component that runs but never reports the model version: the gate times out.
-    make_component(build, "com.t.Model", "1.0.0", run=None, files=_model("1.0.0"))
-    make_component(build, "com.t.Silent", "1.0.0", deps={"com.t.Model": {"VersionRequirement": "*"}},
-                   config={"health_gate": {"reports_model_of": "com.t.Model", "timeout_s": 1}})
+    # A component whose Startup never ends (within its Timeout): it stays STARTING and the
+    # deployment times out waiting for it to be RUNNING.
+    make_component(build, "com.t.Silent", "1.0.0", run=None,
+                   lifecycle={"Startup": {"Script": "sleep 60", "Timeout": 50}})
     # An Install that hangs: killed at its Timeout each time -> BROKEN -> FAILED.
     make_component(build, "com.t.Hang", "1.0.0", install={"Script": "sleep 60", "Timeout": 1})
     # An Install slow enough to cancel.
@@ -249,12 +327,15 @@ def test_timeouts_and_cancel(tmp_path, started):
     started(rt)
     wait_until(lambda: deployment(root).get("status") == "SUCCEEDED", 30, message="base")
 
-    silent = source(build, {"com.t.Base": "1.0.0", "com.t.Model": "1.0.0", "com.t.Silent": "1.0.0"})
+    rt.settings = dataclasses.replace(FAST, health_timeout=3)
+    silent = source(build, {"com.t.Base": "1.0.0", "com.t.Silent": "1.0.0"})
     rt.source = silent
     wait_until(lambda: deployment(root)["id"] == silent.deployment_id
-               and deployment(root)["status"] == "TIMED_OUT", 40, message="gate timeout")
-    assert "did not report com.t.Model version 1.0.0" in deployment(root)["reason"]
+               and deployment(root)["status"] == "TIMED_OUT", 40, message="health timeout")
+    reason = deployment(root)["reason"]
+    assert "com.t.Silent is STARTING" in reason and reason.endswith("rolled back")
     assert set(status(root)["components"]) == {"com.t.Base"}
+    rt.settings = FAST
 
     hang = source(build, {"com.t.Base": "1.0.0", "com.t.Hang": "1.0.0"})
     rt.source = hang
@@ -269,7 +350,7 @@ def test_timeouts_and_cancel(tmp_path, started):
     slow.cancel()
     wait_until(lambda: deployment(root)["status"] == "CANCELED", 20, message="canceled")
     assert set(status(root)["components"]) == {"com.t.Base"} and state_of(root, "com.t.Base") == "RUNNING"
-    assert not any(e["component"] in ("com.t.Hang", "com.t.Slow") for e in events(root))
+    assert not any(e["component"] in ("com.t.Hang", "com.t.Slow", "com.t.Silent") for e in events(root))
 
 
 @pytest.mark.fault
@@ -329,6 +410,12 @@ def test_device_run_cli_survives_restart_with_its_configuration(tmp_path):
     proc = run_once()
     try:
         assert json.loads(rt_config(root))["turbines"] == 9
+        # what the restarted component itself read over IPC (GetConfiguration)
+        def started_lines():
+            return [json.loads(x) for x in (root / "logs/com.t.App.log").read_text().splitlines()
+                    if "standin started" in x]
+        wait_until(lambda: len(started_lines()) == 2, message="second start read its configuration")
+        assert all(x["config"] == {"turbines": 9} for x in started_lines())
         log = (root / "logs/greengrass.log").read_text()
         assert log.count('"status": "SUCCEEDED"') == 1  # the same deployment was not applied twice
     finally:

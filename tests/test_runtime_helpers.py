@@ -1,11 +1,20 @@
 """Stand-in components and runtime fixtures for the runtime, fleet and build tests.
 
-No tests here.  A stand-in is a tiny recipe whose artifact ``standin.py`` records
-what it saw (argv, env, configuration) in ``{kernel:rootPath}/events.log`` and its
-component log, and then behaves as told: ``run`` (until SIGTERM), ``crash``
-(exit 3), ``health`` (publish health messages over MQTT with the model version
-found in ``--model-dir``; a model card with ``"broken": true`` makes it report
-ERRORED with a reason, as the detector does for a model failing its self-test).
+No tests here.  A stand-in is a tiny recipe whose artifact ``standin.py`` talks to the
+nucleus over Greengrass IPC only (``GreengrassCoreIPCClientV2(executor=None)`` with the
+SVCUID and socket the nucleus gave it, as every component now does).  It records what it
+saw (argv, environment, its configuration read with GetConfiguration) in
+``{kernel:rootPath}/events.log`` and its component log, and then behaves as told:
+
+* ``run``: until SIGTERM;
+* ``crash``: exit 3;
+* ``health --follow NAME``: publish health messages (``windfleet.topics.health``) over
+  IPC pub/sub naming as ``model_version`` the ``ModelVersion`` of component NAME's
+  configuration, read with GetConfiguration every round (as the detector follows the
+  model component); the component needs an accessControl policy to publish there
+  (:func:`health_acl`);
+* ``--errors N`` (with ``run`` or ``health``): the first N starts of the component report
+  ERRORED with UpdateState (then keep running), later starts report RUNNING.
 """
 
 from __future__ import annotations
@@ -19,48 +28,57 @@ from pathlib import Path
 
 import yaml
 
+from windfleet import topics
 from windfleet.nucleus.runtime import DeviceRuntime, Settings
 
 STANDIN = r'''
 import json, os, signal, sys, time
-mode = sys.argv[1]
-args = dict(zip(sys.argv[2::2], sys.argv[3::2]))
-name = os.environ["WINDFLEET_COMPONENT"]
-root = os.environ["WINDFLEET_KERNEL_ROOT"]
-cfg = json.load(open(os.environ["WINDFLEET_CONFIG_FILE"]))
-def event(what):
+name, version, root, mode = sys.argv[1:5]
+args = dict(zip(sys.argv[5::2], sys.argv[6::2]))
+def event(what, **extra):
     with open(os.path.join(root, "events.log"), "a") as fh:
-        fh.write(json.dumps({"t": time.time(), "component": name, "what": what, "pid": os.getpid()}) + "\n")
+        fh.write(json.dumps({"t": time.time(), "component": name, "what": what, "pid": os.getpid(), **extra}) + "\n")
 event("start")
+from awsiot.greengrasscoreipc.clientv2 import GreengrassCoreIPCClientV2
+from awsiot.greengrasscoreipc.model import BinaryMessage, PublishMessage, ReportedLifecycleState
+from windfleet import payloads, topics
+ipc = GreengrassCoreIPCClientV2(executor=None)   # AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT + SVCUID
+T = 10  # seconds; a nucleus that never answers fails the stand-in instead of hanging it
+cfg = ipc.get_configuration_async().result(T).value
 print(json.dumps({"msg": "standin started", "mode": mode, "args": args, "config": cfg,
-                  "env": {k: v for k, v in os.environ.items() if k.startswith(("WINDFLEET_", "AWS_IOT", "SETENV_"))}}),
+                  "env": {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "SVCUID", "GGC_", "SETENV_"))}}),
       flush=True)
 print("to stderr", file=sys.stderr, flush=True)
 if mode == "crash":
     sys.exit(3)
 stop = []
 signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
-client = None
-if mode == "health":
-    import paho.mqtt.client as mqtt
-    from windfleet import payloads, topics
-    host, port = os.environ["WINDFLEET_BROKER"].rsplit(":", 1)
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{name}-{os.getpid()}")
-    client.username_pw_set(os.environ["WINDFLEET_BROKER_USER"], os.environ["WINDFLEET_BROKER_PASSWORD"])
-    client.connect(host, int(port))
-    client.loop_start()
-    card = json.load(open(os.path.join(args["--model-dir"], "model.json")))
-    state, extra = "RUNNING", {"model_version": card["version"]}
-    if card.get("broken"):
-        state, extra = "ERRORED", {"model_version": card["version"], "reason": "model self-test failed"}
-    thing = os.environ["WINDFLEET_THING"]
+if "--errors" in args:
+    counter = os.path.join(os.getcwd(), "standin-starts")   # cwd is {work:path}
+    starts = (int(open(counter).read()) if os.path.exists(counter) else 0) + 1
+    open(counter, "w").write(str(starts))
+    state = "ERRORED" if starts <= int(args["--errors"]) else "RUNNING"
+    ipc.update_state_async(state=getattr(ReportedLifecycleState, state)).result(T)
+    event("reported " + state, start=starts)
+thing = os.environ["AWS_IOT_THING_NAME"]
 while not stop:
-    if client is not None:
-        msg = payloads.health(thing, name, os.environ["WINDFLEET_COMPONENT_VERSION"], state, time.time(), {}, **extra)
-        client.publish(topics.health(thing), payloads.encode(msg), qos=1)
+    if mode == "health":
+        model = ipc.get_configuration_async(component_name=args["--follow"]).result(T).value.get("ModelVersion")
+        msg = payloads.health(thing, name, version, "RUNNING", time.time(), {}, model_version=model)
+        ipc.publish_to_topic_async(topic=topics.health(thing), publish_message=PublishMessage(
+            binary_message=BinaryMessage(message=payloads.encode(msg)))).result(T)
     time.sleep(0.3)
 event("stop")
+ipc.close()
 '''
+
+def health_acl(name: str) -> dict:
+    """The ``accessControl`` a stand-in ``name`` in ``health`` mode needs to publish its health
+    (a policy as in the real recipes: `*` for the thing level)."""
+    return {"aws.greengrass.ipc.pubsub": {f"{name}:pubsub:1": {
+        "policyDescription": "publish health", "operations": ["aws.greengrass#PublishToTopic"],
+        "resources": [topics.health("*")]}}}
+
 
 FAST = Settings(install_timeout=20, restart_backoff=0.2, poll_interval=0.2, stable_seconds=0.5,
                 health_timeout=20, stop_grace=3, shutdown_timeout=3, deployment_timeout=60, rollback_timeout=30)
@@ -72,7 +90,8 @@ def make_component(build: Path, name: str, version: str, run: str | None = "run"
     """Write a stand-in component into a build layout (``build/recipes``, ``build/artifacts``).
 
     ``run`` is the Run script's tail after ``exec python3 {artifacts:path}/standin.py``
-    (None: no Run); ``files`` are extra NONE artifacts (name -> bytes).  Every
+    (None: no Run; the stand-in gets its name, version and ``{kernel:rootPath}`` first);
+    ``files`` are extra NONE artifacts (name -> bytes).  Every
     component also has ``bundle.zip`` (Unarchive ZIP) holding ``bundle/hello.txt``.
     """
     art = build / "artifacts" / name / version
@@ -91,7 +110,7 @@ def make_component(build: Path, name: str, version: str, run: str | None = "run"
                           "Permission": {"Read": "ALL"}})
     life = dict(lifecycle or {})
     if run is not None:
-        life["Run"] = f'exec python3 "{{artifacts:path}}/standin.py" {run}'
+        life["Run"] = f'exec python3 "{{artifacts:path}}/standin.py" {name} {version} "{{kernel:rootPath}}" {run}'
     if install is not None:
         life["Install"] = install
     recipe = {"RecipeFormatVersion": "2020-01-25", "ComponentName": name, "ComponentVersion": version,

@@ -106,11 +106,13 @@ class IpcOperations:
         return {}
 
     # ------------------------------------------------------------ configuration
+    # State, health and configuration reads take no runtime lock: the runtime holds it while it
+    # stops components, and a component reporting its state on the way out must not wait for that.
     def _config_of(self, name: str) -> dict:
-        with self._lock:
-            if name not in self.configuration and name not in self.components:
-                raise IpcError("ResourceNotFoundError", "Key not found")
-            return copy.deepcopy(self.configuration.get(name, {}))
+        configuration = self.configuration  # replaced whole by a deployment, never edited in place by one
+        if name not in configuration and name not in self.components:
+            raise IpcError("ResourceNotFoundError", "Key not found")
+        return copy.deepcopy(configuration.get(name, {}))
 
     def op_GetConfiguration(self, component: str, request: dict, stream: Stream | None) -> dict:
         name = request.get("componentName") or component
@@ -186,11 +188,10 @@ class IpcOperations:
         state = request.get("state")
         if state not in ("RUNNING", "ERRORED"):
             raise IpcError("InvalidArgumentsError", f"Invalid state {state!r}")
-        with self._lock:
-            target = self.components.get(component)
-            if target is None:
-                raise IpcError("ResourceNotFoundError", f"Component {component} not found")
-            self.report_state(target, state)
+        target = self.components.get(component)
+        if target is None:
+            raise IpcError("ResourceNotFoundError", f"Component {component} not found")
+        self.report_state(target, state)
         return {}
 
     def op_SubscribeToComponentUpdates(self, component: str, request: dict, stream: Stream | None) -> dict:

@@ -557,12 +557,11 @@ class DeviceRuntime(Deployments, IpcOperations):
             body = payloads.validate_health(payloads.decode(data))
         except payloads.MalformedPayload:
             return
-        with self._lock:
-            component = self.components.get(body["component"])
-            if component is None or body.get("ts", 0) < component.started_at - 1.0:
-                return  # unknown, or from a previous process of it
-            component.reported = {k: body[k] for k in ("state", "model_version", "reason", "counters", "ts")
-                                  if k in body}
+        component = self.components.get(body["component"])  # no lock: see operations._config_of
+        if component is None or body.get("ts", 0) < component.started_at - 1.0:
+            return  # unknown, or from a previous process of it
+        component.reported = {k: body[k] for k in ("state", "model_version", "reason", "counters", "ts")
+                              if k in body}
 
     # ================================================================ requests from IPC
     def report_state(self, component: Component, state: str) -> None:
