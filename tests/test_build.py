@@ -104,9 +104,14 @@ def test_bad_model_and_bad_version_are_refused(tmp_path):
     assert "com.windfleet.AnomalyModel=2.0.0" in result.output
 
 
-def test_built_recipes_install_idempotently_and_import_from_the_artifact(built, tmp_path):
-    """The real Install step of the built detector recipe, executed by the runtime:
-    it makes the venv once, and the code imported is the unpacked artifact's."""
+def test_built_recipes_install_idempotently_and_import_from_the_artifact(tmp_path):
+    """The real Install steps of the built detector and model recipes, executed by the runtime:
+    the detector's makes the venv once, the code imported is the unpacked artifact's, and the
+    model component validates its package with that venv and code (check_model) each time."""
+    from tests.test_detector_model import build_model_package
+
+    built = tmp_path / "greengrass-build"
+    build(built, build_model_package(tmp_path / "model", "1.2.0"))  # a real package: check_model loads it
     out = tmp_path / "gg"
     shutil.copytree(built / "artifacts", out / "artifacts")
     (out / "recipes").mkdir()
@@ -119,18 +124,22 @@ def test_built_recipes_install_idempotently_and_import_from_the_artifact(built, 
                     'windfleet.payloads, onnxruntime, sys; print(windfleet.__file__); print(sys.prefix)"')
         (out / "recipes" / f"{name}-{version}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     comps = {"com.windfleet.AnomalyDetector": "1.0.0", "com.windfleet.AnomalyModel": "1.2.0"}
-    no_gate = {"com.windfleet.AnomalyDetector": {"MERGE": {"health_gate": {"reports_model_of": ""}}}}
     root = tmp_path / "dev"
     settings = FAST.__class__(**{**FAST.__dict__, "install_timeout": 120, "health_timeout": 120})
     log = root / "logs/com.windfleet.AnomalyDetector.log"
+    model_log = root / "logs/com.windfleet.AnomalyModel.log"
+    model_dir = root / "packages/artifacts/com.windfleet.AnomalyModel/1.2.0"
     for attempt in range(2):  # the second start runs Install again (as the nucleus does): a no-op
-        rt = DeviceRuntime("gw-build", root, DirectorySource(out / "recipes", out / "artifacts", comps, no_gate),
+        rt = DeviceRuntime("gw-build", root, DirectorySource(out / "recipes", out / "artifacts", comps),
                            settings=settings)
         t = RuntimeThread(rt)
         try:
             wait_until(lambda: deployment(root).get("status") in ("SUCCEEDED", "FAILED", "TIMED_OUT")
-                       and log.exists() and log.read_text().count("__init__.py") == attempt + 1,
-                       150, message="detector installed and finished")
+                       and log.exists() and log.read_text().count("__init__.py") == attempt + 1
+                       and model_log.exists() and model_log.read_text().count("model 1.2.0 ok") == attempt + 1,
+                       150, message="detector installed and finished, model checked")
+            wait_until(lambda: status(root)["components"]["com.windfleet.AnomalyModel"]["state"] == "FINISHED",
+                       30, message="model component installed")
         finally:
             t.stop()
         assert deployment(root)["status"] == "SUCCEEDED", deployment(root)
@@ -143,3 +152,8 @@ def test_built_recipes_install_idempotently_and_import_from_the_artifact(built, 
     unpacked = root / "packages/artifacts-unarchived/com.windfleet.AnomalyDetector/1.0.0/windfleet/windfleet/__init__.py"
     assert lines.count(str(unpacked)) == 2
     assert lines.count(str(work / "venv")) == 2  # sys.prefix: the component's venv
+    assert model_log.read_text().splitlines().count(f"model 1.2.0 ok ({model_dir})") == 2
+    # the model component's configuration names its package, for the detector to follow
+    config = json.loads((root / "config/runtime.json").read_text())["configuration"]["com.windfleet.AnomalyModel"]
+    assert config["ModelVersion"] == "1.2.0"
+    assert config["OnnxSha256"] == model_contract.sha256_file(model_dir / "model.onnx")

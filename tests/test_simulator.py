@@ -1,5 +1,5 @@
 """com.windfleet.TurbineSimulator: determinism, the anomaly schedule, pacing-free mode,
-and the real process publishing through Mosquitto."""
+and the real process publishing over Greengrass IPC under the local nucleus."""
 
 from __future__ import annotations
 
@@ -118,24 +118,40 @@ def test_realtime_mode_stops_on_request():
 
 
 @pytest.mark.slow
-def test_simulator_process_publishes_through_mosquitto(broker, processes, tmp_path):
-    from tests.mqtt_fixtures import Process, Subscriber, device_env, wait_until
-    broker.add_device("gw7", [topics.turbine_id("gw7", i) for i in range(2)])
-    user, password = broker.cloud_credentials()
-    sub = Subscriber(broker.host, broker.port, user, password, "windfleet/#")
+@pytest.mark.timeout(120)
+def test_simulator_process_publishes_over_ipc_under_the_nucleus(tmp_path):
+    """`python -m windfleet.components.simulator.main` as a component of the local nucleus,
+    with the accessControl of the real recipe: every readings message reaches local pub/sub."""
+    import yaml
+
+    from tests.mqtt_fixtures import REPO, wait_until
+    from tests.test_runtime_helpers import FAST, RuntimeThread, deployment, make_component, state_of
+    from windfleet.nucleus.runtime import DeviceRuntime
+    from windfleet.nucleus.sources import DirectorySource
+
+    name = "com.windfleet.TurbineSimulator"
+    recipe = yaml.safe_load((REPO / "recipes" / f"{name}.yaml").read_text())
+    acl = recipe["ComponentConfiguration"]["DefaultConfiguration"]["accessControl"]
+    build, root = tmp_path / "build", tmp_path / "dev"
+    make_component(build, name, "1.0.0", run=None, config={"accessControl": acl}, lifecycle={"Run": (
+        "exec python3 -m windfleet.components.simulator.main --turbines 2 --max-rate --duration 30 --seed 1")})
+    rt = DeviceRuntime("gw7", root, DirectorySource(build / "recipes", build / "artifacts", {name: "1.0.0"}),
+                       settings=FAST)
+    got: list[tuple[str, bytes]] = []
+    rt.ipc.local_subscribe("windfleet/#", lambda topic, data: got.append((topic, data)))  # before it starts
+    t = RuntimeThread(rt)
     try:
-        proc = Process(["-m", "windfleet.components.simulator.main", "--turbines", "2", "--max-rate",
-                        "--duration", "30", "--seed", "1"], device_env(broker, "gw7"), tmp_path / "sim.log")
-        processes.append(proc)
-        assert proc.proc.wait(60) == 0
-        wait_until(lambda: sum(t.endswith("/readings") for t, _ in sub.snapshot()) == 2 * 60, 20,
-                   message="every readings message")
-        seqs = sorted(json.loads(p)["seq"] for t, p in sub.snapshot() if t == topics.readings("gw7-t01"))
+        wait_until(lambda: state_of(root, name) == "FINISHED" and deployment(root).get("status") == "SUCCEEDED",
+                   60, message="simulator ran to the end")
+        assert rt.components[name].restarts == 0 and "reason" not in rt.components[name].status()
+        assert sum(t.endswith("/readings") for t, _ in got) == 2 * 60  # 30 s * 20 Hz / 10 per message, 2 turbines
+        seqs = sorted(json.loads(p)["seq"] for t, p in got if t == topics.readings("gw7-t01"))
         assert seqs == list(range(0, 600, 10))
-        health = [json.loads(p) for t, p in sub.snapshot() if t == topics.health("gw7")]
-        assert health[-1]["counters"]["readings_published"] == 1200
+        assert {t for t, _ in got} <= {topics.readings("gw7-t00"), topics.readings("gw7-t01"),
+                                       topics.labels("gw7-t00"), topics.labels("gw7-t01"),
+                                       topics.health("gw7"), topics.logs("gw7")}
+        health = [json.loads(p) for t, p in got if t == topics.health("gw7")]
+        assert health[-1]["component"] == name and health[-1]["counters"]["readings_published"] == 1200
+        assert rt.ipc.counters.get("unauthorized", 0) == 0  # the recipe's accessControl covers what it does
     finally:
-        sub.close()
-
-
-from tests.mqtt_fixtures import broker, processes  # noqa: E402,F401  (fixtures)
+        t.stop()

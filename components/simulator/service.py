@@ -180,9 +180,11 @@ class Simulator:
             turbine.anomalies = active
             for a in active:
                 if start <= a.start < start + n:
-                    self._publish(topics.labels(turbine.turbine_id),
-                                  payloads.label(turbine.turbine_id, a.kind, a.start, a.end, round(a.severity, 4)),
-                                  "labels_published")
+                    label = payloads.label(turbine.turbine_id, a.kind, a.start, a.end, round(a.severity, 4))
+                    self._publish(topics.labels(turbine.turbine_id), label, "labels_published")
+                    # ground truth is for the cloud, where runs are scored (IoT Core, spooled by the nucleus)
+                    if not self.bus.publish_cloud(topics.labels(turbine.turbine_id), payloads.encode(label), qos=1):
+                        self.counters["publish_errors"] += 1
             data = turbine.step(n)
             columns = [data[f].tolist() for f in FIELDS]
             samples = [dict(zip(FIELDS, row)) for row in zip(*columns)]

@@ -106,7 +106,12 @@ class FleetCollector:
                 self.scores[key] = bool(rec.get("anomaly"))
                 self.score_seen.setdefault(key, (time.time(), rec.get("model_version")))
             elif record["type"] == "health" and "component" in rec and "thing" in rec:
-                self.health.setdefault((rec["thing"], rec["component"]), rec)
+                # components' health reaches the cloud only inside telemetry (the forwarder)
+                key = (rec["thing"], rec["component"])
+                old = self.health.get(key)
+                if old is None or rec.get("ts", 0) >= old.get("ts", 0):
+                    self._carry_counters(old, rec)
+                    self.health[key] = rec
 
     def telemetry_summary(self) -> dict[str, dict]:
         """Per thing: received, lost (gaps between the first and last sequence seen)."""

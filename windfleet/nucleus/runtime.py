@@ -431,11 +431,24 @@ class DeviceRuntime(Deployments, IpcOperations):
         component.not_before = now + self.settings.restart_backoff
 
     def _deps_ready(self, component: Component) -> bool:
-        for dep in component.deps:
+        """HARD dependencies RUNNING or FINISHED; a SOFT one never makes it wait
+        (nucleus GreengrassService.dependencyReady)."""
+        for dep, kind in component.deps.items():
             other = self.components.get(dep)
-            if other is not None and other.state not in GOOD_STATES:
+            if kind == "HARD" and other is not None and other.state not in GOOD_STATES:
                 return False
         return True
+
+    def _hard_dependency_down(self, component: Component) -> str | None:
+        """The HARD dependency whose state, while ``component`` is STARTING or RUNNING, makes the
+        nucleus restart it (GreengrassService.createDependencyListener)."""
+        if component.state not in ("STARTING", "RUNNING"):
+            return None
+        for dep, kind in component.deps.items():
+            other = self.components.get(dep)
+            if kind == "HARD" and other is not None and other.state not in GOOD_STATES + ("STOPPING",):
+                return dep
+        return None
 
     def _advance(self, component: Component) -> None:
         """One non-blocking step of a component's lifecycle state machine."""
@@ -446,6 +459,12 @@ class DeviceRuntime(Deployments, IpcOperations):
             self._stop_component(component)
             return
         if component.state in ("BROKEN", "FINISHED", "STOPPING"):
+            return
+        down = self._hard_dependency_down(component)
+        if down is not None:
+            self._event("restarting: a HARD dependency is not running", component=component.name, dependency=down)
+            self._stop_component(component)
+            component.state, component.good_since = "INSTALLED", None
             return
         if component.pending_error is not None:
             reason, component.pending_error = component.pending_error, None
