@@ -84,7 +84,8 @@ TO_IOT_CORE = "aws.greengrass#PublishToIoTCore"
 NEEDS = {
     "com.windfleet.TurbineSimulator": [(PUBSUB, PUBLISH, topics.readings("gw1-t03")),
                                        (PUBSUB, PUBLISH, topics.labels("gw1-t03")),
-                                       (PUBSUB, PUBLISH, topics.health("gw1")), (PUBSUB, PUBLISH, topics.logs("gw1"))],
+                                       (PUBSUB, PUBLISH, topics.health("gw1")), (PUBSUB, PUBLISH, topics.logs("gw1")),
+                                       (MQTTPROXY, TO_IOT_CORE, topics.labels("gw1-t03"))],  # ground truth
     "com.windfleet.AnomalyDetector": [(PUBSUB, SUBSCRIBE, topics.readings("gw1-t03")),
                                       (PUBSUB, PUBLISH, topics.scores("gw1-t03")),
                                       (PUBSUB, PUBLISH, topics.health("gw1")), (PUBSUB, PUBLISH, topics.logs("gw1"))],
@@ -123,13 +124,14 @@ def test_access_control_is_least_privilege(recipes):
             granted = {t for t in ALL_TOPICS if auth.is_authorized(name, service, operation, t)}
             wanted = {t for s, o, t in NEEDS[name] if (s, o) == (service, operation)}
             assert granted == wanted, (name, service, operation)
-    # Only the forwarder talks to IoT Core, and only on the telemetry topic.
+    # IoT Core: the forwarder's telemetry and the simulator's ground-truth labels, nothing else.
     mqtt = {n: r["ComponentConfiguration"]["DefaultConfiguration"]["accessControl"].get(MQTTPROXY)
             for n, r in recipes.items() if "accessControl" in R.default_configuration(r)}
-    assert [n for n, v in mqtt.items() if v] == ["com.windfleet.LogForwarder"]
-    policy = next(iter(mqtt["com.windfleet.LogForwarder"].values()))
-    assert policy["resources"] == [topics.telemetry("*")]
-    assert policy["operations"] == [TO_IOT_CORE]
+    assert sorted(n for n, v in mqtt.items() if v) == ["com.windfleet.LogForwarder", "com.windfleet.TurbineSimulator"]
+    for name, topic in (("com.windfleet.LogForwarder", topics.telemetry("*")),
+                        ("com.windfleet.TurbineSimulator", topics.labels("*"))):
+        (policy,) = mqtt[name].values()
+        assert policy["resources"] == [topic] and policy["operations"] == [TO_IOT_CORE]
     assert not auth.is_authorized("com.windfleet.LogForwarder", MQTTPROXY, TO_IOT_CORE, "windfleet/fleet/gw1/other")
 
 

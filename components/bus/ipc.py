@@ -45,6 +45,8 @@ _STATES = {"RUNNING": ReportedLifecycleState.RUNNING, "ERRORED": ReportedLifecyc
 class IpcBus(Bus):
     """:class:`Bus` over a ``GreengrassCoreIPCClientV2``-shaped ``client``."""
 
+    close_timeout = 5.0  # seconds close() waits for pipelined publishes
+
     def __init__(self, component_name: str, client: Any, thing: str | None = None, version: str | None = None):
         self.component_name = component_name
         self.client = client
@@ -56,6 +58,8 @@ class IpcBus(Bus):
         self._lock = threading.Lock()
         self._closed = False
         self.publish_errors = 0
+        self._in_flight = 0
+        self._drained = threading.Condition()
 
     # ------------------------------------------------------------ local pub/sub
     def publish(self, topic: str, payload: dict | bytes, qos: int = 0) -> None:
@@ -65,10 +69,16 @@ class IpcBus(Bus):
         if publish_async is None:
             self.client.publish_to_topic(topic=topic, publish_message=message)
             return
+        with self._drained:
+            self._in_flight += 1
         publish_async(topic=topic, publish_message=message).add_done_callback(
             lambda future, topic=topic: self._published(future, topic))
 
     def _published(self, future: Any, topic: str) -> None:
+        with self._drained:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._drained.notify_all()
         exc = future.exception()
         if exc is not None:
             self.publish_errors += 1
@@ -146,6 +156,9 @@ class IpcBus(Bus):
         if self._closed:
             return
         self._closed = True
+        # Publishes still on the wire would fail once the connection closes: let them land.
+        with self._drained:
+            self._drained.wait_for(lambda: not self._in_flight, timeout=self.close_timeout)
         with self._lock:
             operations, self._operations = self._operations, []
         for operation in operations:
