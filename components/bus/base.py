@@ -2,8 +2,8 @@
 
 Components publish and subscribe local topics, publish to the cloud, read their
 configuration and report their state through a :class:`Bus`; they never import
-a transport.  Two implementations: :class:`~windfleet.components.bus.ipc.IpcBus`
-(Greengrass IPC) and :class:`~windfleet.components.bus.mqtt.MqttBus` (Mosquitto).
+a transport.  The implementation is :class:`~windfleet.components.bus.ipc.IpcBus`
+(Greengrass IPC, under the real nucleus and the local one); tests use fakes.
 
 Threading: every handler (messages and configuration updates) runs on ONE
 dispatcher thread per bus, in arrival order, so a component needs no locking

@@ -1,8 +1,10 @@
-"""The local device runtime: one gateway's nucleus.
+"""The local nucleus of one gateway: lifecycle, IPC, the device's IoT Core connection.
 
 :class:`DeviceRuntime` keeps a Greengrass-shaped root directory::
 
     root/
+      ipc.socket                                         (Greengrass IPC, see .ipc)
+      cli_ipc_info/user-<uid>                            (greengrass-cli's token and socket)
       packages/recipes/<Name>-<Version>.yaml            (with Digest/Algorithm as fetched)
       packages/artifacts/<Name>/<Version>/<file>
       packages/artifacts-unarchived/<Name>/<Version>/<zip stem>/...
@@ -10,20 +12,23 @@
       logs/<Name>.log                                    (the component's stdout + stderr)
       logs/greengrass.log                                (the runtime's JSON lines)
       config/runtime.json                                (deployed set + configuration, persisted)
-      config/components/<Name>.json                      (WINDFLEET_CONFIG_FILE of the component)
+      config/components/<Name>.json                      (each component's configuration, to read)
       status.json                                        (states, restarts, last deployment)
 
 and does what the nucleus does with it: selects manifests, substitutes recipe
 variables, merges configuration, runs Install / Startup / Run / Shutdown as
-process groups in dependency order, restarts a crashed component (ERRORED ->
-restart; three errors within ``error_window`` -> BROKEN), tracks the health
-messages components publish on ``topics.health(thing)``, and applies
-deployments from a deployment source (see :mod:`.sources`) with a health gate,
-rollback, timeouts and cancellation.
+process groups in dependency order with the nucleus' environment (socket,
+SVCUID, thing name, region), restarts an ERRORED component (a failed step, or
+UpdateState ERRORED; three errors within ``error_window`` -> BROKEN), restarts
+HARD dependents whose dependency stops running, serves IPC (:mod:`.ipc`,
+:mod:`.operations`, :mod:`.authorization`), holds the one IoT Core connection
+(:mod:`.iotcore`), and applies deployments (:mod:`.deployments`).
 
-Everything runs on one thread: :meth:`DeviceRuntime.tick` advances every
+Lifecycle runs on one thread: :meth:`DeviceRuntime.tick` advances every
 component's state machine without blocking, and long waits (a deployment's
 health gate) keep calling it, so crashed components are restarted meanwhile.
+IPC requests arrive on connection threads and take the runtime lock only where
+they change lifecycle state.
 """
 
 from __future__ import annotations
@@ -430,6 +435,17 @@ class DeviceRuntime(Deployments, IpcOperations):
         component.state = "NEW" if was_install else "INSTALLED"
         component.not_before = now + self.settings.restart_backoff
 
+    @staticmethod
+    def _last_words(component: Component, limit: int = 300) -> str:
+        """``": <last line the step printed>"``, so a deployment's failure reason says why."""
+        try:
+            with open(component.log_path, "rb") as fh:
+                fh.seek(max(0, fh.seek(0, os.SEEK_END) - 4096))
+                lines = [ln.strip() for ln in fh.read().decode(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return ""
+        return f": {lines[-1][:limit]}" if lines else ""
+
     def _deps_ready(self, component: Component) -> bool:
         """HARD dependencies RUNNING or FINISHED; a SOFT one never makes it wait
         (nucleus GreengrassService.dependencyReady)."""
@@ -484,13 +500,13 @@ class DeviceRuntime(Deployments, IpcOperations):
                 component.pgids.discard(pid)
                 if rc != 0:
                     component.phase = "install"
-                    self._error(component, f"install exited with {rc}")
+                    self._error(component, f"install exited with {rc}{self._last_words(component)}")
                     return
                 component.state = "INSTALLED"
             elif phase == "startup":
                 if rc != 0:
                     component.phase = "startup"
-                    self._error(component, f"startup exited with {rc}")
+                    self._error(component, f"startup exited with {rc}{self._last_words(component)}")
                     return
                 component.state, component.good_since = "RUNNING", now
                 self._event("component running", component=component.name, version=component.version)
@@ -502,7 +518,8 @@ class DeviceRuntime(Deployments, IpcOperations):
                     component.pgids.clear()
                     self._event("component finished", component=component.name)
                 else:
-                    self._error(component, f"run exited with {rc if rc > 0 else f'signal {-rc}'}")
+                    self._error(component, f"run exited with {rc if rc > 0 else f'signal {-rc}'}"
+                                           f"{self._last_words(component)}")
                 return
         if now < component.not_before or not self._deps_ready(component):
             return
