@@ -23,6 +23,7 @@ Policies (rollback, update notification, rollout, abort, timeouts) come from
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import re
@@ -174,6 +175,37 @@ def latest_deployment(backend: Backend, target_arn: str) -> dict | None:
     return gg.get_deployment(deploymentId=chosen["deploymentId"])
 
 
+def _group_things(backend: Backend, target_arn: str) -> list[str]:
+    if ":thing/" in target_arn:
+        return [target_arn.rsplit("/", 1)[1]]
+    things, token = [], None
+    while True:
+        kwargs: dict[str, Any] = {"thingGroupArn": target_arn}
+        if token:
+            kwargs["nextToken"] = token
+        page = backend.greengrassv2.list_core_devices(**kwargs)
+        things += [d["coreDeviceThingName"] for d in page.get("coreDevices", [])]
+        token = page.get("nextToken")
+        if not token:
+            return things
+
+
+def _installed_version(backend: Backend, thing: str, name: str) -> str | None:
+    try:
+        installed = backend.greengrassv2.list_installed_components(
+            coreDeviceThingName=thing).get("installedComponents", [])
+    except ClientError:
+        return None
+    return next((c.get("componentVersion") for c in installed if c.get("componentName") == name), None)
+
+
+def installed_model(backend: Backend, target_arn: str) -> str | None:
+    """The model version most of the target's devices run now (None: no device reports one)."""
+    versions = collections.Counter(v for v in (_installed_version(backend, t, settings.MODEL_COMPONENT)
+                                               for t in _group_things(backend, target_arn)) if v)
+    return versions.most_common(1)[0][0] if versions else None
+
+
 def merge(components: dict, updates: dict[str, str]) -> dict:
     """The target's component set with ``updates`` (name -> version) applied; everything else kept."""
     merged = {name: dict(spec) for name, spec in components.items()}
@@ -256,8 +288,10 @@ def deploy_suite(backend: Backend, thing_group: str | None = None,
                  versions: dict[str, str] | None = None, configuration: dict[str, dict] | None = None) -> dict:
     """``windfleet deploy``: the whole suite to a thing group (latest published versions).
 
-    The model keeps the version the group already runs, if any (the latest
-    published one may be a model that failed); ``versions`` overrides any of them.
+    The model keeps the version the group's devices run (after a failed, rolled-back model
+    deployment that is the last good one, not the latest deployment's), else the latest
+    deployment's; never simply the latest published (it may be the model that failed).
+    ``versions`` overrides any of them.
     ``configuration`` (component name -> keys) becomes each component's
     ``configurationUpdate.merge``; later model deployments carry it forward.
     """
@@ -266,7 +300,10 @@ def deploy_suite(backend: Backend, thing_group: str | None = None,
     previous = latest_deployment(backend, target)
     chosen = {c: available[c] for c in settings.SUITE if c in available}
     running = (previous or {}).get("components") or {}
-    if settings.MODEL_COMPONENT in running:
+    installed = installed_model(backend, target)
+    if installed:
+        chosen[settings.MODEL_COMPONENT] = installed
+    elif settings.MODEL_COMPONENT in running:
         chosen[settings.MODEL_COMPONENT] = running[settings.MODEL_COMPONENT]["componentVersion"]
     chosen.update(versions or {})
     missing = [c for c in settings.SUITE if c not in chosen]
@@ -360,31 +397,12 @@ def device_outcomes(backend: Backend, deployment_id: str) -> list[dict]:
     """Per-device outcome of a thing-group deployment: ``[{"thing", "status", "reason", "modified",
     "model_version"}]`` (``QUEUED``: not picked up yet; ``NOT_RECEIVED``: superseded before it was)."""
     gg = backend.greengrassv2
-    dep = gg.get_deployment(deploymentId=deployment_id)
-    target = dep["targetArn"]
-    if ":thing/" in target:
-        things = [target.rsplit("/", 1)[1]]
-    else:
-        things, token = [], None
-        while True:
-            kwargs: dict[str, Any] = {"thingGroupArn": target}
-            if token:
-                kwargs["nextToken"] = token
-            page = gg.list_core_devices(**kwargs)
-            things += [d["coreDeviceThingName"] for d in page.get("coreDevices", [])]
-            token = page.get("nextToken")
-            if not token:
-                break
+    things = _group_things(backend, gg.get_deployment(deploymentId=deployment_id)["targetArn"])
     out = []
     for thing in things:
         effective = gg.list_effective_deployments(coreDeviceThingName=thing).get("effectiveDeployments", [])
         mine = next((e for e in effective if e["deploymentId"] == deployment_id), None)
-        try:
-            installed = gg.list_installed_components(coreDeviceThingName=thing).get("installedComponents", [])
-        except ClientError:
-            installed = []
-        model = next((c.get("componentVersion") for c in installed
-                      if c.get("componentName") == settings.MODEL_COMPONENT), None)
+        model = _installed_version(backend, thing, settings.MODEL_COMPONENT)
         out.append({
             "thing": thing,
             "status": mine["coreDeviceExecutionStatus"] if mine else "NOT_RECEIVED",

@@ -87,7 +87,9 @@ IOT_JOB_CONFIGURATION = {
              "minNumberOfExecutedThings": 3},
         ]
     },
-    "timeoutConfig": {"inProgressTimeoutInMinutes": 15},
+    # at least the longest Install Timeout of any recipe (1800 s on armv7l, where pip builds
+    # wheels) plus the downloads; tests/test_deploy_greengrass.py checks it against the recipes
+    "timeoutConfig": {"inProgressTimeoutInMinutes": 60},
 }
 
 COMPONENT_POLL_INTERVAL = 1.0

@@ -109,7 +109,8 @@ def test_model_version_is_merged_into_the_groups_latest_deployment(gg, backend, 
                       {"targetArn": GROUP_ARN, "historyFilter": "LATEST_ONLY"})
     stub.add_response("get_deployment", get_deployment_response("d-old", SUITE_OLD), {"deploymentId": "d-old"})
     expected = copy.deepcopy(SUITE_OLD)
-    expected[MODEL] = {"componentVersion": version}
+    # a model version always resets the model component's configuration to its own defaults
+    expected[MODEL] = {"componentVersion": version, "configurationUpdate": settings.MODEL_CONFIGURATION_UPDATE}
     stub.add_response("create_deployment", {"deploymentId": "d-new", "iotJobId": "j", "iotJobArn": "arn:j"},
                       {"targetArn": GROUP_ARN, "deploymentName": ANY, "components": expected,
                        "deploymentPolicies": settings.DEPLOYMENT_POLICIES,
@@ -165,7 +166,8 @@ def test_first_deployment_deploys_the_whole_published_suite(gg, backend, model_f
         for n, v in comps[2:]]}, {"scope": "PRIVATE", "nextToken": "page2"})
     stub.add_response("create_deployment", {"deploymentId": "d-1"},
                       {"targetArn": GROUP_ARN, "deploymentName": ANY,
-                       "components": {n: {"componentVersion": v} for n, v in comps},
+                       "components": {n: {"componentVersion": v, **({"configurationUpdate": settings.MODEL_CONFIGURATION_UPDATE}
+                                                                    if n == MODEL else {})} for n, v in comps},
                        "deploymentPolicies": settings.DEPLOYMENT_POLICIES,
                        "iotJobConfiguration": settings.IOT_JOB_CONFIGURATION, "clientToken": ANY})
     out = deployer.deploy_model(backend, 1, model_files, poll={"interval": 0.01, "timeout": 5})
@@ -290,9 +292,11 @@ def test_deploy_suite_keeps_the_running_model_and_extra_components(gg, backend):
     stub.add_response("list_deployments", list_latest_response("d-old"),
                       {"targetArn": GROUP_ARN, "historyFilter": "LATEST_ONLY"})
     stub.add_response("get_deployment", get_deployment_response("d-old", SUITE_OLD), {"deploymentId": "d-old"})
+    stub.add_response("list_core_devices", {"coreDevices": []}, {"thingGroupArn": GROUP_ARN})  # none reports yet
     expected = copy.deepcopy(SUITE_OLD)
     expected[settings.SIMULATOR]["componentVersion"] = "1.1.0"
     expected[settings.DETECTOR]["componentVersion"] = "1.3.0"
+    expected[MODEL]["configurationUpdate"] = settings.MODEL_CONFIGURATION_UPDATE
     stub.add_response("create_deployment", {"deploymentId": "d-s"},
                       {"targetArn": GROUP_ARN, "deploymentName": "windfleet suite", "components": expected,
                        "deploymentPolicies": settings.DEPLOYMENT_POLICIES,
@@ -301,10 +305,55 @@ def test_deploy_suite_keeps_the_running_model_and_extra_components(gg, backend):
     assert out["components"][MODEL]["componentVersion"] == "1.0.1"  # not the latest (maybe broken) 1.0.9
 
 
+def test_deploy_suite_keeps_the_model_the_devices_run_after_a_failed_rollout(gg, backend):
+    """The latest deployment names 1.0.9, which failed and was rolled back: the devices still
+    run 1.0.1 (ListInstalledComponents), so a suite deployment must keep 1.0.1, not bring 1.0.9 back."""
+    client, stub = gg
+    latest = [(settings.SIMULATOR, "1.1.0"), (settings.DETECTOR, "1.3.0"), (settings.FORWARDER, "1.0.1"),
+              (MODEL, "1.0.9")]
+    stub.add_response("list_components", {"components": [
+        {"arn": carn(n), "componentName": n, "latestVersion": {"arn": carn(n, v), "componentVersion": v}}
+        for n, v in latest]}, {"scope": "PRIVATE"})
+    failed = copy.deepcopy(SUITE_OLD)
+    failed[MODEL]["componentVersion"] = "1.0.9"
+    stub.add_response("list_deployments", list_latest_response("d-failed"),
+                      {"targetArn": GROUP_ARN, "historyFilter": "LATEST_ONLY"})
+    stub.add_response("get_deployment", get_deployment_response("d-failed", failed), {"deploymentId": "d-failed"})
+    stub.add_response("list_core_devices", {"coreDevices": [
+        {"coreDeviceThingName": t, "status": "HEALTHY", "lastStatusUpdateTimestamp": NOW} for t in ("gw-1", "gw-2")]},
+        {"thingGroupArn": GROUP_ARN})
+    for thing in ("gw-1", "gw-2"):
+        stub.add_response("list_installed_components", {"installedComponents": [
+            {"componentName": MODEL, "componentVersion": "1.0.1", "lifecycleState": "FINISHED"}]},
+            {"coreDeviceThingName": thing})
+    stub.add_response("create_deployment", {"deploymentId": "d-s"}, {
+        "targetArn": GROUP_ARN, "deploymentName": "windfleet suite", "components": ANY,
+        "deploymentPolicies": settings.DEPLOYMENT_POLICIES, "iotJobConfiguration": settings.IOT_JOB_CONFIGURATION,
+        "clientToken": ANY})
+    out = deployer.deploy_suite(backend)
+    assert out["components"][MODEL]["componentVersion"] == "1.0.1"
+
+
+def test_job_timeout_covers_the_longest_install():
+    """A device still installing must not be TIMED_OUT by the IoT job: inProgressTimeoutInMinutes
+    is at least every recipe's longest Install Timeout (recipe reference, "Lifecycle")."""
+    import yaml
+
+    longest = 0
+    for recipe_path in (Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"):
+        for manifest in yaml.safe_load(recipe_path.read_text()).get("Manifests") or []:
+            install = (manifest.get("Lifecycle") or {}).get("Install")
+            if isinstance(install, dict):
+                longest = max(longest, int(install.get("Timeout", 120)))
+    assert longest > 0
+    assert settings.IOT_JOB_CONFIGURATION["timeoutConfig"]["inProgressTimeoutInMinutes"] * 60 >= longest
+
+
 def test_deploy_suite_needs_every_component_published(gg, backend):
     client, stub = gg
     stub.add_response("list_components", {"components": []}, {"scope": "PRIVATE"})
     stub.add_response("list_deployments", {"deployments": []}, {"targetArn": GROUP_ARN, "historyFilter": "LATEST_ONLY"})
+    stub.add_response("list_core_devices", {"coreDevices": []}, {"thingGroupArn": GROUP_ARN})
     with pytest.raises(deployer.DeployError, match="not published"):
         deployer.deploy_suite(backend)
 
