@@ -56,6 +56,7 @@ class FakeIPCClientV2:
         self.config_stream_components: list = []
         self.config_reads: list = []
         self.update_streams: list = []
+        self.deferrals: list = []
         self.operations: list[FakeOperation] = []
         self.config = config or {}
         self.others = dict(others or {})  # other components' configuration, by name
@@ -105,6 +106,10 @@ class FakeIPCClientV2:
     def update_state(self, *, state=None):
         self.states.append(state)
         return UpdateStateResponse()
+
+    def defer_component_update_async(self, *, deployment_id=None, message=None, recheck_after_ms=None):
+        self.deferrals.append((deployment_id, recheck_after_ms))
+        return Future()
 
     def close(self):
         self.closed = True
@@ -267,8 +272,48 @@ def test_component_update_events_reach_the_handler(ipc):
     stream(ComponentUpdatePolicyEvents(post_update_event=PostComponentUpdateEvent(deployment_id="d1")))
     wait_until(lambda: len(got) == 2, 5)
     assert got == [("pre", "d1"), ("post", "d1")]
+    # the nucleus waits for every subscriber's answer (up to the policy timeout): 0 ms = go ahead
+    wait_until(lambda: client.deferrals, 5)
+    assert client.deferrals == [("d1", 0)]
     bus.close()
     assert all(op.closed for op in client.operations)
+
+
+def test_a_pre_update_handler_can_defer(ipc):
+    client, bus = ipc
+    bus.on_component_update(lambda kind, dep: 5000 if kind == "pre" else None)
+    client.update_streams[0](ComponentUpdatePolicyEvents(
+        pre_update_event=PreComponentUpdateEvent(deployment_id="d2", is_ggc_restarting=False)))
+    wait_until(lambda: client.deferrals, 5)
+    assert client.deferrals == [("d2", 5000)]
+
+
+def test_warnings_of_the_process_go_to_the_logs_topic_rate_limited():
+    """The LogForwarder's input: components' WARNING+ records on topics.logs(thing)."""
+    import logging
+
+    from windfleet.components.bus.logs import BusLogHandler
+
+    client = FakeIPCClientV2()
+    bus = IpcBus("com.windfleet.AnomalyDetector", client, thing="gw7")
+    handler = BusLogHandler(bus, per_minute=3)
+    log = logging.getLogger("windfleet.detector.test")
+    log.addHandler(handler)
+    try:
+        log.info("not forwarded")
+        for i in range(5):
+            log.warning("model rejected %d", i)
+        logging.getLogger("windfleet.bus.ipc").addHandler(handler)
+        logging.getLogger("windfleet.bus.ipc").warning("bus trouble")  # never forwarded: no loops
+    finally:
+        log.removeHandler(handler)
+        logging.getLogger("windfleet.bus.ipc").removeHandler(handler)
+    sent = [(t, payloads.decode(m.binary_message.message)) for t, m in client.published]
+    assert [t for t, _ in sent] == [topics.logs("gw7")] * 3
+    assert [b["message"] for _, b in sent] == ["model rejected 0", "model rejected 1", "model rejected 2"]
+    assert all(b["level"] == "WARNING" and b["component"] == "com.windfleet.AnomalyDetector" for _, b in sent)
+    assert handler.suppressed == 2
+    bus.close()
 
 
 def test_connect_picks_ipc_in_the_nucleus_environment(monkeypatch):

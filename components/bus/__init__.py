@@ -23,9 +23,13 @@ class NotUnderNucleus(RuntimeError):
     """The process was not started by a Greengrass nucleus (no IPC environment)."""
 
 
-def connect(component_name: str, client: Any = None, **overrides: Any) -> Bus:
+def connect(component_name: str, client: Any = None, forward_logs: bool = True, **overrides: Any) -> Bus:
     """The bus for ``component_name`` over ``client`` (default: a ``GreengrassCoreIPCClientV2``
-    connected with the nucleus' environment).  ``overrides`` go to :class:`~.ipc.IpcBus`."""
+    connected with the nucleus' environment).  ``overrides`` go to :class:`~.ipc.IpcBus`.
+
+    With ``forward_logs`` the process' warnings and errors also go to ``topics.logs(thing)``
+    (:class:`~.logs.BusLogHandler`), where the LogForwarder picks them up for the cloud.
+    """
     from .ipc import IpcBus
 
     if client is None:
@@ -37,7 +41,15 @@ def connect(component_name: str, client: Any = None, **overrides: Any) -> Bus:
         # executor=None: stream events run on the connection's thread, in arrival order
         # (the default thread pool could hand two readings of one turbine to two threads).
         client = GreengrassCoreIPCClientV2(executor=None)
-    return IpcBus(component_name, client, **overrides)
+    bus = IpcBus(component_name, client, **overrides)
+    if forward_logs:
+        import logging
+
+        from .logs import BusLogHandler
+        handler = BusLogHandler(bus)
+        logging.getLogger().addHandler(handler)
+        bus.on_close(lambda: logging.getLogger().removeHandler(handler))
+    return bus
 
 
 __all__ = ["Bus", "NotUnderNucleus", "connect"]

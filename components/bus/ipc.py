@@ -58,6 +58,7 @@ class IpcBus(Bus):
         self._lock = threading.Lock()
         self._closed = False
         self.publish_errors = 0
+        self._on_close: list = []
         self._in_flight = 0
         self._drained = threading.Condition()
 
@@ -133,9 +134,25 @@ class IpcBus(Bus):
             self._operations.append(operation)
 
     def on_component_update(self, handler) -> None:
+        """``handler(kind, deployment_id)``; for ``pre`` it may return milliseconds to defer.
+
+        Every PreComponentUpdateEvent is answered with DeferComponentUpdate (0 ms: go ahead):
+        the nucleus waits for every subscriber's answer up to the policy timeout (60 s by
+        default), so a silent subscriber would hold each deployment that long
+        (LifecycleIPCEventStreamAgent / UpdateSystemPolicyService)."""
+        def pre(deployment_id: str) -> None:
+            try:
+                defer_ms = int(handler("pre", deployment_id) or 0)
+            except Exception as exc:  # noqa: BLE001 - still answer the nucleus
+                self._limited.warn("component_update", "update handler raised", error=repr(exc)[:200])
+                defer_ms = 0
+            self.client.defer_component_update_async(
+                deployment_id=deployment_id, recheck_after_ms=max(0, defer_ms),
+                message="deferred by the component" if defer_ms > 0 else "ready")
+
         def on_event(event) -> None:
             if event.pre_update_event is not None:
-                self._dispatcher.submit(handler, "pre", event.pre_update_event.deployment_id)
+                self._dispatcher.submit(pre, event.pre_update_event.deployment_id)
             elif event.post_update_event is not None:
                 self._dispatcher.submit(handler, "post", event.post_update_event.deployment_id)
 
@@ -152,10 +169,16 @@ class IpcBus(Bus):
                      payloads.health(self.thing_name, self.component_name, self.version, state, time.time(),
                                      counters, **extra))
 
+    def on_close(self, fn) -> None:
+        """Call ``fn()`` first thing in :meth:`close` (e.g. to detach a log handler)."""
+        self._on_close.append(fn)
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        for fn in self._on_close:
+            fn()
         # Publishes still on the wire would fail once the connection closes: let them land.
         with self._drained:
             self._drained.wait_for(lambda: not self._in_flight, timeout=self.close_timeout)
