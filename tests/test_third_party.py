@@ -161,6 +161,33 @@ def test_sdk_only_component_deploys_connects_and_is_held_to_its_policy(nucleus, 
     assert result["echo"] == [{"n": 1}] and result["denied"] == "UnauthorizedError"
     assert result["config"]["greeting"] == "hello"  # kept across versions, as the nucleus keeps it
 
+    # the rest of greengrass-cli's verbs, with its output
+    listed = _cli(nucleus, "deployment", "list")
+    assert listed.count("Deployment ID: ") == 2 and "Status: SUCCEEDED" in listed and "Created on: " in listed
+    pid = _pid(nucleus)
+    assert _cli(nucleus, "component", "restart", "--names", NAME) == ""
+    _wait(lambda: _pid(nucleus) not in (None, pid), "a new process after restart")
+    assert _cli(nucleus, "component", "stop", "--names", NAME) == ""
+    _wait(lambda: "State: FINISHED" in _cli(nucleus, "component", "details", "-n", NAME), "stopped")
+    bad = subprocess.run([sys.executable, "-m", "windfleet.cli", "device", "component", "restart", "--root",
+                          str(nucleus), "--names", "com.example.Nope"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "ResourceNotFoundError" in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+
+def _pid(root: Path) -> int | None:
+    try:
+        return json.loads((root / "status.json").read_text())["components"][NAME]["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _wait(predicate, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
 
 def test_thing_name_in_access_control_needs_the_nucleus_option(nucleus, tmp_path):
     """`{iot:thingName}` in accessControl is literal text unless the nucleus option

@@ -259,18 +259,21 @@ def component_details(root: str, names: str) -> None:
 @click.option("--root", required=True, type=click.Path(file_okay=False))
 @click.option("--names", "-n", "names", required=True, help="Comma-separated component names.")
 def component_restart(root: str, names: str) -> None:
-    client = _cli_client(root)
-    for name in _names(names):
-        _ipc(lambda: client.restart_component(component_name=name))
+    _for_each(root, names, "restart_component")
 
 
 @component_group.command("stop")
 @click.option("--root", required=True, type=click.Path(file_okay=False))
 @click.option("--names", "-n", "names", required=True, help="Comma-separated component names.")
 def component_stop(root: str, names: str) -> None:
+    _for_each(root, names, "stop_component")
+
+
+def _for_each(root: str, names: str, operation: str) -> None:
+    """greengrass-cli prints nothing for restart/stop; an error is one line and exit 1."""
     client = _cli_client(root)
     for name in _names(names):
-        _ipc(lambda: client.stop_component(component_name=name))
+        _ipc(lambda: getattr(client, operation)(component_name=name))
 
 
 @click.group("fleet")
