@@ -1,9 +1,12 @@
 """Fleet scale: end-to-end readings/s, loss, latency and footprint of real fleets on one machine.
 
 For each sweep point (``GATEWAYSxTURBINES``), :func:`windfleet.nucleus.fleet.run_fleet`
-runs a real Mosquitto, one real device runtime per gateway and the four real components
-(simulator -> detector -> forwarder -> the cloud side, model component as artifact),
-every turbine sampling at ``--rate`` Hz.  Measured in the steady phase (from ``--warmup``
+runs a real Mosquitto (the IoT Core stand-in), one real device runtime (local nucleus) per
+gateway and the four real components (simulator -> detector -> forwarder -> the cloud side,
+model component as artifact), every turbine sampling at ``--rate`` Hz.  On the device the
+components speak only Greengrass IPC: local pub/sub is routed in memory by each gateway's
+runtime, which holds the gateway's one MQTT connection (the forwarder's telemetry goes out
+through ``PublishToIoTCore``); component health reaches the cloud inside that telemetry.  Measured in the steady phase (from ``--warmup``
 seconds after every deployment finished, for ``--duration`` seconds):
 
 - ``offered_readings_per_s``   gateways x turbines x rate (what the simulators are asked for)
@@ -31,7 +34,7 @@ seconds after every deployment finished, for ``--duration`` seconds):
   it used by processes that are not ours (other work on a shared machine) too.
 
 Baselines in the same run (machines are noisy, so compare ratios): the offered rate (above),
-and the detector alone, as one real process through a real Mosquitto, pinned to one core and
+and the detector alone, as one real process under windfleet's IPC server, pinned to one core and
 saturated (``bench_detector.bench_sustained``); ``detector_ratio_to_saturated`` is the fleet's
 scored readings/s over that single-process rate, ``detector_cpu_efficiency_ratio`` the
 detectors' readings per CPU-second in the fleet over the saturated process's.
@@ -159,6 +162,12 @@ class BenchCollector(fleet_mod.FleetCollector):
         for record in body["records"]:
             rec = record["body"]
             ts = rec.get("ts")
+            if record["type"] == "health" and isinstance(rec.get("thing"), str) \
+                    and isinstance(rec.get("component"), str):
+                # Over IPC the components' health stays on the device: it reaches the cloud only
+                # inside the forwarder's telemetry (fresh telemetry only, so each record once).
+                self.health_series[(rec["thing"], rec["component"])].append(rec)
+                continue
             if record["type"] == "score" and isinstance(ts, (int, float)) and not isinstance(ts, bool):
                 published = ts - self.publish_offset
                 self.score_times.append((now, now - published, None if sent is None else sent - published))
@@ -173,8 +182,9 @@ class BenchCollector(fleet_mod.FleetCollector):
         with self._lock:
             series = {k: list(v) for k, v in self.health_series.items() if k[1] == component}
         for _, hs in series.items():
-            inside = [h for h in hs if since <= float(h.get("ts", 0)) <= until
-                      and isinstance((h.get("counters") or {}).get(counter), (int, float))]
+            inside = sorted((h for h in hs if since <= float(h.get("ts", 0)) <= until
+                             and isinstance((h.get("counters") or {}).get(counter), (int, float))),
+                            key=lambda h: float(h["ts"]))
             if len(inside) < 2:
                 continue
             a, b = inside[0], inside[-1]
@@ -364,7 +374,7 @@ class ProcSampler(threading.Thread):
 
 # ------------------------------------------------------------------ baseline
 def detector_baseline(model_dir: Path, turbines: int, saturate_seconds: float) -> dict:
-    """The detector alone, one real process via a real Mosquitto, pinned to one core, saturated
+    """The detector alone, one real process under an IPC server, pinned to one core, saturated
     (bench_detector.bench_sustained: a short real-time phase, then a saturating publisher)."""
     import bench_detector
 
@@ -379,8 +389,8 @@ def detector_baseline(model_dir: Path, turbines: int, saturate_seconds: float) -
     sat = out["saturated"]
     cpu = sat.get("cpu_fraction_of_one_core") or 0.0
     return {
-        "what": "bench_detector.bench_sustained: one detector process, real Mosquitto, pinned to one core, "
-                "saturating QoS1 publisher",
+        "what": "bench_detector.bench_sustained: one detector process under windfleet's IPC server, pinned to "
+                "one core, saturated by a GreengrassCoreIPCClientV2 publisher (publish_to_topic_async)",
         "turbines": turbines,
         "saturated_readings_per_s": _r(sat["readings_per_s"]),
         "saturated_cpu_fraction_of_one_core": _r(cpu, 3),

@@ -1,7 +1,7 @@
 """The headline figures of every benchmark, in one file.
 
 Reads whatever results exist in ``benchmarks/results/`` (``detector.json``, ``fleet.json``,
-``training.json``, ``dashboard.json``, ``ota.json``) and writes
+``training.json``, ``dashboard.json``, ``ota.json``, ``ipc.json``) and writes
 ``benchmarks/results/summary.json``: one value per key (``null`` when its source is
 missing or lacks it) and, under ``sources``, for each key the file it came from, where in
 that file, the file's modification time and the run's own time stamp when it has one
@@ -14,6 +14,7 @@ Keys:
 - ``detector_speedup_vs_sample``          detector.json: our streaming path / the AWS sample's loop (readings/s)
 - ``detector_ratio_to_onnxruntime_floor`` detector.json: our streaming path / onnxruntime alone
 - ``detector_rss_mb``                     detector.json: peak RSS of the real detector process
+- ``detector_saturated_readings_per_s``   detector.json: the real detector process under an IPC server, saturated
 - ``fleet_readings_per_s``                fleet.json: end-to-end readings/s of the best point with 0 telemetry
                                           lost (among those that keep up, when any does: no backlog building)
 - ``fleet_telemetry_lost``                fleet.json: telemetry messages lost at that point
@@ -24,6 +25,8 @@ Keys:
 - ``swap_readings_lost``                  ota.json: readings lost across a model swap (the worst point)
 - ``training_quick_wall_s``, ``onnxruntime_over_torch_batch_1``   training.json
 - ``ingest_records_per_s``, ``dashboard_overview_ms``             dashboard.json
+- ``ipc_sync_msgs_per_s``, ``ipc_pipelined_msgs_per_s``           ipc.json: local pub/sub over the nucleus' IPC server
+- ``ipc_pipelined_ratio_to_mosquitto_qos1``                        ipc.json: pipelined IPC / Mosquitto QoS1, same run
 """
 
 from __future__ import annotations
@@ -138,6 +141,7 @@ KEYS: list[tuple[str, str, Callable[[dict], tuple[Any, str | None]]]] = [
     ("detector_speedup_vs_sample", "detector.json", _path("detector_speedup_vs_sample")),
     ("detector_ratio_to_onnxruntime_floor", "detector.json", _path("detector_ratio_to_onnxruntime_floor")),
     ("detector_rss_mb", "detector.json", _first("detector_rss_mb", "sustained.rss_mb")),
+    ("detector_saturated_readings_per_s", "detector.json", _path("sustained.saturated.readings_per_s")),
     ("fleet_readings_per_s", "fleet.json", _fleet("e2e_readings_per_s")),
     ("fleet_telemetry_lost", "fleet.json", _fleet("telemetry_lost")),
     ("fleet_point", "fleet.json", _fleet("point")),
@@ -151,6 +155,9 @@ KEYS: list[tuple[str, str, Callable[[dict], tuple[Any, str | None]]]] = [
     ("onnxruntime_over_torch_batch_1", "training.json", _path("scoring.batch_1.ratio_onnxruntime_over_torch")),
     ("ingest_records_per_s", "dashboard.json", _path("ingest.batched_records_per_s")),
     ("dashboard_overview_ms", "dashboard.json", _path("pages_loaded.overview_ms")),
+    ("ipc_sync_msgs_per_s", "ipc.json", _path("results.ipc_sync.messages_per_s")),
+    ("ipc_pipelined_msgs_per_s", "ipc.json", _path("results.ipc_pipelined.messages_per_s")),
+    ("ipc_pipelined_ratio_to_mosquitto_qos1", "ipc.json", _path("results.ipc_pipelined.ratio_to_mosquitto_qos1")),
 ]
 
 
