@@ -6,7 +6,8 @@
 - the artifact bucket (public access blocked);
 - the SageMaker model package group;
 - the IoT thing group;
-- an IAM role for the two Lambda functions (unless ``role_arn`` is given);
+- one IAM role per Lambda function (unless ``role_arn`` is given, which both
+  then use), each with only what its code calls (:func:`role_policies`);
 - the approval Lambda (``windfleet.cloud.approval.handler``) and the ingest
   Lambda (``windfleet.cloud.ingest.lambda_handler``), both from one zip built
   from this project (:func:`lambda_zip`; tenacity is vendored, boto3 is in the
@@ -88,21 +89,91 @@ def lambda_zip() -> bytes:
     return buf.getvalue()
 
 
-def role_policy(backend: Backend, log_group: str) -> dict:
-    bucket = backend.bucket
+# The IoT actions AWS documents as required by greengrass:CreateDeployment: the service creates
+# and manages the deployment's IoT job and (for a thing target) the device's deployment shadow
+# with the caller's permissions.  Sources: the Greengrass V2 developer guide, "Minimal IAM policy
+# for installer to provision resources" (statement DeployDevTools grants exactly these with
+# greengrass:CreateDeployment), and the Service Authorization Reference for AWS IoT Greengrass V2,
+# which lists the same set as the deployment actions' "Dependent actions".
+CREATE_DEPLOYMENT_DEPENDENCIES = (
+    "iot:CancelJob", "iot:CreateJob", "iot:DeleteThingShadow", "iot:DescribeJob", "iot:DescribeThing",
+    "iot:DescribeThingGroup", "iot:GetThingShadow", "iot:UpdateJob", "iot:UpdateThingShadow",
+)
+LAMBDA_LOGGING = ("logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents")  # the runtime's own logs
+
+
+def role_name(function: str) -> str:
+    """The execution role the provisioner creates for ``function`` (one role per function)."""
+    return {settings.APPROVAL_FUNCTION: f"{settings.LAMBDA_ROLE}-approval",
+            settings.INGEST_FUNCTION: f"{settings.LAMBDA_ROLE}-ingest"}[function]
+
+
+def arn_parts(backend: Backend) -> tuple[str, str, str]:
+    """``(partition, region, account)`` of the account being provisioned (from the thing group's ARN)."""
+    _, partition, _, region, account, _ = backend.thing_group_arn().split(":", 5)
+    return partition, region, account
+
+
+def _log_group_arns(partition: str, region: str, account: str, group: str) -> list[str]:
+    # The group itself (CreateLogGroup, CreateLogStream) and its streams (PutLogEvents).
+    base = f"arn:{partition}:logs:{region}:{account}:log-group:{group}"
+    return [base, base + ":*"]
+
+
+def _statement(sid: str, actions: list[str] | tuple[str, ...], resources: list[str] | str) -> dict:
+    return {"Sid": sid, "Effect": "Allow", "Action": sorted(actions), "Resource": resources}
+
+
+def approval_policy(backend: Backend, arn: tuple[str, str, str] | None = None) -> dict:
+    """The approval Lambda's policy: what :func:`windfleet.cloud.approval.handler` calls, scoped to
+    this deployment's bucket, model package group, model component and thing group, plus the IoT
+    actions greengrass:CreateDeployment depends on."""
+    p, r, a = arn or arn_parts(backend)
+    bucket, group = backend.bucket, backend.model_group
+    # SageMaker writes resource names into ARNs in lower case; allow the group as given and lowered.
+    packages = [f"arn:{p}:sagemaker:{r}:{a}:model-package/{g}/*" for g in dict.fromkeys((group, group.lower()))]
+    model_keys = settings.MODEL_PREFIX.format(group=group, digest="*") + "*"
+    component_keys = settings.COMPONENT_PREFIX.format(name=settings.MODEL_COMPONENT, version="*") + "*"
+    component = f"arn:{p}:greengrass:{r}:{a}:components:{settings.MODEL_COMPONENT}"
+    thing_group = f"arn:{p}:iot:{r}:{a}:thinggroup/{backend.thing_group}"
     return {"Version": "2012-10-17", "Statement": [
-        {"Effect": "Allow", "Action": ["sagemaker:DescribeModelPackage", "sagemaker:UpdateModelPackage",
-                                       "sagemaker:ListModelPackages"], "Resource": "*"},
-        {"Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject"], "Resource": f"arn:aws:s3:::{bucket}/*"},
-        {"Effect": "Allow", "Action": ["greengrass:CreateComponentVersion", "greengrass:DescribeComponent",
-                                       "greengrass:GetComponent", "greengrass:ListComponents",
-                                       "greengrass:ListComponentVersions", "greengrass:CreateDeployment",
-                                       "greengrass:GetDeployment", "greengrass:ListDeployments",
-                                       "iot:DescribeThingGroup", "iot:DescribeJob", "iot:CreateJob",
-                                       "iot:UpdateJob", "iot:CancelJob"], "Resource": "*"},
-        {"Effect": "Allow", "Action": ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"],
-         "Resource": "*"},
+        _statement("ModelPackages", ["sagemaker:DescribeModelPackage", "sagemaker:UpdateModelPackage"], packages),
+        # registered artifacts are read; model component artifacts are written, and Greengrass reads them
+        # with the caller's permissions when it creates the component version (to compute digests)
+        _statement("ReadArtifacts", ["s3:GetObject"],
+                   [f"arn:{p}:s3:::{bucket}/{model_keys}", f"arn:{p}:s3:::{bucket}/{component_keys}"]),
+        _statement("WriteModelComponentArtifacts", ["s3:PutObject"], f"arn:{p}:s3:::{bucket}/{component_keys}"),
+        _statement("ModelComponent", ["greengrass:CreateComponentVersion", "greengrass:DescribeComponent",
+                                      "greengrass:GetComponent"], [component, component + ":versions:*"]),
+        # these have no resource-level permissions (or none this code can name in advance)
+        _statement("Deployments", ["greengrass:CreateDeployment", "greengrass:GetDeployment",
+                                   "greengrass:ListComponents", "greengrass:ListDeployments"], "*"),
+        # the deployment targets the fleet's thing group; its IoT job ids and device things are the service's
+        _statement("CreateDeploymentDependencies", CREATE_DEPLOYMENT_DEPENDENCIES,
+                   [thing_group, f"arn:{p}:iot:{r}:{a}:job/*", f"arn:{p}:iot:{r}:{a}:thing/*"]),
+        _statement("FunctionLogs", LAMBDA_LOGGING,
+                   _log_group_arns(p, r, a, f"/aws/lambda/{settings.APPROVAL_FUNCTION}")),
     ]}
+
+
+def ingest_policy(backend: Backend, log_group: str = settings.LOG_GROUP,
+                  arn: tuple[str, str, str] | None = None) -> dict:
+    """The ingest Lambda's policy: writing the telemetry log group (creating it and a stream per
+    device when missing), plus its own function logs."""
+    p, r, a = arn or arn_parts(backend)
+    return {"Version": "2012-10-17", "Statement": [
+        _statement("TelemetryLogs", ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"],
+                   _log_group_arns(p, r, a, log_group)),
+        _statement("FunctionLogs", LAMBDA_LOGGING,
+                   _log_group_arns(p, r, a, f"/aws/lambda/{settings.INGEST_FUNCTION}")),
+    ]}
+
+
+def role_policies(backend: Backend, log_group: str = settings.LOG_GROUP) -> dict[str, dict]:
+    """``{function name: policy document}`` of every role the provisioner creates."""
+    arn = arn_parts(backend)
+    return {settings.APPROVAL_FUNCTION: approval_policy(backend, arn),
+            settings.INGEST_FUNCTION: ingest_policy(backend, log_group, arn)}
 
 
 class Provisioner:
@@ -110,6 +181,7 @@ class Provisioner:
                  retry_wait: float = 5.0, retry_timeout: float = 120.0):
         self.b = backend
         self.role_arn = role_arn
+        self._roles: dict[str, str] = {}  # function name -> the role created for it
         self.log_group = log_group
         self.report: Report = []
         self._retry = dict(wait=tenacity.wait_fixed(retry_wait), stop=tenacity.stop_after_delay(retry_timeout))
@@ -157,44 +229,49 @@ class Provisioner:
                 "thingGroupDescription": "windfleet gateways (Greengrass core devices)"})
             self._note("thing group", name, "created")
 
-    def role(self) -> str:
+    def role(self, function: str) -> str:
+        """The execution role of ``function``: the given ``role_arn``, or its own role with its policy."""
         if self.role_arn:
             return self.role_arn
-        iam = self.b.iam
+        if function in self._roles:
+            return self._roles[function]
+        iam, name = self.b.iam, role_name(function)
         try:
-            arn = iam.get_role(RoleName=settings.LAMBDA_ROLE)["Role"]["Arn"]
-            self._note("iam role", settings.LAMBDA_ROLE, "exists")
+            arn = iam.get_role(RoleName=name)["Role"]["Arn"]
+            self._note("iam role", name, "exists")
         except ClientError as exc:
             if _code(exc) != "NoSuchEntity":
                 raise
-            arn = iam.create_role(RoleName=settings.LAMBDA_ROLE, AssumeRolePolicyDocument=json.dumps(TRUST_POLICY),
-                                  Description="windfleet approval + ingest Lambda functions")["Role"]["Arn"]
-            self._note("iam role", settings.LAMBDA_ROLE, "created")
-        iam.put_role_policy(RoleName=settings.LAMBDA_ROLE, PolicyName="windfleet",
-                            PolicyDocument=json.dumps(role_policy(self.b, self.log_group)))
-        self.role_arn = arn
+            arn = iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(TRUST_POLICY),
+                                  Description=f"windfleet: execution role of the {function} Lambda")["Role"]["Arn"]
+            self._note("iam role", name, "created")
+        policy = role_policies(self.b, self.log_group)[function]
+        iam.put_role_policy(RoleName=name, PolicyName="windfleet", PolicyDocument=json.dumps(policy))
+        self._roles[function] = arn
         return arn
 
     def function(self, name: str, handler: str, env: dict, code: bytes) -> str:
         lam = self.b.lambda_
-        config = dict(Role=self.role(), Handler=handler, Runtime=settings.LAMBDA_RUNTIME,
+        config = dict(Role=self.role(name), Handler=handler, Runtime=settings.LAMBDA_RUNTIME,
                       Timeout=settings.LAMBDA_TIMEOUT, MemorySize=256, Environment={"Variables": env})
+        # a fresh IAM role takes a few seconds to become assumable
+        fresh_role = tenacity.retry(
+            retry=tenacity.retry_if_exception(lambda e: isinstance(e, ClientError)
+                                              and _code(e) == "InvalidParameterValueException"),
+            reraise=True, **self._retry)
         try:
             lam.get_function(FunctionName=name)
         except ClientError as exc:
             if _code(exc) != "ResourceNotFoundException":
                 raise
-            create = tenacity.retry(  # a fresh IAM role takes a few seconds to become assumable
-                retry=tenacity.retry_if_exception(lambda e: isinstance(e, ClientError)
-                                                  and _code(e) == "InvalidParameterValueException"),
-                reraise=True, **self._retry)(lam.create_function)
-            arn = create(FunctionName=name, Code={"ZipFile": code}, Publish=True,
-                         Description="windfleet (packaged by windfleet cloud provision)", **config)["FunctionArn"]
+            arn = fresh_role(lam.create_function)(
+                FunctionName=name, Code={"ZipFile": code}, Publish=True,
+                Description="windfleet (packaged by windfleet cloud provision)", **config)["FunctionArn"]
             self._note("lambda", name, "created")
             return arn
         lam.update_function_code(FunctionName=name, ZipFile=code, Publish=True)
         self._wait_updated(name)
-        arn = lam.update_function_configuration(FunctionName=name, **config)["FunctionArn"]
+        arn = fresh_role(lam.update_function_configuration)(FunctionName=name, **config)["FunctionArn"]
         self._note("lambda", name, "updated")
         return arn
 
@@ -273,6 +350,8 @@ class Provisioner:
         ingest_arn = self.function(settings.INGEST_FUNCTION, INGEST_HANDLER,
                                    {"WINDFLEET_LOG_GROUP": self.log_group}, code)
         self.telemetry_rule(ingest_arn)
+        if not self.role_arn:
+            self._delete_legacy_role()  # both functions have their own roles now
         self.dashboard()
         return self.report
 
@@ -292,12 +371,10 @@ class Provisioner:
             for fn in (settings.APPROVAL_FUNCTION, settings.INGEST_FUNCTION):
                 self._gone("lambda", fn, lambda fn=fn: b.lambda_.delete_function(FunctionName=fn))
 
-            def role() -> None:
-                b.iam.delete_role_policy(RoleName=settings.LAMBDA_ROLE, PolicyName="windfleet")
-                b.iam.delete_role(RoleName=settings.LAMBDA_ROLE)
-
             if not self.role_arn:
-                self._gone("iam role", settings.LAMBDA_ROLE, role)
+                for fn in (settings.APPROVAL_FUNCTION, settings.INGEST_FUNCTION):
+                    self._gone("iam role", role_name(fn), lambda fn=fn: self._delete_role(role_name(fn)))
+                self._delete_legacy_role()
             self._gone("log group", self.log_group, lambda: b.logs.delete_log_group(logGroupName=self.log_group))
             self._gone("thing group", b.thing_group, lambda: b.iot.delete_thing_group(thingGroupName=b.thing_group))
         if keep_data:
@@ -322,6 +399,22 @@ class Provisioner:
 
         self._gone("s3 bucket", b.bucket, bucket)
         return self.report
+
+    def _delete_role(self, name: str) -> None:
+        iam = self.b.iam
+        for policy in iam.list_role_policies(RoleName=name).get("PolicyNames", []):
+            iam.delete_role_policy(RoleName=name, PolicyName=policy)
+        iam.delete_role(RoleName=name)
+
+    def _delete_legacy_role(self) -> None:
+        """The one role both functions shared before each got its own: removed if it is still there."""
+        try:
+            self.b.iam.get_role(RoleName=settings.LAMBDA_ROLE)
+        except ClientError as exc:
+            if _code(exc) == "NoSuchEntity":
+                return
+            raise
+        self._gone("iam role", settings.LAMBDA_ROLE, lambda: self._delete_role(settings.LAMBDA_ROLE))
 
     def _gone(self, kind: str, name: str, delete: Callable[[], Any]) -> None:
         try:

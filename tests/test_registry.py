@@ -207,7 +207,8 @@ def test_handler_in_moto_with_the_lambda_environment(moto_backend, tmp_path, mon
         stub.add_response("list_components", {"components": []}, {"scope": "PRIVATE"})
         stub.add_response("create_deployment", {"deploymentId": "d-1"},
                           {"targetArn": group_arn, "deploymentName": ANY,
-                           "components": {settings.MODEL_COMPONENT: {"componentVersion": "1.0.1"}},
+                           "components": {settings.MODEL_COMPONENT: {
+                               "componentVersion": "1.0.1", "configurationUpdate": settings.MODEL_CONFIGURATION_UPDATE}},
                            "deploymentPolicies": ANY, "iotJobConfiguration": ANY, "clientToken": ANY})
         out = approval.handler(approval_event(desc, region="us-east-1", account="123456789012"), None)
         assert out["status"] == "deployed", out
