@@ -46,23 +46,25 @@ def gateway(tmp_path, broker, forwarder_build):  # noqa: F811
     stand-in and a local health watcher.  ``gw.start(**config)`` deploys the forwarder."""
     credentials = broker.add_device(THING, TURBINES)
     collector = TelemetryCollector(broker)  # subscribed before anything is sent
-    nucleus = Nucleus(THING, tmp_path / "device", broker=broker, credentials=credentials)
-    build_dir, version = forwarder_build
-
-    class Gateway:
-        def start(self, **config) -> None:
-            nucleus.deploy(build_dir, {FWD: version}, {FWD: {"MERGE": {**CONFIG, **config}}})
-            wait_forwarder_ready(self)
-
-    gw = Gateway()
-    gw.nucleus, gw.collector, gw.broker = nucleus, collector, broker
-    gw.spool = nucleus.root / "work" / FWD / "spool.sqlite"
-    gw.detector = nucleus.publisher(DET, recipe_access_control(DET))
-    gw.local = nucleus.watcher(topics.health(THING))
+    nucleus = None
     try:
+        nucleus = Nucleus(THING, tmp_path / "device", broker=broker, credentials=credentials)
+        build_dir, version = forwarder_build
+
+        class Gateway:
+            def start(self, **config) -> None:
+                nucleus.deploy(build_dir, {FWD: version}, {FWD: {"MERGE": {**CONFIG, **config}}})
+                wait_forwarder_ready(self)
+
+        gw = Gateway()
+        gw.nucleus, gw.collector, gw.broker = nucleus, collector, broker
+        gw.spool = nucleus.root / "work" / FWD / "spool.sqlite"
+        gw.detector = nucleus.publisher(DET, recipe_access_control(DET))
+        gw.local = nucleus.watcher(topics.health(THING))
         yield gw
     finally:
-        nucleus.stop()
+        if nucleus is not None:
+            nucleus.stop()
         collector.close()
 
 

@@ -38,6 +38,8 @@ args = dict(zip(sys.argv[5::2], sys.argv[6::2]))
 def event(what, **extra):
     with open(os.path.join(root, "events.log"), "a") as fh:
         fh.write(json.dumps({"t": time.time(), "component": name, "what": what, "pid": os.getpid(), **extra}) + "\n")
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))  # before "start": a test may stop it right after
 event("start")
 from awsiot.greengrasscoreipc.clientv2 import GreengrassCoreIPCClientV2
 from awsiot.greengrasscoreipc.model import BinaryMessage, PublishMessage, ReportedLifecycleState
@@ -51,8 +53,6 @@ print(json.dumps({"msg": "standin started", "mode": mode, "args": args, "config"
 print("to stderr", file=sys.stderr, flush=True)
 if mode == "crash":
     sys.exit(3)
-stop = []
-signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
 if "--errors" in args:
     counter = os.path.join(os.getcwd(), "standin-starts")   # cwd is {work:path}
     starts = (int(open(counter).read()) if os.path.exists(counter) else 0) + 1

@@ -15,20 +15,32 @@ Artifact URIs are written exactly as gdk writes them after a build,
 replaces the three placeholders (gdk ``component publish`` does the same).
 
 The three code components share one artifact, ``windfleet.zip`` (Unarchive ZIP):
-an importable ``windfleet/`` tree (the shared contracts and libraries plus
-``windfleet.components``; never training, cloud or the local runtime) and a
-``requirements.txt`` the recipes' Install step feeds to pip.  The zip is
-deterministic (sorted entries, fixed timestamps), so the same code always has the
-same digest and re-publishing an unchanged build is a no-op.
+an importable ``windfleet/`` tree (the shared contracts and libraries, the device
+runtime installer ``windfleet.device_runtime``, and ``windfleet.components`` with each
+component's own ``requirements.txt``; never training, cloud or the local runtime).
+Each recipe's Install step hands its component's requirements to
+``windfleet.device_runtime``.  The zip is deterministic (sorted entries, fixed
+timestamps), so the same code always has the same digest and re-publishing an
+unchanged build is a no-op.
+
+GDK: every code component is also a GDK project (``gdk-config.json`` + ``recipe.yaml``
+beside it: ``components/<pkg>/`` for each, and the repository root for the detector).
+Their ``custom_build_command`` runs ``python3 -m windfleet.build --gdk --root <repo>``
+in the project folder, which builds that one component into the folder's
+``greengrass-build/`` exactly where ``gdk component build`` expects it and where
+``gdk component publish`` then reads it: the recipe as
+``greengrass-build/recipes/<name of the project's recipe file>`` (GDK takes that name
+after resolving symlinks) and the artifacts in
+``greengrass-build/artifacts/<Name>/<Version>/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
@@ -45,8 +57,9 @@ SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]
 
 # What goes into windfleet.zip: device code only.
 _CORE_EXCLUDE = {"build.py", "demo.py", "nucleus", "__pycache__"}
-# Requirements the device does not need (cloud-only).
-_DEVICE_EXCLUDE_REQS = {"boto3"}
+# GDK project files and build output inside components/<pkg>/: not device code.
+_COMPONENTS_EXCLUDE = {"gdk-config.json", "recipe.yaml", "recipe.json", "greengrass-build"}
+GDK_CONFIG = "gdk-config.json"
 _ZIP_DATE = (2020, 1, 25, 0, 0, 0)
 
 
@@ -83,13 +96,6 @@ def artifact_files(recipe: dict) -> list[str]:
     return names
 
 
-def device_requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
-    """The runtime dependencies of device code, from pyproject.toml."""
-    project = tomllib.loads(pyproject.read_text())["project"]
-    reqs = list(project["dependencies"]) + list(project.get("optional-dependencies", {}).get("greengrass", []))
-    return [r for r in reqs if re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() not in _DEVICE_EXCLUDE_REQS]
-
-
 def _zip_tree(zf: zipfile.ZipFile, src: Path, arc_prefix: str, exclude: set[str]) -> None:
     for path in sorted(src.rglob("*")):
         rel = path.relative_to(src)
@@ -107,7 +113,7 @@ def _zip_write(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
 
 
 def build_code_zip(dest: Path, root: Path = ROOT) -> Path:
-    """Write ``windfleet.zip``: ``windfleet/`` (core + components) and ``requirements.txt``."""
+    """Write ``windfleet.zip``: ``windfleet/`` (core + components, each with its requirements.txt)."""
     components = root / "components"
     if not (components / "__init__.py").is_file():
         raise BuildError(f"{components}: not a package (components/__init__.py missing)")
@@ -115,8 +121,7 @@ def build_code_zip(dest: Path, root: Path = ROOT) -> Path:
     tmp = dest.with_suffix(".tmp")
     with zipfile.ZipFile(tmp, "w") as zf:
         _zip_tree(zf, root / "windfleet", "windfleet", _CORE_EXCLUDE)
-        _zip_tree(zf, components, "windfleet/components", set())
-        _zip_write(zf, "requirements.txt", ("\n".join(device_requirements(root / "pyproject.toml")) + "\n").encode())
+        _zip_tree(zf, components, "windfleet/components", _COMPONENTS_EXCLUDE)
     tmp.replace(dest)
     return dest
 
@@ -129,6 +134,18 @@ def _write_recipe(recipes_out: Path, recipe: dict) -> Path:
     path = recipes_out / f"{recipe['ComponentName']}-{recipe['ComponentVersion']}.yaml"
     path.write_text(text)
     return path
+
+
+_ZIP_REF = re.compile(r"\{artifacts:decompressedPath\}/windfleet/([^\s\"']+\.(?:txt|py))")
+
+
+def _check_zip_references(recipe: dict, code_zip: Path) -> None:
+    """Every file a lifecycle step names inside the unpacked code zip must be in it."""
+    names = set(zipfile.ZipFile(code_zip).namelist())
+    for manifest in recipe.get("Manifests") or []:
+        for ref in _ZIP_REF.findall(json.dumps(manifest.get("Lifecycle") or {})):
+            if ref not in names:
+                raise BuildError(f"{recipe['ComponentName']}: its lifecycle names {ref}, which {code_zip.name} lacks")
 
 
 def _gdk_uris(recipe: dict) -> None:
@@ -197,6 +214,8 @@ def build(
                     shutil.copy2(code_zip, art_dir / CODE_ARTIFACT)
             else:
                 raise BuildError(f"{name}: no rule to build artifact {file_name!r}")
+        if code_zip is not None and CODE_ARTIFACT in artifact_files(recipe):
+            _check_zip_references(recipe, code_zip)
         _write_recipe(out / "recipes", recipe)
         built[name] = version
     return built
@@ -211,6 +230,57 @@ def built_components(out: str | Path) -> dict[str, str]:
     return result
 
 
+# ------------------------------------------------------------------ GDK projects
+def gdk_project(project_dir: str | Path = ".") -> tuple[str, dict]:
+    """``(component name, its gdk-config.json entry)`` of the GDK project in ``project_dir``."""
+    path = Path(project_dir) / GDK_CONFIG
+    try:
+        config = json.loads(path.read_text())
+        (name, entry), = config["component"].items()
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        raise BuildError(f"{path}: not a GDK project config naming one component ({exc})") from None
+    return name, entry
+
+
+def gdk_recipe_file(project_dir: str | Path = ".") -> Path:
+    """The recipe file GDK finds in ``project_dir``: ``recipe.json`` or ``recipe.yaml``, resolved
+    as GDK resolves it (gdk/common/config/GDKProject.py), so a symlink counts under its target's name."""
+    found = [p for p in (Path(project_dir) / "recipe.json", Path(project_dir) / "recipe.yaml") if p.exists()]
+    if len(found) != 1:
+        raise BuildError(f"{Path(project_dir).resolve()}: GDK needs exactly one of recipe.json / recipe.yaml")
+    return found[0].resolve()
+
+
+def build_gdk(project_dir: str | Path = ".", root: str | Path | None = None) -> tuple[str, str]:
+    """What ``gdk component build`` runs (gdk-config.json's ``custom_build_command``): build the
+    project's one component into ``<project_dir>/greengrass-build`` as GDK lays it out, the
+    recipe under the name ``gdk component publish`` reads.  Returns ``(name, version)``."""
+    project_dir = Path(project_dir)
+    root = Path(root) if root is not None else ROOT
+    name, entry = gdk_project(project_dir)
+    recipe_file = gdk_recipe_file(project_dir)
+    source = load_recipe(recipe_file)
+    version = str(entry.get("version", ""))
+    if source.get("ComponentName") != name:
+        raise BuildError(f"{recipe_file}: names {source.get('ComponentName')!r}, {GDK_CONFIG} names {name!r}")
+    if version != str(source.get("ComponentVersion")):
+        raise BuildError(f"{GDK_CONFIG} has version {version!r} and {recipe_file.name} {source.get('ComponentVersion')!r}: "
+                         "keep them equal (explicit semver; NEXT_PATCH is not used)")
+    out = project_dir / "greengrass-build"
+    built = build(out, components=[name], recipes_dir=root / "recipes", root=root)
+    built_path = out / "recipes" / f"{name}-{built[name]}.yaml"
+    recipe = load_recipe(built_path)
+    if entry.get("author"):
+        recipe["ComponentPublisher"] = entry["author"]  # as GDK's own build does
+    built_path.unlink()
+    target = out / "recipes" / recipe_file.name
+    if recipe_file.suffix == ".json":
+        target.write_text(json.dumps(recipe, indent=2) + "\n")
+    else:
+        target.write_text(yaml.safe_dump(recipe, sort_keys=False, width=1000))
+    return name, built[name]
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m windfleet.build`` (what gdk-config.json's custom build runs)."""
     parser = argparse.ArgumentParser(prog="windfleet.build", description=__doc__.splitlines()[0])
@@ -218,9 +288,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="model package dir (model.onnx + model.json)")
     parser.add_argument("--model-version", default=None)
     parser.add_argument("--component", action="append", default=None)
+    parser.add_argument("--gdk", action="store_true",
+                        help="build the GDK project in the current folder (gdk-config.json's custom build)")
+    parser.add_argument("--root", default=None, help="the repository root (default: this package's)")
     args = parser.parse_args(argv)
     try:
-        built = build(args.out, args.model, args.model_version, args.component)
+        if args.gdk:
+            name, version = build_gdk(".", args.root)
+            built = {name: version}
+        else:
+            root = Path(args.root) if args.root else ROOT
+            built = build(args.out, args.model, args.model_version, args.component, root / "recipes", root)
     except BuildError as exc:
         print(f"windfleet build: {exc}", file=sys.stderr)
         return 2

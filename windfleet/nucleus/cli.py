@@ -70,7 +70,8 @@ def _merge_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
 @device.command("run")
 @click.option("--thing", required=True, help="The core device's thing name.")
 @click.option("--root", required=True, type=click.Path(file_okay=False), help="Runtime root (like /greengrass/v2).")
-@click.option("--broker", default=None, envvar="WINDFLEET_BROKER", help="Local MQTT broker host:port.")
+@click.option("--broker", default=None, envvar="WINDFLEET_BROKER",
+              help="IoT Core stand-in (Mosquitto) host:port; the nucleus holds the device's one connection.")
 @click.option("--broker-user", default=None, envvar="WINDFLEET_BROKER_USER")
 @click.option("--broker-password", default=None, envvar="WINDFLEET_BROKER_PASSWORD")
 @click.option("--broker-data", default=None, type=click.Path(file_okay=False),

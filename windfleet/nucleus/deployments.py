@@ -255,6 +255,7 @@ class Deployments:
         with self._lock:
             old_configs, self.configuration = self.configuration, configs
             self.authorizer.interpolate = bool(self._nucleus_option("interpolateComponentConfiguration", False))
+            self.apply_nucleus_options()
             for name in versions:
                 self.authorizer.set_component(name, configs.get(name))
             new = {n: self._resolve(versions, recipes, configs, n) for n in versions}

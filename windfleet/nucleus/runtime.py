@@ -55,7 +55,7 @@ from windfleet import jsonlog, payloads, topics
 
 from .authorization import Authorizer
 from .ipc import CLI_CLIENT, IpcServer
-from .iotcore import IotCoreConnection
+from .iotcore import DEFAULT_SPOOL_BYTES, IotCoreConnection
 from .atomic import write_json_atomic
 from .deployments import GOOD_STATES, NUCLEUS, DeploymentAborted, Deployments
 from .operations import IpcOperations
@@ -145,8 +145,9 @@ class DeviceRuntime(Deployments, IpcOperations):
     :param thing: the core device's thing name (``{iot:thingName}``).
     :param root: its root directory (``{kernel:rootPath}``).
     :param source: a deployment source (see :mod:`.sources`), or None.
-    :param broker: ``host:port`` of the local MQTT broker; with ``broker_user`` /
-        ``broker_password`` it is passed to components and used to read health.
+    :param broker: ``host:port`` of the MQTT broker standing in for IoT Core (``cloud_broker``
+        overrides it); the nucleus holds the device's one connection to it, with ``broker_user`` /
+        ``broker_password`` (the device's account).  Neither: the device runs offline.
     """
 
     def __init__(self, thing: str, root: str | Path, source: Any = None, *, broker: str | None = None,
@@ -638,10 +639,28 @@ class DeviceRuntime(Deployments, IpcOperations):
             "cli_auth_token": self.ipc.issue_token(CLI_CLIENT), "domain_socket_path": str(self.ipc.path)})
         os.chmod(info / f"user-{os.getuid()}", 0o600)
         self._unsubscribe_health = self.ipc.local_subscribe(topics.health(self.thing), self._on_health)
-        if self.broker:
+        if self.cloud_broker or self.broker:
             self.iot = IotCoreConnection(self.thing, self.cloud_broker or self.broker, self.broker_user,
                                          self.broker_password)
+            self.apply_nucleus_options()
             self.iot.start()
+
+    def apply_nucleus_options(self) -> None:
+        """``aws.greengrass.Nucleus`` configuration ``mqtt.spooler`` -> the IoT Core connection.
+        ``storageType: Disk`` needs the aws.greengrass.DiskSpooler plugin, which this nucleus does
+        not run: like the nucleus without the plugin, it keeps spooling in memory."""
+        spooler = ((self._nucleus_option("mqtt") or {}).get("spooler") or {}) if isinstance(
+            self._nucleus_option("mqtt"), dict) else {}
+        if self.iot is None:
+            return
+        try:
+            self.iot.max_bytes = int(spooler.get("maxSizeInBytes", DEFAULT_SPOOL_BYTES))
+        except (TypeError, ValueError):
+            self._event("ignoring mqtt.spooler.maxSizeInBytes", logging.WARNING, value=spooler.get("maxSizeInBytes"))
+        self.iot.keep_qos0_when_offline = bool(spooler.get("keepQos0WhenOffline", False))
+        if str(spooler.get("storageType", "Memory")).lower() == "disk":
+            self._event("mqtt.spooler.storageType Disk needs aws.greengrass.DiskSpooler; spooling in memory",
+                        logging.WARNING)
 
     # ================================================================ loop
     def tick(self) -> None:
