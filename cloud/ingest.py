@@ -694,6 +694,8 @@ class IngestService:
                 if qos > 0:
                     self._client.ack(mid, qos)
                 key = outcome.split(":", 1)[0]
+                if key != "malformed":
+                    self._confirm(payload)
                 self.stats[key] = self.stats.get(key, 0) + 1
                 if key == "malformed":
                     self._warn.warn(outcome, "malformed telemetry dropped", bytes=len(payload))
@@ -704,6 +706,16 @@ class IngestService:
             if any(deleted.values()):
                 jsonlog.event(log, "retention", **deleted)
         return last_retention
+
+    def _confirm(self, payload: bytes) -> None:
+        """Tell the device its message is stored (a repeat too): only then does its forwarder
+        delete it (``delivery: cloud_ack``)."""
+        try:
+            body = payloads.decode(payload)
+            ack = payloads.telemetry_ack(body["thing"], body["seq"])
+        except (payloads.MalformedPayload, KeyError, TypeError):
+            return
+        self._client.publish(topics.telemetry_ack(ack["thing"]), payloads.encode(ack), qos=1)
 
     def start(self, wait_connected: float | None = 10.0) -> "IngestService":
         self._writer = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)

@@ -100,10 +100,17 @@ class TelemetryCollector(Subscriber):
     """Cloud-side subscriber of ``windfleet/fleet/+/telemetry`` (persistent session, so a
     broker restart loses nothing), with helpers to check sequence numbers and records."""
 
-    def __init__(self, broker: Broker, topic_filter: str = topics.ALL_TELEMETRY):
+    def __init__(self, broker: Broker, topic_filter: str = topics.ALL_TELEMETRY, acking: bool = True):
         user, password = broker.cloud_credentials()
+        self.acking = acking  # confirm each message to its forwarder, as the ingest does
         super().__init__(broker.host, broker.port, user, password, topic_filter,
                          client_id=f"collector-{uuid.uuid4().hex[:8]}", clean_session=False)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        super()._on_message(client, userdata, msg)
+        if self.acking and msg.topic.endswith("/telemetry"):
+            from windfleet.nucleus.fleet import confirm
+            confirm(client, msg.payload)
 
     def telemetry(self, thing: str | None = None) -> list[dict]:
         out = []

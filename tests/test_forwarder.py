@@ -31,6 +31,8 @@ class MemoryBus(Bus):
         self.states: list[tuple[str, dict]] = []
         self.lock = threading.Lock()
         self.config_handlers = []
+        self.cloud_handlers: dict[str, list] = {}
+        self.acking = True   # the cloud side confirms what it stored (payloads.telemetry_ack)
 
     def publish(self, topic, payload, qos=0):
         data = payload if isinstance(payload, bytes) else payloads.encode(payload)
@@ -50,7 +52,15 @@ class MemoryBus(Bus):
         if not self.cloud_up:
             return False
         self.cloud.append(payload)
+        if self.acking:
+            body = payloads.decode(payload)
+            ack = payloads.encode(payloads.telemetry_ack(body["thing"], body["seq"]))
+            for handler in self.cloud_handlers.get(topics.telemetry_ack(self.thing_name), []):
+                handler(topics.telemetry_ack(self.thing_name), ack)
         return True
+
+    def subscribe_cloud(self, topic, handler):
+        self.cloud_handlers.setdefault(topic, []).append(handler)
 
     def get_configuration(self, component=None):
         if component not in (None, self.component_name):
@@ -298,3 +308,48 @@ def test_spool_file_is_wal_sqlite(make, tmp_path):
     db = sqlite3.connect(tmp_path / "spool.sqlite")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     db.close()
+
+
+def test_a_message_the_nucleus_took_stays_spooled_until_the_cloud_confirms_it(make):
+    """delivery cloud_ack: PublishToIoTCore succeeding only means the nucleus' (in-memory)
+    spooler has it; the record leaves the forwarder's spool when the cloud acknowledges it."""
+    bus = MemoryBus(config={"turbines": 2})
+    bus.acking = False
+    bus, fwd = make(bus=bus, batch_records=10, ack_timeout=0.3)
+    _scores(bus, "gw1-t00", 0, 10)
+    wait_until(lambda: len(bus.cloud) >= 2, 5)           # sent, then sent again with the same seq
+    seqs = [m["seq"] for m in bus.telemetry()]
+    assert len(set(seqs)) == 1 and fwd.spool.records >= 10 and fwd.counters["ack_timeouts"] >= 1
+    bus.acking = True
+    wait_until(lambda: fwd.spool.records == 0, 5)
+    assert bus.score_numbers()[-10:] == list(range(10))
+
+
+def test_a_restart_before_the_cloud_confirmed_loses_nothing(make, tmp_path):
+    """The outage-with-a-restart case: the nucleus took the message (and then lost its
+    in-memory spooler with the device); the next start sends it again, same seq."""
+    path = tmp_path / "restart.sqlite"
+    bus = MemoryBus(config={"turbines": 1})
+    bus.acking = False
+    bus, fwd = make(bus=bus, spool_path=path, batch_records=5, ack_timeout=30)
+    _scores(bus, "gw1-t00", 0, 5)
+    wait_until(lambda: bus.cloud, 5)
+    taken = bus.telemetry()[0]["seq"]
+    fwd.stop()
+    fwd.spool.close()
+    bus2 = MemoryBus(config={"turbines": 1})               # the device came back; the cloud acks again
+    bus2, fwd2 = make(bus=bus2, spool_path=path, batch_records=5)
+    wait_until(lambda: fwd2.spool.records == 0, 10)
+    again = bus2.telemetry()
+    assert again[0]["seq"] == taken
+    assert [r["body"]["window_end_seq"] for m in again for r in m["records"] if r["type"] == "score"] == list(range(5))
+
+
+def test_delivery_nucleus_trusts_the_nucleus(make):
+    bus = MemoryBus(config={"turbines": 1, "delivery": "nucleus"})
+    bus.acking = False
+    bus, fwd = make(bus=bus, batch_records=5)
+    _scores(bus, "gw1-t00", 0, 5)
+    wait_until(lambda: fwd.spool.records == 0 and len(bus.score_numbers()) == 5, 5)
+    assert not bus.cloud_handlers  # nothing waits for the cloud's word
+

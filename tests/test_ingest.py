@@ -226,6 +226,10 @@ def test_service_stores_dedupes_and_drops_malformed_over_mqtt(broker, store):
     user, password = broker.cloud_credentials()
     with IngestService(store, broker.host, broker.port, user, password, client_id="ingest-test") as service:
         device = _device_client(broker, "gw1")
+        acks: list[int] = []
+        device.on_message = lambda c, u, m: acks.append(payloads.validate_telemetry_ack(payloads.decode(m.payload))["seq"])
+        device.subscribe(topics.telemetry_ack("gw1"), qos=1)
+        time.sleep(0.5)  # the subscription reaches the broker before anything is sent
         try:
             topic = topics.telemetry("gw1")
             for seq in (0, 1, 3, 1):
@@ -236,6 +240,8 @@ def test_service_stores_dedupes_and_drops_malformed_over_mqtt(broker, store):
             assert store.loss()["gw1"]["lost"] == 1
             device.publish(topic, message("gw1", 2), qos=1).wait_for_publish()
             wait_until(lambda: store.loss()["gw1"]["lost"] == 0, message="the gap filled")
+            # each stored message, the repeat too, is confirmed to the device; the malformed one is not
+            wait_until(lambda: sorted(acks) == [0, 1, 1, 2, 3], message="acknowledgements")
         finally:
             device.loop_stop()
             device.disconnect()

@@ -240,6 +240,18 @@ def telemetry(thing: str, seq: int, ts: float, records: Iterable[dict]) -> dict:
     return {"schema_version": SCHEMA_VERSION, "thing": thing, "seq": seq, "ts": ts, "records": list(records)}
 
 
+def telemetry_ack(thing: str, seq: int) -> dict:
+    """Cloud -> forwarder: telemetry message ``seq`` of ``thing`` is stored (or was already).
+    Only then does the forwarder delete it from its spool."""
+    return {"schema_version": SCHEMA_VERSION, "thing": thing, "seq": seq}
+
+
+def validate_telemetry_ack(obj: dict) -> dict:
+    _str(obj, "thing")
+    _int(obj, "seq")
+    return obj
+
+
 def validate_telemetry(obj: dict) -> dict:
     _str(obj, "thing")
     _int(obj, "seq")

@@ -39,6 +39,11 @@ def telemetry(thing: str) -> str:
     return f"{PREFIX}/fleet/{thing}/telemetry"
 
 
+def telemetry_ack(thing: str) -> str:
+    """Cloud -> forwarder (IoT Core topic): which telemetry messages the cloud has stored."""
+    return f"{PREFIX}/fleet/{thing}/ack"
+
+
 def turbine_id(thing: str, index: int) -> str:
     return f"{thing}-t{index:02d}"
 

@@ -43,8 +43,13 @@ class Bus(abc.ABC):
 
     @abc.abstractmethod
     def publish_cloud(self, topic: str, payload: bytes, qos: int = 1) -> bool:
-        """Publish to the cloud (IoT Core).  True once the cloud side acknowledged
-        it (QoS1); False when the cloud link is down or the ack did not come."""
+        """Publish to the cloud (IoT Core).  True once the nucleus took it (in its spooler,
+        not yet PUBACKed: on a real nucleus too); False when it refused it (spooler full,
+        QoS 0 offline, not authorized).  Never raises."""
+
+    def subscribe_cloud(self, topic: str, handler: Handler) -> None:
+        """Call ``handler(topic, payload_bytes)`` for each IoT Core message on ``topic``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot subscribe to the cloud")
 
     @abc.abstractmethod
     def get_configuration(self, component: str | None = None) -> dict:

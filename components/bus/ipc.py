@@ -28,6 +28,7 @@ from typing import Any
 from awsiot.greengrasscoreipc.model import (
     QOS,
     BinaryMessage,
+    IoTCoreMessage,
     PublishMessage,
     ReportedLifecycleState,
     SubscriptionResponseMessage,
@@ -116,6 +117,22 @@ class IpcBus(Bus):
             self._limited.warn("publish_cloud", "publish_to_iot_core failed", topic=topic, error=repr(exc)[:200])
             return False
         return True
+
+    def subscribe_cloud(self, topic: str, handler: Handler) -> None:
+        def on_event(event: IoTCoreMessage) -> None:
+            message = event.message
+            if message is not None:
+                self._dispatcher.submit(handler, message.topic_name or topic, bytes(message.payload or b""))
+
+        def on_error(error: Exception) -> bool:
+            self._limited.warn("iot_stream_error", "IoT Core subscription stream error", topic=topic,
+                               error=repr(error)[:200])
+            return False
+
+        _, operation = self.client.subscribe_to_iot_core(topic_name=topic, qos=QOS.AT_LEAST_ONCE,
+                                                         on_stream_event=on_event, on_stream_error=on_error)
+        with self._lock:
+            self._operations.append(operation)
 
     # ------------------------------------------------------------ configuration
     def get_configuration(self, component: str | None = None) -> dict:

@@ -6,9 +6,22 @@ which validates it and appends it to the SQLite :class:`~.spool.Spool` (the bus
 acknowledges the message only after that commit).  A sender thread batches the oldest
 records into ``payloads.telemetry`` messages with a per-device ``seq`` that increases by
 one per message and survives restarts, and publishes them with ``bus.publish_cloud``
-(QoS1) to ``topics.telemetry(thing)``; a message leaves the spool only when the cloud
-acknowledged it.  While the cloud link is down everything waits in the spool and is
-delivered in order afterwards.
+(QoS1) to ``topics.telemetry(thing)``.  While the cloud link is down everything waits in
+the spool and is delivered in order afterwards.
+
+Delivery (configuration ``delivery``):
+
+* ``cloud_ack`` (default): a message leaves the spool only when the cloud side says it
+  stored it (``payloads.telemetry_ack`` on ``topics.telemetry_ack(thing)``, through the
+  nucleus' SubscribeToIoTCore).  The nucleus answers PublishToIoTCore as soon as its
+  spooler -- in memory by default, lost on a device restart -- took the message
+  (developer guide, "Publish/subscribe AWS IoT Core MQTT messages"), so only this makes
+  an outage with a restart in the middle lose nothing on a stock nucleus.  A message
+  not acknowledged within ``ack_timeout_s`` is sent again with the same ``seq``; the
+  cloud stores each ``seq`` once and acknowledges repeats.
+* ``nucleus``: a message leaves the spool once the nucleus took it (for a cloud side
+  that does not acknowledge; a device restart during an outage loses the nucleus'
+  spooler).
 
 Spool policy when full (see :mod:`.spool`): DROP OLDEST waiting records, keep the
 newest; every dropped record is counted in ``dropped_spool_full`` (health counters)
@@ -70,7 +83,8 @@ class Forwarder:
 
     def __init__(self, bus, spool: Spool, *, turbines: Any = None, batch_records: int = 100,
                  batch_bytes: int = 96 * 1024, batch_interval: float = 1.0, health_interval: float = 10.0,
-                 retry_max: float = 5.0, flush_timeout: float = 5.0):
+                 retry_max: float = 5.0, flush_timeout: float = 5.0, delivery: str | None = None,
+                 ack_timeout: float | None = None):
         self.bus, self.spool = bus, spool
         self.thing = bus.thing_name
         self.batch_records, self.batch_bytes = max(1, batch_records), batch_bytes
@@ -89,6 +103,13 @@ class Forwarder:
         self._threads: list[threading.Thread] = []
         self.last_acked_seq = 0
         self._dropped_logged = spool.dropped_spool_full
+        config = bus.get_configuration() if delivery is None or ack_timeout is None else {}
+        self.delivery = delivery or str(config.get("delivery", "cloud_ack"))
+        if self.delivery not in ("cloud_ack", "nucleus"):
+            raise ValueError(f"delivery must be cloud_ack or nucleus, not {self.delivery!r}")
+        self.ack_timeout = float(ack_timeout if ack_timeout is not None else config.get("ack_timeout_s", 10.0))
+        self._acked: set[int] = set()
+        self._ack_arrived = threading.Condition()
 
     # ------------------------------------------------------------ setup
     def start(self) -> "Forwarder":
@@ -96,6 +117,8 @@ class Forwarder:
                       spool=str(self.spool.path), spool_records=self.spool.records, next_seq=self.spool.next_seq,
                       max_records=self.spool.max_records, max_bytes=self.spool.max_bytes,
                       policy="drop oldest when full")
+        if self.delivery == "cloud_ack":
+            self.bus.subscribe_cloud(topics.telemetry_ack(self.thing), self.on_ack)
         self.bus.subscribe(topics.health(self.thing), self.handle)
         self.bus.subscribe(topics.logs(self.thing), self.handle)
         self._subscribe_turbines(self._turbines)
@@ -166,6 +189,31 @@ class Forwarder:
         # Store the bytes received (already proven to be finite JSON) for the batch.
         return kind, bytes(raw)
 
+    def on_ack(self, topic: str, raw: bytes) -> None:
+        """The cloud stored telemetry message ``seq``: the sender may delete it."""
+        try:
+            ack = payloads.validate_telemetry_ack(payloads.decode(raw))
+        except payloads.MalformedPayload as exc:
+            self.malformed_by_kind[f"ack:{exc.kind}"] += 1
+            return
+        if ack["thing"] != self.thing:
+            return
+        with self._ack_arrived:
+            self._acked.add(ack["seq"])
+            self._ack_arrived.notify_all()
+
+    def _wait_for_ack(self, seq: int) -> bool:
+        """True once the cloud acknowledged ``seq`` within ``ack_timeout``."""
+        deadline = time.monotonic() + self.ack_timeout
+        with self._ack_arrived:
+            while seq not in self._acked:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._ack_arrived.wait(min(left, 0.5))
+            self._acked = {s for s in self._acked if s > seq}
+            return True
+
     # ------------------------------------------------------------ send
     def _send_loop(self) -> None:
         retry = 0.2
@@ -209,6 +257,14 @@ class Forwarder:
             except Exception as exc:  # a transport error is "not delivered": keep it and retry
                 ok = False
                 self._limited.warn("publish_cloud", "cloud publish raised", error=repr(exc)[:200])
+            if ok and self.delivery == "cloud_ack" and not self._wait_for_ack(message.seq):
+                # taken by the nucleus but not confirmed stored: send the same seq again
+                self.counters["ack_timeouts"] += 1
+                self._limited.warn("ack_timeout", "no cloud acknowledgement; sending again", seq=message.seq,
+                                   timeout_s=self.ack_timeout)
+                if self._stop.is_set():
+                    return True  # kept in the spool for the next start
+                continue
             if ok:
                 self.spool.ack(message.seq)
                 self.last_acked_seq = message.seq
@@ -226,7 +282,7 @@ class Forwarder:
     # ------------------------------------------------------------ health
     def health_counters(self) -> dict[str, int]:
         counters = {k: 0 for k in ("received", "sent", "messages_sent", "malformed_dropped", "cloud_failures",
-                                   "spool_errors", "dropped_spool_error")}
+                                   "spool_errors", "dropped_spool_error", "ack_timeouts")}
         counters.update(self.counters)
         counters.update(
             spooled=self.spool.records,

@@ -42,6 +42,17 @@ class FleetError(RuntimeError):
 
 
 # ------------------------------------------------------------------ the cloud side
+def confirm(client: Any, raw: bytes) -> None:
+    """Acknowledge a telemetry message to its device (``payloads.telemetry_ack``): the cloud
+    side's half of the forwarder's ``delivery: cloud_ack``."""
+    try:
+        body = payloads.validate_telemetry(payloads.decode(raw))
+    except payloads.MalformedPayload:
+        return
+    client.publish(topics.telemetry_ack(body["thing"]), payloads.encode(payloads.telemetry_ack(body["thing"],
+                                                                                               body["seq"])), qos=1)
+
+
 class FleetCollector:
     """What the cloud sees: telemetry sequence numbers, scores, labels, health.
 
@@ -63,6 +74,8 @@ class FleetCollector:
 
     def on_message(self, client, userdata, msg) -> None:  # noqa: ARG002 - paho signature
         self.handle(msg.topic, msg.payload)
+        if msg.topic.endswith("/telemetry"):
+            confirm(client, msg.payload)
 
     def handle(self, topic: str, raw: bytes) -> None:
         try:
