@@ -773,12 +773,16 @@ def run_ingest(
 # ====================================================================== AWS
 LOG_GROUP_ENV = "WINDFLEET_LOG_GROUP"
 DEFAULT_LOG_GROUP = "/windfleet/telemetry"
+# The account's IoT data endpoint (``describe_endpoint(endpointType="iot:Data-ATS")``, looked up by
+# the provisioner): where the Lambda publishes its acknowledgements.
+IOT_DATA_ENDPOINT_ENV = "WINDFLEET_IOT_DATA_ENDPOINT"
 _STREAM_BAD = re.compile(r"[:*]")
 # CloudWatch rejects events older than 14 days or more than 2 hours ahead.
 _MAX_PAST_MS, _MAX_FUTURE_MS = 14 * 24 * 3600 * 1000 - 60_000, 2 * 3600 * 1000 - 60_000
 _MAX_BATCH_EVENTS, _MAX_BATCH_BYTES = 10_000, 1_000_000
 
 _logs_client = None
+_iot_data_client = None
 
 
 def _default_logs_client():
@@ -788,6 +792,18 @@ def _default_logs_client():
 
         _logs_client = boto3.client("logs")
     return _logs_client
+
+
+def _default_iot_data_client():
+    global _iot_data_client
+    if _iot_data_client is None:  # created on the first ack, reused across invocations
+        import boto3
+
+        endpoint = os.environ.get(IOT_DATA_ENDPOINT_ENV)
+        # Without the provisioned endpoint, botocore's regional default (data-ats.iot.<region>).
+        _iot_data_client = (boto3.client("iot-data", endpoint_url="https://" + endpoint) if endpoint
+                            else boto3.client("iot-data"))
+    return _iot_data_client
 
 
 def log_events(message: dict) -> list[dict]:
@@ -866,12 +882,31 @@ def _put(logs, group: str, stream: str, events: list[dict]) -> None:
         logs.put_log_events(logGroupName=group, logStreamName=stream, logEvents=events)
 
 
-def lambda_handler(event: dict, context: Any, *, logs_client: Any = None, log_group: str | None = None) -> dict:
-    """IoT rule action: one telemetry message -> structured CloudWatch Logs events.
+def _acknowledge(iot_data_client: Any, thing: str, seq: int) -> bool:
+    """Publish the device's :func:`payloads.telemetry_ack` (QoS 1); its forwarder deletes the
+    message from its spool only then.  A failure is logged (one line), never raised: IoT would
+    retry the rule and write the message again; the device re-sends it and gets its ack then."""
+    try:
+        client = iot_data_client or _default_iot_data_client()
+        client.publish(topic=topics.telemetry_ack(thing), qos=1,
+                       payload=payloads.encode(payloads.telemetry_ack(thing, seq)))
+        return True
+    except Exception as exc:  # noqa: BLE001 - any failure (client, network, service) is one log line
+        print(json.dumps({"level": "WARNING", "msg": "telemetry ack not published", "thing": thing,
+                          "seq": seq, "error": f"{type(exc).__name__}: {exc}"[:200]}))
+        return False
+
+
+def lambda_handler(event: dict, context: Any, *, logs_client: Any = None, log_group: str | None = None,
+                   iot_data_client: Any = None) -> dict:
+    """IoT rule action: one telemetry message -> structured CloudWatch Logs events, then an
+    acknowledgement to the device on ``windfleet/fleet/{thing}/ack``.
 
     ``event`` is the telemetry payload (the rule selects ``*``).  A malformed
     message is logged (one line) and dropped without raising, so IoT does not
-    retry it forever.  Returns ``{"written": n}`` or ``{"dropped": kind}``.
+    retry it forever (and gets no ack).  Every stored message is acknowledged, a
+    repeated ``seq`` too (the device did not get the first ack).  Returns
+    ``{"written": n, "acked": bool}`` or ``{"dropped": kind}``.
     """
     logs = logs_client or _default_logs_client()
     group = log_group or os.environ.get(LOG_GROUP_ENV, DEFAULT_LOG_GROUP)
@@ -904,7 +939,8 @@ def lambda_handler(event: dict, context: Any, *, logs_client: Any = None, log_gr
         size += ev_size
     if batch:
         _put(logs, group, stream, batch)
-    return {"written": len(events)}
+    acked = _acknowledge(iot_data_client, message["thing"], message["seq"])
+    return {"written": len(events), "acked": acked}
 
 
 def dashboard_queries(log_group: str) -> list[tuple[str, str, str]]:

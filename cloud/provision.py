@@ -15,7 +15,10 @@
 - the EventBridge rule with :func:`windfleet.cloud.approval.event_pattern`
   targeting the approval Lambda (+ invoke permission);
 - the telemetry log group (with retention) and the IoT topic rule sending
-  ``windfleet/fleet/+/telemetry`` to the ingest Lambda (+ invoke permission);
+  ``windfleet/fleet/+/telemetry`` to the ingest Lambda (+ invoke permission); the ingest
+  Lambda gets the account's IoT data endpoint (looked up once with
+  ``iot:DescribeEndpoint``, the provisioner's own permission) to publish its acks on
+  ``windfleet/fleet/{thing}/ack``;
 - the CloudWatch dashboard (body from ``windfleet.cloud.ingest.dashboard_body``).
 
 :func:`teardown` removes them (the bucket and the registry only with
@@ -54,6 +57,7 @@ LAMBDA_MODULES = (
 )
 APPROVAL_HANDLER = "windfleet.cloud.approval.handler"
 INGEST_HANDLER = "windfleet.cloud.ingest.lambda_handler"
+IOT_DATA_ENDPOINT_ENV = "WINDFLEET_IOT_DATA_ENDPOINT"  # = windfleet.cloud.ingest.IOT_DATA_ENDPOINT_ENV
 
 TRUST_POLICY = {"Version": "2012-10-17", "Statement": [{
     "Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
@@ -159,11 +163,14 @@ def approval_policy(backend: Backend, arn: tuple[str, str, str] | None = None) -
 def ingest_policy(backend: Backend, log_group: str = settings.LOG_GROUP,
                   arn: tuple[str, str, str] | None = None) -> dict:
     """The ingest Lambda's policy: writing the telemetry log group (creating it and a stream per
-    device when missing), plus its own function logs."""
+    device when missing), publishing acknowledgements on the devices' ack topics only, plus its
+    own function logs."""
     p, r, a = arn or arn_parts(backend)
+    ack_topics = f"arn:{p}:iot:{r}:{a}:topic/{topics.telemetry_ack('*')}"  # windfleet/fleet/*/ack
     return {"Version": "2012-10-17", "Statement": [
         _statement("TelemetryLogs", ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"],
                    _log_group_arns(p, r, a, log_group)),
+        _statement("TelemetryAcks", ["iot:Publish"], ack_topics),
         _statement("FunctionLogs", LAMBDA_LOGGING,
                    _log_group_arns(p, r, a, f"/aws/lambda/{settings.INGEST_FUNCTION}")),
     ]}
@@ -309,6 +316,10 @@ class Provisioner:
             self._note("log group", self.log_group, "exists")
         self.b.logs.put_retention_policy(logGroupName=self.log_group, retentionInDays=settings.LOG_RETENTION_DAYS)
 
+    def iot_data_endpoint(self) -> str:
+        """The account's IoT data (ATS) endpoint, where the ingest Lambda publishes acks."""
+        return self.b.iot.describe_endpoint(endpointType="iot:Data-ATS")["endpointAddress"]
+
     def telemetry_rule(self, function_arn: str) -> None:
         iot = self.b.iot
         payload = {"sql": f"SELECT * FROM '{topics.ALL_TELEMETRY}'", "awsIotSqlVersion": "2016-03-23",
@@ -348,7 +359,8 @@ class Provisioner:
         self.approval_rule(approval_arn)
         self.log_group_()
         ingest_arn = self.function(settings.INGEST_FUNCTION, INGEST_HANDLER,
-                                   {"WINDFLEET_LOG_GROUP": self.log_group}, code)
+                                   {"WINDFLEET_LOG_GROUP": self.log_group,
+                                    IOT_DATA_ENDPOINT_ENV: self.iot_data_endpoint()}, code)
         self.telemetry_rule(ingest_arn)
         if not self.role_arn:
             self._delete_legacy_role()  # both functions have their own roles now

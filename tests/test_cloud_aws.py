@@ -51,6 +51,13 @@ def test_provision_creates_everything_and_is_idempotent(aws):
                                               "WINDFLEET_THING_GROUP": "turbines", "WINDFLEET_MODEL_GROUP": "wf-models"}
     ingest = aws.lambda_.get_function(FunctionName=settings.INGEST_FUNCTION)["Configuration"]
     assert ingest["Handler"] == "windfleet.cloud.ingest.lambda_handler"
+    # where the ingest Lambda publishes its acks: the account's ATS data endpoint, looked up once
+    from windfleet.cloud import ingest as ingest_module
+
+    assert provision.IOT_DATA_ENDPOINT_ENV == ingest_module.IOT_DATA_ENDPOINT_ENV
+    env = ingest["Environment"]["Variables"]
+    assert env["WINDFLEET_LOG_GROUP"] == settings.LOG_GROUP
+    assert env[provision.IOT_DATA_ENDPOINT_ENV].endswith(f"-ats.iot.{REGION}.amazonaws.com")
 
     rule = aws.events.describe_rule(Name=settings.APPROVAL_RULE)
     assert json.loads(rule["EventPattern"]) == approval.event_pattern("wf-models")

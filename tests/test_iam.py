@@ -11,7 +11,8 @@ enumerated twice:
 * dynamically -- the handler runs the way Lambda runs it (``handler(event, None)``, its
   environment as provisioned, clients from ``lambda_backend()`` / ``boto3.client``) over moto
   (SageMaker, S3, IoT, Logs) and the project's local Greengrass v2 service behind the greengrassv2
-  client, with every botocore API call recorded (``BaseClient._make_api_call``) with its
+  client (and a recording fake behind iot-data: moto serves Publish only on its generic host, not on
+  the account endpoint the provisioner passes the ingest Lambda), with every botocore API call recorded (``BaseClient._make_api_call``) with its
   parameters, so each call is checked on the resource it touched.
 
 Both sets must agree, and each call is evaluated against the role's policy with a small IAM
@@ -37,7 +38,7 @@ from botocore.client import BaseClient
 from botocore.validate import validate_parameters
 from moto import mock_aws
 
-from windfleet import payloads
+from windfleet import payloads, topics
 from windfleet.cloud import backends, ingest, provision, settings
 from windfleet.cloud.backends import Backend
 from windfleet.cloud.registry import Registry, approval_event, set_approval
@@ -138,7 +139,7 @@ def test_the_evaluator_honours_deny_wildcards_and_resources():
 
 # ============================================================================ calls -> actions
 _SESSION = botocore.session.get_session()
-IAM_PREFIX = {"monitoring": "cloudwatch"}  # signing names that are not the IAM service prefix
+IAM_PREFIX = {"monitoring": "cloudwatch", "iotdata": "iot"}  # signing names that are not the IAM prefix
 ACTION_NAME = {  # operations authorised by an action of another name
     ("s3", "HeadObject"): "GetObject", ("s3", "HeadBucket"): "ListBucket",
     ("s3", "ListObjectsV2"): "ListBucket", ("s3", "ListObjects"): "ListBucket",
@@ -166,6 +167,7 @@ def test_action_names_follow_the_service_models():
     assert iam_action("logs", "PutLogEvents") == "logs:PutLogEvents"
     assert iam_action("cloudwatch", "PutDashboard") == "cloudwatch:PutDashboard"
     assert iam_action("s3", "HeadObject") == "s3:GetObject"
+    assert iam_action("iot-data", "Publish") == "iot:Publish"
 
 
 # ====================================================================== static enumeration
@@ -316,7 +318,8 @@ def test_static_enumeration_follows_the_call_graph_not_whole_modules():
     assert ("windfleet.cloud.deployer", "deploy_model") in found.reached
     assert ("windfleet.cloud.backends", "Backend.thing_group_arn") in found.reached
     assert static_calls(provision.INGEST_HANDLER).calls == {
-        ("logs", "PutLogEvents"), ("logs", "CreateLogGroup"), ("logs", "CreateLogStream")}
+        ("logs", "PutLogEvents"), ("logs", "CreateLogGroup"), ("logs", "CreateLogStream"),
+        ("iot-data", "Publish")}
 
 
 # ===================================================================== dynamic recording
@@ -355,6 +358,17 @@ class Recorder:
             return original(client, operation_name, api_params)
 
         mp.setattr(BaseClient, "_make_api_call", _make_api_call)
+
+
+class _IotData:
+    """The ingest Lambda's iot-data client's service: records what it publishes."""
+
+    def __init__(self):
+        self.published: list[tuple[str, int, dict]] = []
+
+    def publish(self, topic: str, qos: int = 0, payload: bytes = b"", **_) -> dict:
+        self.published.append((topic, qos, json.loads(payload)))
+        return {}
 
 
 class _MotoArtifacts:
@@ -401,6 +415,8 @@ def call_resources(call: Call, arn: tuple[str, str, str]) -> list[str]:
             return [f"arn:{p}:greengrass:{r}:{a}:deployments:{q['deploymentId']}"]
         if op in ("CreateDeployment", "ListComponents", "ListDeployments"):
             return ["*"]
+    if s == "iot-data" and op == "Publish":
+        return [f"arn:{p}:iot:{r}:{a}:topic/{q['topic']}"]
     if s == "logs" and "logGroupName" in q:
         group = f"arn:{p}:logs:{r}:{a}:log-group:{q['logGroupName']}"
         return [f"{group}:log-stream:{q['logStreamName']}"] if op == "PutLogEvents" else [group]
@@ -425,6 +441,7 @@ class World:
     functions: dict[str, Function]
     roles: list[dict]  # iam list_roles
     built: dict[str, dict]  # provision.role_policies(...) for the same backend
+    acks: list[tuple[str, int, dict]]  # (topic, qos, payload) the ingest Lambda published
     topic_rule: dict  # iot get_topic_rule
     approval_rule_arn: str
     invoke_policies: dict[str, dict]  # function name -> its resource policy
@@ -450,6 +467,7 @@ def _run(recorder: Recorder, fn: Function, mp: pytest.MonkeyPatch, *events) -> l
     handler = getattr(importlib.import_module(module), name)
     backends.lambda_backend.cache_clear()  # a cold start: clients and names from the environment
     mp.setattr(ingest, "_logs_client", None)
+    mp.setattr(ingest, "_iot_data_client", None)
     out = []
     recorder.active = True
     try:
@@ -495,6 +513,7 @@ def world(tmp_path_factory):
             mp.setattr(local_gg, "ACCOUNT", arn[2])
             gg = local_gg.LocalGreengrassV2(Store(tmp / "gg"), _MotoArtifacts(b.s3, tmp / "artifacts", recorder))
             recorder.fakes["greengrassv2"] = gg
+            iot_data = recorder.fakes["iot-data"] = _IotData()
             for name in settings.SUITE:  # the published suite (the first deployment deploys all of it)
                 if name != settings.MODEL_COMPONENT:
                     gg.create_component_version(inlineRecipe=json.dumps({
@@ -521,16 +540,19 @@ def world(tmp_path_factory):
             refused = approval_event(tampered, region=REGION, account=arn[2])
             assert _run(recorder, fn, mp, refused, {"source": "aws.s3"})[0]["status"] == "refused"
 
-            # --- the ingest Lambda: a device's first message (creates its stream), then another
+            # --- the ingest Lambda: a device's first message (creates its stream), then another, a
+            # repeat (acknowledged again) and a malformed one (dropped, no ack)
             fn = functions[settings.INGEST_FUNCTION]
             now = time.time()
             records = [{"type": "log", "body": payloads.log("gw-01", settings.DETECTOR, "WARNING", "slow", now)}]
-            out = _run(recorder, fn, mp, payloads.telemetry("gw-01", 0, now, records),
-                       payloads.telemetry("gw-01", 1, now, records), {"thing": 3})
-            assert out[0]["written"] >= 1 and "dropped" in out[2], out
+            second = payloads.telemetry("gw-01", 1, now, records)
+            out = _run(recorder, fn, mp, payloads.telemetry("gw-01", 0, now, records), second, second,
+                       {"thing": 3})
+            assert out[0]["written"] >= 1 and out[0]["acked"] and out[2]["acked"] and "dropped" in out[3], out
 
             snapshot = World(
                 arn, functions, b.iam.list_roles()["Roles"], provision.role_policies(b, settings.LOG_GROUP),
+                iot_data.published,
                 b.iot.get_topic_rule(ruleName=settings.TELEMETRY_RULE),
                 b.events.describe_rule(Name=settings.APPROVAL_RULE)["Arn"],
                 {name: json.loads(b.lambda_.get_policy(FunctionName=name)["Policy"]) for name in functions})
@@ -619,7 +641,23 @@ def test_roles_grant_nothing_beyond_what_is_needed(world):
         assert not problems, f"{fn.name}:\n" + "\n".join(problems)
     ingest_actions = {x for s in _statements(world.functions[settings.INGEST_FUNCTION].docs)
                       for x in _as_list(s["Action"])}
-    assert {x.split(":")[0] for x in ingest_actions} == {"logs"}
+    assert {x.split(":")[0] for x in ingest_actions} == {"logs", "iot"}
+    assert {x for x in ingest_actions if x.startswith("iot:")} == {"iot:Publish"}
+
+
+def test_the_ingest_lambda_acknowledges_stored_messages_and_may_publish_only_acks(world):
+    fn = world.functions[settings.INGEST_FUNCTION]
+    assert fn.env[provision.IOT_DATA_ENDPOINT_ENV].endswith(f"-ats.iot.{REGION}.amazonaws.com")
+    assert world.acks == [(topics.telemetry_ack("gw-01"), 1, payloads.telemetry_ack("gw-01", seq))
+                          for seq in (0, 1, 1)]
+    p, r, a = world.arn
+    topic = f"arn:{p}:iot:{r}:{a}:topic/"
+    publish = [s for s in _statements(fn.docs) if "iot:Publish" in _as_list(s["Action"])]
+    assert [_as_list(s["Resource"]) for s in publish] == [[topic + topics.telemetry_ack("*")]]
+    assert decide(fn.docs, "iot:Publish", topic + topics.telemetry_ack("gw-02.site:a")) == "Allow"
+    for other in (topics.telemetry("gw-01"), topics.health("gw-01"), topics.readings("gw-01-t00"),
+                  topics.telemetry_ack("gw-01") + "/x"):
+        assert decide(fn.docs, "iot:Publish", topic + other) != "Allow", other
 
 
 def test_every_role_the_provisioner_creates_is_one_functions_execution_role(world):

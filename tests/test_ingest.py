@@ -1,6 +1,7 @@
 """Telemetry ingest: the SQLite store (dedupe, gaps, retention, malformed input),
 the MQTT service against a real Mosquitto, the AWS Lambda against moto's
-CloudWatch Logs, and the CloudWatch dashboard body."""
+CloudWatch Logs and IoT data plane (its acks; botocore's Stubber for failures),
+and the CloudWatch dashboard body."""
 
 from __future__ import annotations
 
@@ -286,8 +287,21 @@ def logs_client(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    # The handler builds its iot-data client from the provisioned endpoint (a cold start each test);
+    # moto serves the data plane on its generic host only, so that is the endpoint here.
+    monkeypatch.setenv(ingest.IOT_DATA_ENDPOINT_ENV, "data-ats.iot.us-east-1.amazonaws.com")
+    monkeypatch.setattr(ingest, "_iot_data_client", None)
     with moto.mock_aws():
         yield boto3.client("logs", region_name="us-east-1")
+
+
+def _acks() -> list[tuple[str, dict]]:
+    """What the Lambda published on moto's IoT data plane: (topic, payload)."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.iotdata.models import iotdata_backends
+
+    return [(topic, json.loads(payload))
+            for topic, payload in iotdata_backends[DEFAULT_ACCOUNT_ID]["us-east-1"].published_payloads]
 
 
 def _events(logs_client, group: str) -> list[dict]:
@@ -299,7 +313,7 @@ def test_lambda_writes_one_structured_event_per_record(logs_client):
     group = "/windfleet/test"
     logs_client.create_log_group(logGroupName=group)
     result = lambda_handler(representative_message(), None, logs_client=logs_client, log_group=group)
-    assert result == {"written": 5}
+    assert result == {"written": 5, "acked": True}
     events = _events(logs_client, group)
     kinds = sorted(e["record_type"] for e in events)
     assert kinds == ["health", "log", "message", "score", "score"]
@@ -331,6 +345,63 @@ def test_lambda_drops_malformed_events_without_raising(logs_client, event):
     result = lambda_handler(event, None, logs_client=logs_client, log_group="/wf/x")
     assert "dropped" in result
     assert logs_client.filter_log_events(logGroupName="/wf/x")["events"] == []
+    assert _acks() == []  # nothing stored, nothing acknowledged
+
+
+def test_lambda_acknowledges_each_stored_message_a_repeat_too(logs_client):
+    first, second = (payloads.telemetry("gw3", seq, NOW, [score("gw3-t00", NOW, seq=seq)]) for seq in (4, 5))
+    for msg in (first, second, second):  # the device re-sent seq 5: it missed the first ack
+        assert lambda_handler(msg, None, logs_client=logs_client, log_group="/wf/acks")["acked"] is True
+    assert _acks() == [(topics.telemetry_ack("gw3"), payloads.telemetry_ack("gw3", seq)) for seq in (4, 5, 5)]
+    assert topics.telemetry_ack("gw3") == "windfleet/fleet/gw3/ack"
+    assert len(_events(logs_client, "/wf/acks")) == 6  # stored before acknowledged
+
+
+def _stubbed_iot_data():
+    import boto3
+    from botocore.stub import Stubber
+
+    # the form of the account endpoint the provisioner passes (describe_endpoint iot:Data-ATS)
+    client = boto3.client("iot-data", region_name="us-east-1",
+                          endpoint_url="https://a1b2c3d4e5f6g7-ats.iot.us-east-1.amazonaws.com")
+    return client, Stubber(client)
+
+
+def test_lambda_publishes_the_ack_with_qos_1_on_the_account_endpoint(logs_client):
+    client, stub = _stubbed_iot_data()
+    stub.add_response("publish", {}, expected_params={
+        "topic": "windfleet/fleet/gw1/ack", "qos": 1, "payload": payloads.encode(payloads.telemetry_ack("gw1", 7))})
+    with stub:
+        result = lambda_handler(representative_message(), None, logs_client=logs_client, log_group="/wf/s",
+                                iot_data_client=client)
+    stub.assert_no_pending_responses()
+    assert result == {"written": 5, "acked": True}
+
+
+@pytest.mark.fault
+def test_a_failed_ack_is_logged_not_raised(logs_client, capsys):
+    client, stub = _stubbed_iot_data()
+    stub.add_client_error("publish", "ThrottlingException", "Rate exceeded", 429)
+    with stub:
+        result = lambda_handler(representative_message(), None, logs_client=logs_client, log_group="/wf/f",
+                                iot_data_client=client)
+    assert result == {"written": 5, "acked": False}  # stored; the device re-sends and is acked then
+    assert len(_events(logs_client, "/wf/f")) == 5
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(x["level"], x["msg"], x["thing"], x["seq"]) for x in lines] == [
+        ("WARNING", "telemetry ack not published", "gw1", 7)]
+    assert "ThrottlingException" in lines[0]["error"]
+
+
+@pytest.mark.fault
+def test_no_ack_when_the_logs_write_fails(logs_client):
+    from botocore.stub import Stubber
+
+    stub = Stubber(logs_client)
+    stub.add_client_error("put_log_events", "ServiceUnavailableException", "down", 503)
+    with stub, pytest.raises(Exception, match="ServiceUnavailable"):  # IoT retries the rule
+        lambda_handler(representative_message(), None, logs_client=logs_client, log_group="/wf/down")
+    assert _acks() == []
 
 
 _QUERY_WORDS = {
