@@ -94,7 +94,7 @@ class Device:
         self.proc: subprocess.Popen | None = None
 
     # ------------------------------------------------------------ lifecycle
-    def start(self, timeout: float = 180.0) -> None:
+    def start(self, timeout: float = 180.0, wait_cloud: bool = True) -> None:
         common = {"turbines": len(TURBINES), "health_interval_s": 1}
         update = {SIM: {"MERGE": {**common, "rate": RATE, "batch": 10, "anomalies_per_hour": 0}},
                   DET: {"MERGE": common},
@@ -115,6 +115,8 @@ class Device:
                    message="the suite deployed")
         assert self.deployment_status() == "SUCCEEDED", self.status()
         self.wait_healthy()
+        if not wait_cloud:
+            return
         for tid in TURBINES:
             wait_until(lambda: self.score_ends(tid), 60, interval=0.5, message=f"first score of {tid}")
 
@@ -342,53 +344,63 @@ def test_kill_9_of_each_component_is_restarted_by_the_runtime_and_the_fleet_is_h
 
 # ====================================================================== cloud link cut
 @pytest.mark.timeout(300 + 3 * LINK_CUT_S)
-def test_cloud_link_cut_spools_then_delivers_everything_in_order(device):
-    """IoT Core unreachable for LINK_CUT_S seconds.  The forwarder keeps handing telemetry to
-    the nucleus: PublishToIoTCore succeeds once the message is in the nucleus' spooler
-    (developer guide, "Publish/subscribe AWS IoT Core MQTT messages"; spooler in memory,
-    2.5 MiB by default: minutes of this gateway's telemetry).  When the link is back the
-    spooler is sent in order and the cloud has every window, once, in order."""
+def test_cloud_link_cut_with_a_device_restart_in_the_middle_loses_no_telemetry(device):
+    """IoT Core unreachable for LINK_CUT_S seconds, and the device restarted half-way through.
+
+    The forwarder keeps handing telemetry to the nucleus, whose PublishToIoTCore succeeds once
+    the message is in its spooler (developer guide, "Publish/subscribe AWS IoT Core MQTT
+    messages"): in memory, 2.5 MiB by default, and gone when the device restarts.  What carries
+    the data across is the forwarder's ``delivery: cloud_ack``: a message leaves its SQLite
+    spool only when the cloud confirms it stored it, so after the restart it is sent again
+    with the same seq.  When the link is back, the cloud has every telemetry message, in
+    order, each window once."""
     dev = device
     seq_before = max(dev.collector.seqs(THING))
     ends_before = dev.last_ends()
     fwd_before = dev.local_counters(FWD)
     dev.cloud.stop()  # IoT Core unreachable: the nucleus' connection drops
     t_cut = time.monotonic()
-    time.sleep(LINK_CUT_S)
-    cut_s = time.monotonic() - t_cut
+    time.sleep(LINK_CUT_S / 2)
     during = dev.local_counters(FWD)  # its health on local pub/sub, as the nucleus read it
     handed_over = during["messages_sent"] - fwd_before["messages_sent"]
-    assert handed_over >= int(cut_s) // 5, f"the forwarder kept publishing during the cut: {during}"
-    if LINK_CUT_S <= 120:
-        assert during["cloud_failures"] == 0 and during["spooled"] < 50, f"the nucleus' spooler took it: {during}"
+    # the nucleus' spooler took what was sent (no failed publish) but nothing came back confirmed:
+    # the message in flight was sent again, and everything scored since waits in the forwarder's spool
+    assert during["cloud_failures"] == 0 and during["ack_timeouts"] >= 1, during
+    spooled_at_restart = during["spooled"]
+    assert spooled_at_restart >= int(LINK_CUT_S / 2 * RATE / mc.STRIDE) * len(TURBINES) // 2, during
+
+    dev.stop()                       # the device restarts: the nucleus' in-memory spooler is gone
+    dev.start(wait_cloud=False)
+    time.sleep(max(0.0, LINK_CUT_S - (time.monotonic() - t_cut)))
+    cut_s = time.monotonic() - t_cut
+    last_seq = dev.local_counters(FWD)["last_seq"]
     dev.cloud.start()
-    wait_until(lambda: max(dev.collector.seqs(THING)) >= during["last_seq"], 120, interval=0.5,
-               message="everything spooled during the cut delivered")
+    wait_until(lambda: dev.local_counters(FWD).get("spooled", 1) == 0, 180, interval=0.5,
+               message="the forwarder's spool confirmed empty")
     dev.wait_scoring_past(dev.last_ends(), windows=3)
     dev.wait_healthy()
-    # everything the detector scored during the cut reached the cloud, in order, once each
-    unique = dev.collector.unique(THING)
-    assert dev.collector.gaps(THING) == []
-    arrival = list(dict.fromkeys(m["seq"] for m in dev.collector.telemetry(THING)))
+
+    seqs = dev.collector.seqs(THING)
+    assert dev.collector.gaps(THING) == [], "a telemetry message was lost"
+    assert max(seqs) >= max(last_seq, seq_before + 1)
+    arrival = list(dict.fromkeys(seqs))
     assert arrival == sorted(arrival), "telemetry arrived in sequence order"
     per_turbine: dict[str, list[int]] = {t: [] for t in TURBINES}
-    for m in unique:
+    for m in dev.collector.unique(THING):
         for r in m["records"]:
             if r["type"] == "score":
                 per_turbine[r["body"]["turbine_id"]].append(r["body"]["window_end_seq"])
     for tid, ends in per_turbine.items():
-        assert ends == sorted(ends), f"{tid}: delivered out of order"
         assert len(ends) == len(set(ends)), f"{tid}: a window delivered twice"
-    assert dev.lost_windows() == {t: [] for t in TURBINES}
-    cut_windows = {t: sum(1 for e in per_turbine[t] if e > ends_before[t]) for t in TURBINES}
-    assert all(n >= int(cut_s * RATE / mc.STRIDE) - 5 for n in cut_windows.values()), cut_windows
+    # what was scored before the restart, during the cut, all reached the cloud
+    first_half = {t: sum(1 for e in per_turbine[t] if e > ends_before[t]) for t in TURBINES}
+    assert all(n >= int(LINK_CUT_S / 2 * RATE / mc.STRIDE) - 5 for n in first_half.values()), first_half
     fwd = dev.health(FWD)[-1]["counters"]
     assert fwd["dropped_spool_full"] == 0 and fwd["dropped_disk_full"] == 0, "the spool's bound was not reached"
-    assert max(dev.collector.seqs(THING)) > seq_before
-    assert dev.status()["restarts"] == 0
-    print(f"cloud link cut {cut_s:.0f} s: {handed_over} telemetry messages spooled by the nucleus "
-          f"(forwarder spool {during['spooled']} records, {during['cloud_failures']} failed publishes), "
-          f"delivered in order, 0 lost; windows per turbine since the cut {cut_windows}")
+    print(f"cloud link cut {cut_s:.0f} s with a device restart at {LINK_CUT_S / 2:.0f} s: "
+          f"{handed_over} messages handed to the nucleus (unconfirmed) before the restart, {spooled_at_restart} records "
+          f"still in the forwarder's spool then; delivered in order, 0 telemetry lost; windows per turbine "
+          f"from before the restart {first_half}")
 
 
 # ====================================================================== spool disk full

@@ -204,7 +204,8 @@ class Forwarder:
 
     def _wait_for_ack(self, seq: int) -> bool:
         """True once the cloud acknowledged ``seq`` within ``ack_timeout``."""
-        deadline = time.monotonic() + self.ack_timeout
+        deadline = time.monotonic() + (min(self.ack_timeout, self.flush_timeout) if self._stop.is_set()
+                                       else self.ack_timeout)
         with self._ack_arrived:
             while seq not in self._acked:
                 left = deadline - time.monotonic()
