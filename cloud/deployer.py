@@ -87,7 +87,8 @@ def model_recipe(version: str, uris: dict[str, str], card: dict | None = None,
             "Lifecycle": {
                 "Setenv": {"PYTHONPATH": f"{{{settings.DETECTOR}:artifacts:decompressedPath}}/windfleet"},
                 "Install": {"Timeout": 300, "Script": (
-                    f'exec "{{kernel:rootPath}}/work/{settings.DETECTOR}/venv/bin/python3" '
+                    f'exec env PYTHONPATH="{{{settings.DETECTOR}:artifacts:decompressedPath}}/windfleet" '
+                    f'"{{kernel:rootPath}}/work/{settings.DETECTOR}/venv/bin/python3" '
                     '-m windfleet.components.detector.check_model "{artifacts:path}"')},
             },
             "Artifacts": [{"Uri": uri, "Unarchive": "NONE", "Permission": {"Read": "ALL", "Execute": "NONE"}}

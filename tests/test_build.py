@@ -78,12 +78,15 @@ def test_code_zip_holds_device_code_only_and_is_reproducible(built, tmp_path):
     names = set(zipfile.ZipFile(zips[0]).namelist())
     for must in ("windfleet/__init__.py", "windfleet/topics.py", "windfleet/payloads.py",
                  "windfleet/model_contract.py", "windfleet/jsonlog.py", "windfleet/components/__init__.py",
-                 "windfleet/components/bus/__init__.py", "requirements.txt"):
+                 "windfleet/components/bus/__init__.py", "windfleet/device_runtime.py",
+                 "windfleet/components/detector/requirements.txt"):
         assert must in names, must
     assert not any(n.startswith(("windfleet/nucleus/", "windfleet/cloud", "windfleet/training", "cloud/",
                                  "training/")) or n.endswith(".pyc") for n in names)
-    reqs = zipfile.ZipFile(zips[0]).read("requirements.txt").decode().split()
+    # each component's own requirements (tests/test_install.py); GDK project files stay out
+    reqs = zipfile.ZipFile(zips[0]).read("windfleet/components/detector/requirements.txt").decode().split()
     assert any(r.startswith("onnxruntime") for r in reqs) and not any(r.startswith("boto3") for r in reqs)
+    assert not any(n.endswith(("gdk-config.json", "/recipe.yaml")) or "greengrass-build" in n for n in names)
     again = tmp_path / "again"
     build(again)  # no --model: the model component is skipped, the rest is byte-identical
     assert "com.windfleet.AnomalyModel" not in built_components(again)
@@ -144,10 +147,12 @@ def test_built_recipes_install_idempotently_and_import_from_the_artifact(tmp_pat
             t.stop()
         assert deployment(root)["status"] == "SUCCEEDED", deployment(root)
         work = root / "work/com.windfleet.AnomalyDetector"
-        venvs = sorted(p.name for p in work.glob("venv-*"))
+        runtimes = root / "work/windfleet-runtime"  # the device's shared runtimes (windfleet.device_runtime)
+        venvs = sorted(p.name for p in runtimes.glob("py*-*"))
         if attempt == 0:
-            first_ready = (work / venvs[0] / ".ready").stat().st_mtime_ns
-    assert len(venvs) == 1 and (work / venvs[0] / ".ready").stat().st_mtime_ns == first_ready  # not rebuilt
+            first_ready = (runtimes / venvs[0] / ".ready").stat().st_mtime_ns
+    assert len(venvs) == 1 and (runtimes / venvs[0] / ".ready").stat().st_mtime_ns == first_ready  # not rebuilt
+    assert (work / "venv").resolve() == (runtimes / venvs[0]).resolve()
     lines = log.read_text().splitlines()
     unpacked = root / "packages/artifacts-unarchived/com.windfleet.AnomalyDetector/1.0.0/windfleet/windfleet/__init__.py"
     assert lines.count(str(unpacked)) == 2

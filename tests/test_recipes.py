@@ -80,6 +80,7 @@ def test_the_validator_can_fail():
 PUBSUB, MQTTPROXY = "aws.greengrass.ipc.pubsub", "aws.greengrass.ipc.mqttproxy"
 PUBLISH, SUBSCRIBE = "aws.greengrass#PublishToTopic", "aws.greengrass#SubscribeToTopic"
 TO_IOT_CORE = "aws.greengrass#PublishToIoTCore"
+FROM_IOT_CORE = "aws.greengrass#SubscribeToIoTCore"
 # What each component does on the bus (windfleet.components.*), on gateway gw1 with turbine gw1-t03.
 NEEDS = {
     "com.windfleet.TurbineSimulator": [(PUBSUB, PUBLISH, topics.readings("gw1-t03")),
@@ -91,12 +92,14 @@ NEEDS = {
                                       (PUBSUB, PUBLISH, topics.health("gw1")), (PUBSUB, PUBLISH, topics.logs("gw1"))],
     "com.windfleet.LogForwarder": [(PUBSUB, SUBSCRIBE, topics.scores("gw1-t03")),
                                    (PUBSUB, SUBSCRIBE, topics.health("gw1")), (PUBSUB, SUBSCRIBE, topics.logs("gw1")),
-                                   (PUBSUB, PUBLISH, topics.health("gw1")),
-                                   (MQTTPROXY, TO_IOT_CORE, topics.telemetry("gw1"))],
+                                   (PUBSUB, PUBLISH, topics.health("gw1")), (PUBSUB, PUBLISH, topics.logs("gw1")),
+                                   (MQTTPROXY, TO_IOT_CORE, topics.telemetry("gw1")),
+                                   (MQTTPROXY, FROM_IOT_CORE, topics.telemetry_ack("gw1"))],  # cloud_ack
     "com.windfleet.AnomalyModel": [],
 }
 ALL_TOPICS = [f("gw1-t03") for f in (topics.readings, topics.labels, topics.scores)] + \
-    [f("gw1") for f in (topics.health, topics.logs, topics.telemetry)] + ["windfleet/other", "other/topic"]
+    [f("gw1") for f in (topics.health, topics.logs, topics.telemetry, topics.telemetry_ack)] + \
+    ["windfleet/other", "other/topic"]
 
 
 def test_access_control_is_least_privilege(recipes):
@@ -104,7 +107,7 @@ def test_access_control_is_least_privilege(recipes):
     # `*` stands only for the thing / turbine level of a windfleet topic: accessControl is not
     # interpolated on a stock nucleus, so {iot:thingName} would be literal text and deny everything.
     allowed = {f("*") for f in (topics.readings, topics.labels, topics.scores, topics.health, topics.logs,
-                                topics.telemetry)}
+                                topics.telemetry, topics.telemetry_ack)}
     for name, recipe in recipes.items():
         acl = recipe.get("ComponentConfiguration", {}).get("DefaultConfiguration", {}).get("accessControl", {})
         for service, policies in acl.items():
@@ -120,18 +123,20 @@ def test_access_control_is_least_privilege(recipes):
         auth.set_component(name, R.default_configuration(recipe))
     assert auth.errors == []
     for name in recipes:
-        for service, operation in ((PUBSUB, PUBLISH), (PUBSUB, SUBSCRIBE), (MQTTPROXY, TO_IOT_CORE)):
+        for service, operation in ((PUBSUB, PUBLISH), (PUBSUB, SUBSCRIBE), (MQTTPROXY, TO_IOT_CORE),
+                                   (MQTTPROXY, FROM_IOT_CORE)):
             granted = {t for t in ALL_TOPICS if auth.is_authorized(name, service, operation, t)}
             wanted = {t for s, o, t in NEEDS[name] if (s, o) == (service, operation)}
             assert granted == wanted, (name, service, operation)
-    # IoT Core: the forwarder's telemetry and the simulator's ground-truth labels, nothing else.
+    # IoT Core: the forwarder's telemetry (and the cloud's acknowledgements of it), the simulator's
+    # ground-truth labels, nothing else.
     mqtt = {n: r["ComponentConfiguration"]["DefaultConfiguration"]["accessControl"].get(MQTTPROXY)
             for n, r in recipes.items() if "accessControl" in R.default_configuration(r)}
     assert sorted(n for n, v in mqtt.items() if v) == ["com.windfleet.LogForwarder", "com.windfleet.TurbineSimulator"]
-    for name, topic in (("com.windfleet.LogForwarder", topics.telemetry("*")),
-                        ("com.windfleet.TurbineSimulator", topics.labels("*"))):
-        (policy,) = mqtt[name].values()
-        assert policy["resources"] == [topic] and policy["operations"] == [TO_IOT_CORE]
+    granted = sorted((p["operations"], p["resources"]) for p in mqtt["com.windfleet.LogForwarder"].values())
+    assert granted == [([TO_IOT_CORE], [topics.telemetry("*")]), ([FROM_IOT_CORE], [topics.telemetry_ack("*")])]
+    (policy,) = mqtt["com.windfleet.TurbineSimulator"].values()
+    assert policy["resources"] == [topics.labels("*")] and policy["operations"] == [TO_IOT_CORE]
     assert not auth.is_authorized("com.windfleet.LogForwarder", MQTTPROXY, TO_IOT_CORE, "windfleet/fleet/gw1/other")
 
 
@@ -179,10 +184,13 @@ def test_lifecycle_install_run_and_the_model_found_through_variables(recipes):
             assert ("Run" in life) != ("Startup" in life)
             install = life["Install"]
             assert install["Timeout"] >= 60
-            assert "--system-site-packages" in install["Script"] and "{work:path}/venv-$(sha256sum" in install["Script"]
-            assert '[ ! -e "$VENV/.ready" ]' in install["Script"]  # idempotent: runs on every start
             module = {"com.windfleet.TurbineSimulator": "simulator", "com.windfleet.AnomalyDetector": "detector",
                       "com.windfleet.LogForwarder": "forwarder"}[name]
+            # one shared, idempotent runtime per requirements set (tests/test_install.py runs it)
+            assert 'exec python3 -I "{artifacts:decompressedPath}/windfleet/windfleet/device_runtime.py"' in install["Script"]
+            assert install["RequiresPrivilege"] is True
+            assert f"/windfleet/components/{module}/requirements.txt\"" in install["Script"]
+            assert '--root "{kernel:rootPath}/work/windfleet-runtime" --link "{work:path}/venv"' in install["Script"]
             assert f"-m windfleet.components.{module}.main" in life["Run"]["Script"]
             assert life["Setenv"]["PYTHONPATH"] == "{artifacts:decompressedPath}/windfleet"
             (artifact,) = manifest["Artifacts"]

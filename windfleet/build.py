@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -97,12 +98,15 @@ def artifact_files(recipe: dict) -> list[str]:
 
 
 def _zip_tree(zf: zipfile.ZipFile, src: Path, arc_prefix: str, exclude: set[str]) -> None:
-    for path in sorted(src.rglob("*")):
-        rel = path.relative_to(src)
-        if any(part in exclude or part == "__pycache__" for part in rel.parts) or path.suffix == ".pyc":
-            continue
-        if path.is_file():
-            _zip_write(zf, f"{arc_prefix}/{rel.as_posix()}", path.read_bytes())
+    """Every file under ``src`` in sorted order; excluded names are pruned, never entered
+    (a concurrent build may be creating or deleting a greengrass-build/ there)."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(src):
+        dirnames[:] = [d for d in dirnames if d not in exclude and d != "__pycache__"]
+        rel_dir = Path(dirpath).relative_to(src)
+        files += [rel_dir / f for f in filenames if f not in exclude and not f.endswith(".pyc")]
+    for rel in sorted(files, key=lambda p: p.as_posix()):
+        _zip_write(zf, f"{arc_prefix}/{rel.as_posix()}", (src / rel).read_bytes())
 
 
 def _zip_write(zf: zipfile.ZipFile, name: str, data: bytes) -> None:

@@ -1,12 +1,16 @@
 """The device's Python runtime for windfleet components: one venv per requirements set.
 
-Every code component's ``Install`` step runs this with the host's ``python3``::
+Every code component's ``Install`` step runs this file with the host's ``python3``::
 
-    python3 -m windfleet.device_runtime \\
+    python3 -I {artifacts:decompressedPath}/windfleet/windfleet/device_runtime.py \\
         --requirements {artifacts:decompressedPath}/windfleet/windfleet/components/<pkg>/requirements.txt \\
         --root {kernel:rootPath}/work/windfleet-runtime --link {work:path}/venv
 
-and its ``Run`` step starts ``{work:path}/venv/bin/python3``.
+and its ``Run`` step starts ``{work:path}/venv/bin/python3``.  By path and isolated
+(``-I``), not ``-m``: the nucleus runs each lifecycle step through ``sudo -E``, and sudo's
+default ``env_delete`` removes ``PYTHONPATH``, so a recipe's ``Setenv: PYTHONPATH`` does not
+reach the step on a real core device.  This file therefore imports nothing but the
+standard library, and the Run steps set ``PYTHONPATH`` on their own command line.
 
 What it guarantees:
 
@@ -246,7 +250,7 @@ def ensure_runtime(requirements: Path, root: Path, link: Path | None = None) -> 
             if is_ready() and _check_imports(python, modules) is None:
                 reused = True  # another install built it while this one waited
             else:
-                say(f"creating {venv_dir} for {requirements.name} ({host_identity()})")
+                say(f"creating {venv_dir} for {requirements.parent.name}/{requirements.name} ({host_identity()})")
                 python = _create_venv(venv_dir)
                 pip_version = _ensure_pip(python)
                 say(f"pip {pip_version}: installing {requirements}")
@@ -256,7 +260,7 @@ def ensure_runtime(requirements: Path, root: Path, link: Path | None = None) -> 
                 problem = _check_imports(python, modules)
                 if problem is not None:
                     raise RuntimeFailure(
-                        f"installed {requirements.name} but `import {', '.join(modules)}` fails: {problem}; "
+                        f"installed {requirements} but `import {', '.join(modules)}` fails: {problem}; "
                         "install the missing system library (e.g. apt-get install libopenblas0) and redeploy")
                 ready.write_text(json.dumps({
                     "key": key, "identity": host_identity(), "pip": pip_version,
@@ -271,7 +275,7 @@ def ensure_runtime(requirements: Path, root: Path, link: Path | None = None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m windfleet.device_runtime",
+    parser = argparse.ArgumentParser(prog="python3 -I device_runtime.py",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--requirements", required=True, type=Path, help="the component's requirements.txt")
     parser.add_argument("--root", required=True, type=Path,
