@@ -348,3 +348,18 @@ def test_connect_outside_a_nucleus_refuses(monkeypatch, missing):
                         lambda **kw: pytest.fail("no client may be made outside a nucleus"))
     with pytest.raises(NotUnderNucleus, match=missing):
         connect("com.windfleet.AnomalyDetector")
+
+
+def test_the_component_version_comes_from_the_recipes_artifacts_path():
+    """Setenv WINDFLEET_ARTIFACTS_PATH: "{artifacts:path}" -> .../artifacts/<name>/<version>, on any
+    nucleus, whatever version GDK wrote into the recipe; health messages carry it."""
+    from windfleet.components.bus.ipc import own_version
+
+    env = {"WINDFLEET_ARTIFACTS_PATH": "/greengrass/v2/packages/artifacts/com.windfleet.LogForwarder/1.4.2/"}
+    assert own_version(env) == "1.4.2"
+    assert own_version({}) == "0.0.0"
+    bus = IpcBus("com.windfleet.LogForwarder", FakeIPCClientV2(), thing="gw1", version=own_version(env))
+    bus.update_state("RUNNING", counters={})
+    (topic, message), = [(t, m) for t, m in bus.client.published if t == topics.health("gw1")]
+    assert payloads.decode(message.binary_message.message)["version"] == "1.4.2"
+    bus.close()

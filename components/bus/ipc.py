@@ -52,7 +52,7 @@ class IpcBus(Bus):
         self.component_name = component_name
         self.client = client
         self.thing_name = thing or os.environ.get("AWS_IOT_THING_NAME", "unknown-thing")
-        self.version = version or os.environ.get("WINDFLEET_COMPONENT_VERSION", "0.0.0")
+        self.version = version or own_version()
         self._dispatcher = Dispatcher(component_name)
         self._limited = jsonlog.RateLimited(log, interval=30.0)
         self._operations: list = []
@@ -210,6 +210,16 @@ class IpcBus(Bus):
         close = getattr(self.client, "close", None)
         if close is not None:
             close()
+
+
+def own_version(env: Any = os.environ) -> str:
+    """This component's version: the recipe's Setenv ``WINDFLEET_ARTIFACTS_PATH`` is
+    ``{artifacts:path}``, ``.../packages/artifacts/<name>/<version>`` on every nucleus
+    (recipe reference, "Recipe variables")."""
+    path = env.get("WINDFLEET_ARTIFACTS_PATH")
+    if path:
+        return os.path.basename(os.path.normpath(path))
+    return env.get("WINDFLEET_COMPONENT_VERSION", "0.0.0")
 
 
 def _topic_of(message: Any, default: str) -> str:

@@ -127,7 +127,7 @@ class Detector:
                  health_interval: float = 10.0, score_qos: int = 1):
         self.bus = bus
         self.thing = getattr(bus, "thing_name", "unknown")
-        self.version = getattr(bus, "version", None) or os.environ.get("WINDFLEET_COMPONENT_VERSION", "0.0.0")
+        self.version = getattr(bus, "version", None) or "0.0.0"
         self.work_dir = Path(work_dir)
         self.turbines = list(dict.fromkeys(turbines))
         self.max_batch, self.put_timeout = max_batch, put_timeout

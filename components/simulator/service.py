@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -155,7 +154,7 @@ class Simulator:
     def __init__(self, bus, config: SimConfig):
         self.bus, self.config = bus, config
         self.thing = bus.thing_name
-        self.version = getattr(bus, "version", None) or os.environ.get("WINDFLEET_COMPONENT_VERSION", "0.0.0")
+        self.version = getattr(bus, "version", None) or "0.0.0"
         self.ids = [topics.turbine_id(self.thing, i) for i in range(config.turbines)]
         base = thing_seed(config.seed, self.thing)
         explicit = explicit_schedule(config.anomalies, self.ids, config.rate)
