@@ -123,7 +123,8 @@ def test_built_recipes_install_idempotently_and_import_from_the_artifact(tmp_pat
         for manifest in recipe["Manifests"]:
             if "Run" in manifest.get("Lifecycle", {}):  # same Install; a Run that reports what it imports
                 manifest["Lifecycle"]["Run"]["Script"] = (
-                    'exec "{work:path}/venv/bin/python3" -c "import windfleet, windfleet.components.bus, '
+                    'exec env PYTHONPATH="{artifacts:decompressedPath}/windfleet" '
+                    '"{work:path}/venv/bin/python3" -c "import windfleet, windfleet.components.bus, '
                     'windfleet.payloads, onnxruntime, sys; print(windfleet.__file__); print(sys.prefix)"')
         (out / "recipes" / f"{name}-{version}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     comps = {"com.windfleet.AnomalyDetector": "1.0.0", "com.windfleet.AnomalyModel": "1.2.0"}

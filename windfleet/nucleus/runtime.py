@@ -67,6 +67,7 @@ from .recipe import (
 # Another nucleus' IPC variables (this runtime started from a component) never leak into ours.
 _STRIP_ENV = ("SVCUID", "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT", "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH",
               "AWS_CONTAINER_AUTHORIZATION_TOKEN")
+_SUDO_DELETES = ("PYTHONPATH", "PYTHONHOME", "LD_LIBRARY_PATH", "LD_PRELOAD")
 GGC_VERSION = "2.14.0"   # the nucleus version whose behaviour this runtime copies
 _MAX_SOCKET_PATH = 100   # sun_path holds 108 bytes
 
@@ -376,6 +377,11 @@ class DeviceRuntime(Deployments, IpcOperations):
         env = {k: v for k, v in os.environ.items() if k not in _STRIP_ENV}
         env.update(component.env)
         env.update(env_extra)
+        # The nucleus runs each step through `sudo -E -u <user>`, and sudo deletes these even
+        # with -E (sudoers env_delete; nucleus UnixPlatform.SudoDecorator): a recipe that relies
+        # on Setenv PYTHONPATH works here only if it works on a device.
+        for name in _SUDO_DELETES:
+            env.pop(name, None)
         with open(component.log_path, "ab") as log:
             proc = subprocess.Popen(["sh", "-c", script], cwd=component.work, env=env, stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
