@@ -537,8 +537,7 @@ def _small_disk_forwarder(build_dir: Path, mount: Path, real_fs: bool) -> None:
 
 def test_spool_disk_full_keeps_the_forwarder_running_and_counts_every_drop(tmp_path, cloud_broker):  # noqa: F811
     """The forwarder (under the nucleus) with its spool on an 8 MB filesystem, the cloud link
-    down: the nucleus' spooler fills first (PublishToIoTCore then fails), then the forwarder's
-    spool grows until ``min_free_bytes`` (2 MB) is left, then each new record replaces the
+    down: nothing is confirmed, so the forwarder's spool grows until ``min_free_bytes`` (2 MB) is left, then each new record replaces the
     oldest (``dropped_disk_full``); another writer then takes every byte left (ENOSPC) and
     the forwarder keeps accepting and counting; the link comes back while the disk is still
     full and delivery goes on; space freed: what is still spooled is delivered with no
@@ -559,7 +558,7 @@ def test_spool_disk_full_keeps_the_forwarder_running_and_counts_every_drop(tmp_p
         pid = nucleus.component(FWD)["pid"]
         # the forwarder's view of its filesystem (the tmpfs exists only in its namespace)
         disk = wait_until(lambda: _mounted_view(pid, mount), 30, message="tmpfs mounted") if real_fs else None
-        cloud_broker.stop()  # link down: the nucleus' spooler, then the forwarder's spool
+        cloud_broker.stop()  # link down: nothing is confirmed, the forwarder's spool grows
         body_size = len(payloads.encode(_padded_score(TURBINES[0], 0)))
         n_fill = int(1.5 * DISK_MB * 1024 * 1024 / body_size)  # more than the disk holds
         sent = _publish(detector, 0, n_fill)
@@ -567,8 +566,9 @@ def test_spool_disk_full_keeps_the_forwarder_running_and_counts_every_drop(tmp_p
                    message="every score received")
         low = _fwd_health(local)[-1]["counters"]
         assert low["dropped_disk_full"] > 0 and low["dropped_spool_error"] == 0, low
-        assert low["cloud_failures"] > 0 and nucleus.runtime.iot.counters["refused_spool_full"] > 0, \
-            "the nucleus' spooler was full first"
+        # delivery cloud_ack: the message in flight waits for the cloud's word (sent again on each
+        # timeout) and everything else waits in the forwarder's own spool, not the nucleus'
+        assert low["spooled"] > 0 and nucleus.runtime.iot.counters["refused_spool_full"] == 0, low
         if disk is not None:
             free = shutil.disk_usage(disk).free
             assert free >= MIN_FREE // 2, f"the spool left only {free} bytes free"
