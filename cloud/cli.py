@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import sqlite3
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -18,7 +20,8 @@ from typing import Any, Callable
 import click
 from botocore.exceptions import BotoCoreError, ClientError
 
-from windfleet.model_contract import ModelPackageError
+from windfleet.model_contract import ModelPackageError, validate_version
+from windfleet.topics import validate_thing
 
 from . import settings
 from .backends import Backend
@@ -47,11 +50,27 @@ def backend_options(f: Callable) -> Callable:
     @functools.wraps(f)
     def wrapper(backend_kind: str, home: Path | None, region: str | None, bucket: str | None,
                 thing_group: str | None, model_group: str | None, **kwargs: Any) -> Any:
+        scaffold = _LocalScaffold(home, bucket) if backend_kind == "local" else None
         try:
+            if thing_group is not None:
+                validate_thing(thing_group, "--thing-group")
             backend = Backend.create(backend_kind, home=home, region=region, bucket=bucket,
                                      thing_group=thing_group, model_group=model_group)
             return f(backend, **kwargs)
-        except (RegistryError, DeployError, ModelPackageError, ValueError, OSError) as exc:
+        except BaseException:
+            if scaffold is not None:  # a refused command leaves no files behind
+                scaffold.remove_new()
+            raise
+
+    return _one_line_errors(wrapper)
+
+
+def _one_line_errors(f: Callable) -> Callable:
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except (RegistryError, DeployError, ModelPackageError, ValueError, OSError, sqlite3.Error) as exc:
             raise click.ClickException(_one_line(exc)) from None
         except ClientError as exc:
             err = exc.response.get("Error", {})
@@ -61,6 +80,33 @@ def backend_options(f: Callable) -> Callable:
             raise click.ClickException(_one_line(f"AWS: {exc}")) from None
 
     return wrapper
+
+
+class _LocalScaffold:
+    """What opening the local store creates (home, cloud.db, s3/<bucket>), noted before a
+    command runs so that a command that fails removes what it alone created."""
+
+    def __init__(self, home: Path | None, bucket: str | None):
+        from .local.store import default_home
+
+        self.home = Path(home) if home is not None else default_home()
+        self.paths = [self.home, self.home / "s3", self.home / "s3" / (bucket or settings.BUCKET)]
+        self.db = self.home / "cloud.db"
+        self.existed = {p: p.exists() for p in [*self.paths, self.db]}
+
+    def remove_new(self) -> None:
+        if not self.existed[self.db] and self.db.is_file():
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                try:
+                    os.unlink(f"{self.db}{suffix}")
+                except FileNotFoundError:
+                    pass
+        for path in reversed(self.paths):  # deepest first; only directories left empty
+            if not self.existed[path]:
+                try:
+                    path.rmdir()
+                except OSError:
+                    pass
 
 
 def _one_line(exc: Any) -> str:
@@ -319,7 +365,7 @@ def deploy_cmd(backend: Backend, overrides: tuple[str, ...], as_json: bool) -> N
         name, sep, version = item.partition("=")
         if not sep or not name or not version:
             raise click.BadParameter(f"{item!r} is not NAME=VERSION", param_hint="--component")
-        versions[name] = version
+        versions[name] = validate_version(version, f"--component {name}: version")
     result = deploy_suite(backend, versions=versions)
     if as_json:
         return _dump(result)

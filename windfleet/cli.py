@@ -8,6 +8,7 @@ Each area registers its own commands so this file stays a table of contents:
 from __future__ import annotations
 
 import importlib
+import os
 
 import click
 
@@ -21,7 +22,37 @@ AREAS = (
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+class OneLineErrors(click.Group):
+    """Every error is one line on stderr and a non-zero exit, never a traceback.
+
+    Click's usage errors (several lines: usage, hint, error) and anything a command
+    did not expect become ``Error: <one line>``; ``WINDFLEET_DEBUG=1`` re-raises the
+    unexpected ones with their traceback.
+    """
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            path = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            raise click.ClickException(one_line(f"{exc.format_message()} (see '{path} --help')")) from None
+        except click.ClickException as exc:
+            if "\n" in exc.format_message():
+                exc.message = one_line(exc.format_message())
+            raise
+        except (click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one place nothing may escape as a traceback
+            if os.environ.get("WINDFLEET_DEBUG"):
+                raise
+            raise click.ClickException(one_line(f"{type(exc).__name__}: {exc}")) from None
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="windfleet")
 def main() -> None:
     """windfleet: edge-ML fleet manager for wind turbines (AWS IoT Greengrass v2)."""

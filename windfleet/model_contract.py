@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,24 @@ CARD_KEYS = (
 
 class ModelPackageError(ValueError):
     """A model package that must not be used (missing, corrupt, mismatched)."""
+
+
+# Semantic Versioning 2.0.0 (semver.org's regular expression): MAJOR.MINOR.PATCH with optional
+# -prerelease and +build.  A model version becomes a Greengrass component version, an S3 key
+# and a directory name on devices, so nothing else (no "/", no "..") is accepted.
+SEMVER = re.compile(
+    r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?"
+)
+MAX_VERSION_LENGTH = 64  # Greengrass ComponentVersion: at most 64 characters
+
+
+def validate_version(version: object, what: str = "model version") -> str:
+    """``version`` if it is semver (MAJOR.MINOR.PATCH[-pre][+build]), else ModelPackageError (one line)."""
+    if not isinstance(version, str) or len(version) > MAX_VERSION_LENGTH or not SEMVER.fullmatch(version):
+        raise ModelPackageError(f"{what} {version!r} is not semver (MAJOR.MINOR.PATCH, e.g. 1.2.0)")
+    return version
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -69,6 +88,10 @@ def load_card(model_dir: str | Path, verify: bool = True) -> dict[str, Any]:
         raise ModelPackageError(f"{card_path}: missing keys {', '.join(missing)}")
     if card["schema_version"] != CARD_SCHEMA_VERSION:
         raise ModelPackageError(f"{card_path}: unsupported schema_version {card['schema_version']!r}")
+    try:
+        validate_version(card["version"])
+    except ModelPackageError as exc:
+        raise ModelPackageError(f"{card_path}: {exc}") from None
     if len(card["features"]) != len(card["statistics"]["mean"]):
         raise ModelPackageError(f"{card_path}: features and statistics disagree")
     if verify:

@@ -6,7 +6,22 @@ cloud account).  Turbine ids are ``{thing}-t{n:02d}`` so the broker ACL can gran
 a gateway exactly its own turbines.
 """
 
+import re
+
 PREFIX = "windfleet"
+
+# AWS IoT CreateThing: thingName "Length Constraints: Minimum length of 1. Maximum length of 128.
+# Pattern: [a-zA-Z0-9:_-]+" (thing group names follow the same rule).  Nothing else may name a
+# device: a thing name becomes an MQTT topic level, a client id, a broker account and a path.
+THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
+
+
+def validate_thing(name: object, what: str = "thing name") -> str:
+    """``name`` if AWS IoT would accept it as a thing name, else ValueError (one line)."""
+    if not isinstance(name, str) or not THING_NAME.fullmatch(name):
+        raise ValueError(f"{what} {name!r} is not valid: use 1-128 of a-z A-Z 0-9 : _ - (as AWS IoT allows)")
+    return name
+
 
 
 def readings(turbine_id: str) -> str:

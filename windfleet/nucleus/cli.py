@@ -13,7 +13,59 @@ import click
 
 
 def _fail(msg: str) -> None:
-    raise click.ClickException(msg)
+    raise click.ClickException(" ".join(str(msg).split()))
+
+
+def _thing(name: str, what: str = "--thing") -> str:
+    from windfleet.topics import validate_thing
+
+    try:
+        return validate_thing(name, what)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def _version(version: str, what: str) -> str:
+    from windfleet.model_contract import ModelPackageError, validate_version
+
+    try:
+        return validate_version(version, what)
+    except ModelPackageError as exc:
+        _fail(str(exc))
+
+
+def _hostport(value: str | None, option: str) -> str | None:
+    """``host:port`` (or ``host``) checked before anything starts; None passes."""
+    if value is None:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = value, "1883"
+    if not host or any(c.isspace() or c in "/@" for c in host) or not port.isdigit() or not 0 < int(port) < 65536:
+        _fail(f"{option} {value!r}: expected host:port with a port from 1 to 65535")
+    return value
+
+
+def _update_config(text: str | None) -> dict | None:
+    """``--update-config``: a JSON object {"Name": {"MERGE": {...}, "RESET": ["/ptr"]}}."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        _fail(f"--update-config is not JSON: {exc}")
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        _fail('--update-config: expected {"Name": {"MERGE": {...}, "RESET": ["/ptr"]}}')
+    for name, update in value.items():
+        unknown = set(update) - {"MERGE", "RESET"}
+        if unknown:
+            _fail(f"--update-config {name}: unknown keys {', '.join(sorted(unknown))} (MERGE, RESET)")
+        if not isinstance(update.get("MERGE", {}), dict):
+            _fail(f"--update-config {name}: MERGE must be an object")
+        reset = update.get("RESET", [])
+        if not isinstance(reset, list) or not all(isinstance(p, str) for p in reset):
+            _fail(f"--update-config {name}: RESET must be a list of JSON pointers")
+    return value
 
 
 @click.command("build")
@@ -63,7 +115,9 @@ def _merge_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
         name, sep, version = pair.partition("=")
         if not sep or not name or not version:
             _fail(f"--merge {pair!r}: expected Name=Version")
-        out[name] = version
+        if "/" in name or name.startswith("."):
+            _fail(f"--merge {pair!r}: not a component name")
+        out[name] = _version(version, f"--merge {name}: version")
     return out
 
 
@@ -97,17 +151,30 @@ def device_run(thing: str, root: str, broker: str | None, broker_user: str | Non
     from windfleet.nucleus.runtime import DeviceRuntime, Settings
     from windfleet.nucleus.sources import DirectorySource, local_service
 
-    jsonlog.setup("windfleet.nucleus", stream=sys.stderr)
+    # Everything a user typed is checked before anything is created (the root above all).
+    _thing(thing)
+    for group in thing_groups:
+        _thing(group, "--thing-group")
+    _hostport(broker, "--broker")
+    _hostport(cloud_broker, "--cloud-broker")
+    if not poll_interval > 0:
+        _fail(f"--poll-interval {poll_interval}: must be above 0")
+    if Path(root).exists() and not Path(root).is_dir():
+        _fail(f"--root {root}: not a directory")
     if recipe_dir and home:
         _fail("use either --recipe-dir (local deployment) or --home (deployment service), not both")
+    if home and not Path(home).is_dir():
+        _fail(f"--home {home}: no such directory (the store `windfleet deploy` writes)")
+    if broker_data and not broker_user and not Path(broker_data).is_dir():
+        _fail(f"--broker-data {broker_data}: no such directory (the one `windfleet broker --data` uses)")
+    if not recipe_dir and (merge or update_config or artifact_dir):
+        _fail("--merge, --update-config and --artifact-dir need --recipe-dir")
+    jsonlog.setup("windfleet.nucleus", stream=sys.stderr)
     try:
         if recipe_dir:
             if not merge:
                 _fail("--recipe-dir needs at least one --merge Name=Version")
-            try:
-                updates = json.loads(update_config) if update_config else {}
-            except ValueError as exc:
-                _fail(f"--update-config is not JSON: {exc}")
+            updates = _update_config(update_config) or {}
             source = DirectorySource(recipe_dir, artifact_dir or Path(recipe_dir).parent / "artifacts",
                                      _merge_pairs(merge), updates)
         elif home:
@@ -122,13 +189,24 @@ def device_run(thing: str, root: str, broker: str | None, broker_user: str | Non
         b = Broker.attach(broker_data) or Broker(broker_data)
         broker_user, broker_password = b.credentials(thing)
         broker = broker or b.url
-    runtime = DeviceRuntime(thing, root, source, broker=broker, broker_user=broker_user,
-                            broker_password=broker_password, cloud_broker=cloud_broker,
-                            thing_groups=list(thing_groups), settings=Settings(poll_interval=poll_interval))
+    fresh_root = not Path(root).exists()
+    try:
+        runtime = DeviceRuntime(thing, root, source, broker=broker, broker_user=broker_user,
+                                broker_password=broker_password, cloud_broker=cloud_broker,
+                                thing_groups=list(thing_groups), settings=Settings(poll_interval=poll_interval))
+    except (ValueError, OSError) as exc:
+        if fresh_root:  # a refused command leaves nothing behind
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)
+        _fail(f"cannot start the nucleus at {root}: {exc}")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    runtime.run(stop)
+    try:
+        runtime.run(stop)
+    except (ValueError, OSError) as exc:
+        _fail(f"the nucleus at {root} stopped: {type(exc).__name__}: {exc}")
 
 
 # ------------------------------------------------------------------ greengrass-cli verbs
@@ -182,13 +260,11 @@ def deployment_create(root: str, recipe_dir: str | None, artifact_dir: str | Non
                       remove: tuple[str, ...], update_config: str | None, group: str | None,
                       failure_handling_policy: str | None) -> None:
     """Submit a local deployment."""
-    try:
-        configuration = json.loads(update_config) if update_config else None
-    except ValueError as exc:
-        _fail(f"--update-config is not JSON: {exc}")
+    configuration = _update_config(update_config)
+    components = _merge_pairs(merge)
     client = _cli_client(root)
     response = _ipc(lambda: client.create_local_deployment(
-        group_name=group, root_component_versions_to_add=_merge_pairs(merge) or None,
+        group_name=group, root_component_versions_to_add=components or None,
         root_components_to_remove=list(remove) or None, component_to_configuration=configuration,
         recipe_directory_path=str(Path(recipe_dir).resolve()) if recipe_dir else None,
         artifacts_directory_path=str(Path(artifact_dir).resolve()) if artifact_dir else None,
@@ -304,6 +380,11 @@ def fleet_run(gateways: int, turbines_per_gateway: int, duration: float, model_d
     from windfleet import jsonlog
     from windfleet.nucleus.fleet import FleetError, run_fleet
 
+    _hostport(broker, "--broker")
+    if not Path(report_path).resolve().parent.is_dir():
+        _fail(f"--report {report_path}: its directory does not exist")
+    if broker_data and not Path(broker_data).is_dir():
+        _fail(f"--broker-data {broker_data}: no such directory")
     jsonlog.setup("windfleet.fleet", stream=sys.stderr)
     try:
         report = run_fleet(gateways=gateways, turbines_per_gateway=turbines_per_gateway, duration=duration,

@@ -55,7 +55,7 @@ from windfleet import jsonlog, payloads, topics
 
 from .authorization import Authorizer
 from .ipc import CLI_CLIENT, IpcServer
-from .iotcore import DEFAULT_SPOOL_BYTES, IotCoreConnection
+from .iotcore import DEFAULT_KEEPALIVE_S, DEFAULT_SPOOL_BYTES, IotCoreConnection
 from .atomic import write_json_atomic
 from .deployments import GOOD_STATES, NUCLEUS, DeploymentAborted, Deployments
 from .operations import IpcOperations
@@ -156,6 +156,9 @@ class DeviceRuntime(Deployments, IpcOperations):
                  cloud_broker: str | None = None, thing_groups: list[str] | None = None,
                  settings: Settings | None = None, platform: dict | None = None,
                  extra_env: dict[str, str] | None = None):
+        topics.validate_thing(thing)  # ValueError before anything is created under root
+        for name in thing_groups or []:
+            topics.validate_thing(name, "thing group")
         self.thing, self.root, self.source = thing, Path(root).resolve(), source
         self.broker, self.broker_user, self.broker_password = broker, broker_user, broker_password
         self.cloud_broker = cloud_broker
@@ -652,7 +655,8 @@ class DeviceRuntime(Deployments, IpcOperations):
             self.iot.start()
 
     def apply_nucleus_options(self) -> None:
-        """``aws.greengrass.Nucleus`` configuration ``mqtt.spooler`` -> the IoT Core connection.
+        """``aws.greengrass.Nucleus`` configuration ``mqtt.spooler`` and ``mqtt.keepAliveTimeoutMs``
+        -> the IoT Core connection.
         ``storageType: Disk`` needs the aws.greengrass.DiskSpooler plugin, which this nucleus does
         not run: like the nucleus without the plugin, it keeps spooling in memory."""
         spooler = ((self._nucleus_option("mqtt") or {}).get("spooler") or {}) if isinstance(
@@ -664,6 +668,13 @@ class DeviceRuntime(Deployments, IpcOperations):
         except (TypeError, ValueError):
             self._event("ignoring mqtt.spooler.maxSizeInBytes", logging.WARNING, value=spooler.get("maxSizeInBytes"))
         self.iot.keep_qos0_when_offline = bool(spooler.get("keepQos0WhenOffline", False))
+        # mqtt.keepAliveTimeoutMs: how soon a silently dead link (a partition) is noticed.
+        keepalive_ms = (self._nucleus_option("mqtt") or {}).get("keepAliveTimeoutMs") if isinstance(
+            self._nucleus_option("mqtt"), dict) else None
+        try:
+            self.iot.set_keepalive(DEFAULT_KEEPALIVE_S if keepalive_ms is None else round(int(keepalive_ms) / 1000))
+        except (TypeError, ValueError):
+            self._event("ignoring mqtt.keepAliveTimeoutMs", logging.WARNING, value=keepalive_ms)
         if str(spooler.get("storageType", "Memory")).lower() == "disk":
             self._event("mqtt.spooler.storageType Disk needs aws.greengrass.DiskSpooler; spooling in memory",
                         logging.WARNING)
