@@ -9,9 +9,30 @@ Two back ends, one record model:
   the broker with paho (QoS 1, persistent session, acknowledged only after the
   batch is committed, so an ingest crash loses nothing).
 * **AWS** — :func:`lambda_handler` sits behind the IoT rule
-  ``SELECT * FROM 'windfleet/fleet/+/telemetry'`` and writes one structured JSON
-  log event per record to CloudWatch Logs; :func:`dashboard_body` builds the
-  CloudWatch dashboard whose Logs Insights widgets query exactly those fields.
+  ``SELECT *, topic(3) AS source_thing FROM 'windfleet/fleet/+/telemetry'`` and writes
+  one structured JSON log event per record to CloudWatch Logs; :func:`dashboard_body`
+  builds the CloudWatch dashboard whose Logs Insights widgets query exactly those fields.
+
+Identity comes from the transport, never from the body.  The broker (Mosquitto's ACL, IoT
+Core's policy) lets a device publish only on ``windfleet/fleet/{its thing}/telemetry``, so
+the topic's thing (:func:`topics.thing_of`; ``topic(3)`` in the IoT rule) is who sent the
+message.  The body's ``thing`` must equal it, every score's turbine must be one of its
+turbines (:func:`topics.gateway_of`) and every health/log record's ``thing`` must be it;
+otherwise the message (or the record) is dropped and counted per sending device:
+
+* local store: counters ``spoofed`` / ``spoofed:<sender>`` (whole messages whose body
+  claims another thing; nothing of them is stored, nothing acknowledged) and
+  ``spoofed_records`` / ``spoofed_records:<sender>`` (records about another device's
+  turbine or thing; the message's other records are kept); :meth:`TelemetryStore.spoofing`;
+* Lambda: one ``{"level": "WARNING", "msg": "spoofed telemetry dropped", ...}`` line and
+  ``{"dropped": "spoofed"}``; a foreign record becomes a ``record_type=spoofed`` event.
+
+Acknowledgements go to the topic's thing only.
+
+Byte limit: a message larger than :data:`MAX_MESSAGE_BYTES` (131,072 bytes, IoT Core's
+128 KB payload limit, which the local broker enforces too) is refused before it is decoded
+and counted as ``malformed:too_large`` (store counter; the service's ``stats["malformed"]``;
+the Lambda's ``{"dropped": "too_large"}``).
 
     >>> store = TelemetryStore("/tmp/telemetry.sqlite")
     >>> store.ingest(payloads.encode(payloads.telemetry("gw-01", 0, time.time(), [])))
@@ -45,11 +66,13 @@ log = logging.getLogger("windfleet.ingest")
 THING_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 TURBINE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}-t[0-9]{2,4}$")
 
+# IoT Core's limit on a publish payload (128 KB); windfleet.nucleus.broker enforces the same.
+MAX_MESSAGE_BYTES = 128 * 1024
 DEFAULT_MAX_AGE_S = 7 * 24 * 3600.0
 DEFAULT_MAX_SCORE_ROWS = 5_000_000
 
 # Outcomes of TelemetryStore.ingest
-STORED, DUPLICATE, STALE = "stored", "duplicate", "stale"
+STORED, DUPLICATE, STALE, SPOOFED = "stored", "duplicate", "stale", "spoofed"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -101,6 +124,16 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 
 def _now() -> float:
     return time.time()
+
+
+class _Foreign(payloads.MalformedPayload):
+    """A record about another device's turbine or thing (counted as spoofing too)."""
+
+
+def _size(raw: Any) -> int:
+    if isinstance(raw, str):
+        return len(raw.encode("utf-8", "surrogatepass"))
+    return len(raw)
 
 
 @dataclass
@@ -208,22 +241,33 @@ class TelemetryStore:
         self.close()
 
     # ------------------------------------------------------------ writes
-    def ingest(self, raw: bytes | str, received_at: float | None = None) -> str:
-        """Store one telemetry message; returns ``stored``, ``duplicate``, ``stale``
-        or ``malformed:<kind>`` (counted, nothing stored)."""
-        return self.ingest_many([raw], received_at)[0]
+    def ingest(self, raw: bytes | str, received_at: float | None = None, *,
+               source_thing: str | None = None) -> str:
+        """Store one telemetry message; returns ``stored``, ``duplicate``, ``stale``,
+        ``spoofed`` or ``malformed:<kind>`` (counted, nothing stored).
 
-    def ingest_many(self, raws: Iterable[bytes | str], received_at: float | None = None) -> list[str]:
-        """Store many messages in ONE transaction (what the service does per batch)."""
+        ``source_thing`` is the thing of the topic the message arrived on (who sent it);
+        the service always passes it.  ``None`` trusts the body's ``thing`` (a caller that
+        has authenticated the message otherwise, e.g. a test)."""
+        return self.ingest_many([raw], received_at, sources=[source_thing])[0]
+
+    def ingest_many(self, raws: Iterable[bytes | str], received_at: float | None = None, *,
+                    sources: Iterable[str | None] | None = None) -> list[str]:
+        """Store many messages in ONE transaction (what the service does per batch);
+        ``sources``: each message's ``source_thing`` (see :meth:`ingest`)."""
         received_at = self.clock() if received_at is None else received_at
+        raws = list(raws)
+        sources = [None] * len(raws) if sources is None else list(sources)
+        if len(sources) != len(raws):
+            raise ValueError("one source per message")
         batch = _Batch()
         outcomes: list[str] = []
         with self._lock:
             conn = self._conn()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for raw in raws:
-                    outcomes.append(self._ingest_guarded(conn, raw, received_at, batch))
+                for raw, source in zip(raws, sources):
+                    outcomes.append(self._ingest_guarded(conn, raw, received_at, batch, source))
                     batch.add("messages_in")
                 self._flush_summaries(conn, batch)
                 self._flush_counters(conn, batch)
@@ -233,7 +277,8 @@ class TelemetryStore:
                 raise
         return outcomes
 
-    def _ingest_guarded(self, conn: sqlite3.Connection, raw: bytes | str, now: float, batch: _Batch) -> str:
+    def _ingest_guarded(self, conn: sqlite3.Connection, raw: bytes | str, now: float, batch: _Batch,
+                        source: str | None = None) -> str:
         """One message in its own savepoint: whatever one message does wrong that the
         validators did not foresee, it costs that message only (counted as
         ``malformed:invalid``), never the batch it came in: a batch that raised would be
@@ -241,7 +286,7 @@ class TelemetryStore:
         conn.execute("SAVEPOINT message")
         local = _Batch()
         try:
-            outcome = self._ingest_one(conn, raw, now, local)
+            outcome = self._ingest_one(conn, raw, now, local, source)
         except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError,
                 UnicodeError) as exc:
             conn.execute("ROLLBACK TO SAVEPOINT message")
@@ -254,8 +299,14 @@ class TelemetryStore:
         batch.merge(local)
         return outcome
 
-    def _ingest_one(self, conn: sqlite3.Connection, raw: bytes | str, now: float, batch: _Batch) -> str:
+    def _ingest_one(self, conn: sqlite3.Connection, raw: bytes | str, now: float, batch: _Batch,
+                    source: str | None = None) -> str:
         try:
+            # Size first: a 20 MB message costs a len(), not a parse.
+            if _size(raw) > MAX_MESSAGE_BYTES:
+                raise payloads.MalformedPayload("too_large", f"{_size(raw)} bytes > {MAX_MESSAGE_BYTES}")
+            if source is not None and not THING_RE.match(source):
+                raise payloads.MalformedPayload("bad_topic", source[:40])
             msg = payloads.validate_telemetry(payloads.decode(raw))
             thing, seq = msg["thing"], msg["seq"]
             if not THING_RE.match(thing):
@@ -264,6 +315,13 @@ class TelemetryStore:
         except payloads.MalformedPayload as exc:
             batch.add(f"malformed:{exc.kind}")
             return f"malformed:{exc.kind}"
+        if source is not None and thing != source:
+            # gw1 (its own credentials, its own topic) speaking for gw2: nothing of it is stored.
+            batch.add("spoofed")
+            batch.add(f"spoofed:{source}")
+            self._warn.warn(f"spoofed:{source}", "telemetry claiming another thing dropped",
+                            source_thing=source, claimed_thing=thing[:40], seq=seq)
+            return SPOOFED
 
         device = conn.execute(
             "SELECT first_seq, max_seq, retained_from_seq FROM devices WHERE thing=?", (thing,)
@@ -308,13 +366,18 @@ class TelemetryStore:
             except payloads.MalformedPayload as exc:
                 # One bad record does not cost its neighbours.
                 batch.add(f"malformed_record:{exc.kind}")
+                if isinstance(exc, _Foreign):
+                    batch.add("spoofed_records")
+                    batch.add(f"spoofed_records:{thing}")
+                    self._warn.warn(f"spoofed_records:{thing}", "record about another device dropped",
+                                    source_thing=thing, reason=exc.kind, claimed=exc.detail)
         return STORED
 
     def _score(self, conn: sqlite3.Connection, thing: str, body: dict, batch: _Batch) -> None:
         payloads.validate_score(body)
         turbine = body["turbine_id"]
-        if not TURBINE_RE.match(turbine) or not turbine.startswith(thing + "-t"):
-            raise payloads.MalformedPayload("foreign_turbine", turbine[:40])
+        if not TURBINE_RE.match(turbine) or topics.gateway_of(turbine) != thing:
+            raise _Foreign("foreign_turbine", turbine[:40])
         errors = body["feature_errors"]
         thresholds = body.get("thresholds") or {}  # validate_score: a dict of finite numbers
         score = _finite_or(body.get("score"), None)
@@ -380,7 +443,7 @@ class TelemetryStore:
     def _health(self, conn: sqlite3.Connection, thing: str, body: dict, batch: _Batch) -> None:
         payloads.validate_health(body)
         if body["thing"] != thing:
-            raise payloads.MalformedPayload("foreign_thing", body["thing"][:40])
+            raise _Foreign("foreign_thing", body["thing"][:40])
         ts = _finite_or(body.get("ts"), None)
         ts = self.clock() if ts is None else ts
         model_version = body.get("model_version") if isinstance(body.get("model_version"), str) else None
@@ -405,6 +468,9 @@ class TelemetryStore:
 
     @staticmethod
     def _log(conn: sqlite3.Connection, thing: str, body: dict, default_ts: float) -> None:
+        if "thing" in body and body["thing"] != thing:
+            claimed = body["thing"]
+            raise _Foreign("foreign_thing", claimed[:40] if isinstance(claimed, str) else type(claimed).__name__)
         ts = _finite_or(body.get("ts"), default_ts)
         str_or_none = lambda v: v if isinstance(v, str) else None  # noqa: E731
         conn.execute(
@@ -477,6 +543,17 @@ class TelemetryStore:
     # ------------------------------------------------------------ reads
     def counters(self) -> dict[str, int]:
         return {r["name"]: r["value"] for r in self._conn().execute("SELECT name, value FROM counters ORDER BY name")}
+
+    def spoofing(self) -> dict[str, dict[str, int]]:
+        """Per sending device: ``messages`` dropped because the body claimed another thing,
+        ``records`` dropped because they were about another device's turbine or thing."""
+        out: dict[str, dict[str, int]] = {}
+        for name, value in self.counters().items():
+            kind, _, thing = name.partition(":")
+            if kind in ("spoofed", "spoofed_records") and thing:
+                entry = out.setdefault(thing, {"messages": 0, "records": 0})
+                entry["messages" if kind == "spoofed" else "records"] += value
+        return out
 
     def loss(self, thing: str | None = None) -> dict[str, dict[str, int]]:
         """Per device: ``received``, ``expected`` (``max_seq - first_seq + 1``), ``lost``,
@@ -623,7 +700,7 @@ class IngestService:
         self._retry: list = []  # a batch the store refused, written again before anything new
         self._writer: threading.Thread | None = None
         self._warn = jsonlog.RateLimited(log)
-        self.stats = {"received": 0, "stored": 0, "duplicate": 0, "stale": 0, "malformed": 0}
+        self.stats = {"received": 0, "stored": 0, "duplicate": 0, "stale": 0, "malformed": 0, "spoofed": 0}
         self._client = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -654,7 +731,11 @@ class IngestService:
             jsonlog.event(log, "disconnected; reconnecting", logging.WARNING, reason=str(reason_code))
 
     def _on_message(self, client, userdata, msg) -> None:
-        self._queue.put((msg.payload, msg.mid, msg.qos))
+        try:
+            source = topics.thing_of(msg.topic)  # who sent it: the ACL let only them publish there
+        except ValueError:
+            source = ""  # not a telemetry topic: counted as malformed:bad_topic
+        self._queue.put((msg.payload, msg.mid, msg.qos, source))
 
     def _write_loop(self) -> None:
         last_retention = time.monotonic()
@@ -679,7 +760,7 @@ class IngestService:
                 break
         if items:
             try:
-                outcomes = self.store.ingest_many([p for p, _, _ in items])
+                outcomes = self.store.ingest_many([p for p, _, _, _ in items], sources=[s for *_, s in items])
             except sqlite3.Error as exc:
                 # Not acknowledged: the broker redelivers them when the session resumes.
                 self._warn.warn("store_error", "store write failed; retrying (messages unacknowledged)",
@@ -690,12 +771,12 @@ class IngestService:
                 self._retry = items
                 time.sleep(1.0)
                 return last_retention
-            for (payload, mid, qos), outcome in zip(items, outcomes):
+            for (payload, mid, qos, source), outcome in zip(items, outcomes):
                 if qos > 0:
                     self._client.ack(mid, qos)
                 key = outcome.split(":", 1)[0]
-                if key != "malformed":
-                    self._confirm(payload)
+                if key not in ("malformed", SPOOFED):
+                    self._confirm(payload, source)
                 self.stats[key] = self.stats.get(key, 0) + 1
                 if key == "malformed":
                     self._warn.warn(outcome, "malformed telemetry dropped", bytes=len(payload))
@@ -707,15 +788,15 @@ class IngestService:
                 jsonlog.event(log, "retention", **deleted)
         return last_retention
 
-    def _confirm(self, payload: bytes) -> None:
+    def _confirm(self, payload: bytes, source: str) -> None:
         """Tell the device its message is stored (a repeat too): only then does its forwarder
-        delete it (``delivery: cloud_ack``)."""
+        delete it (``delivery: cloud_ack``).  Only the sender (the topic's thing) is told."""
         try:
             body = payloads.decode(payload)
-            ack = payloads.telemetry_ack(body["thing"], body["seq"])
+            ack = payloads.telemetry_ack(source, body["seq"])
         except (payloads.MalformedPayload, KeyError, TypeError):
             return
-        self._client.publish(topics.telemetry_ack(ack["thing"]), payloads.encode(ack), qos=1)
+        self._client.publish(topics.telemetry_ack(source), payloads.encode(ack), qos=1)
 
     def start(self, wait_connected: float | None = 10.0) -> "IngestService":
         self._writer = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
@@ -828,6 +909,8 @@ def log_events(message: dict) -> list[dict]:
         try:
             if kind == "score":
                 payloads.validate_score(body)
+                if not TURBINE_RE.match(body["turbine_id"]) or topics.gateway_of(body["turbine_id"]) != thing:
+                    raise _Foreign("foreign_turbine", body["turbine_id"][:40])
                 errors = body["feature_errors"]
                 thresholds = body.get("thresholds") if isinstance(body.get("thresholds"), dict) else {}
                 anomalous = body.get("anomalous_features")
@@ -844,6 +927,8 @@ def log_events(message: dict) -> list[dict]:
                     event[f"threshold_{feature}"] = thresholds.get(feature)
             elif kind == "health":
                 payloads.validate_health(body)
+                if body["thing"] != thing:
+                    raise _Foreign("foreign_thing", body["thing"][:40])
                 event = {
                     "record_type": "health", "thing": thing, "seq": seq, "component": body["component"],
                     "version": body["version"], "state": body["state"],
@@ -851,10 +936,14 @@ def log_events(message: dict) -> list[dict]:
                     "counters": body["counters"],
                 }
             else:
+                if "thing" in body and body["thing"] != thing:
+                    raise _Foreign("foreign_thing", str(body["thing"])[:40])
                 event = {
                     "record_type": "log", "thing": thing, "seq": seq, "component": body.get("component"),
                     "level": body.get("level"), "message": body.get("message"),
                 }
+        except _Foreign as exc:  # about another device's turbine or thing: not written as data
+            event = {"record_type": "spoofed", "thing": thing, "seq": seq, "kind": exc.kind, "claimed": exc.detail}
         except payloads.MalformedPayload as exc:
             event = {"record_type": "malformed", "thing": thing, "seq": seq, "kind": exc.kind}
         except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
@@ -902,23 +991,39 @@ def lambda_handler(event: dict, context: Any, *, logs_client: Any = None, log_gr
     """IoT rule action: one telemetry message -> structured CloudWatch Logs events, then an
     acknowledgement to the device on ``windfleet/fleet/{thing}/ack``.
 
-    ``event`` is the telemetry payload (the rule selects ``*``).  A malformed
-    message is logged (one line) and dropped without raising, so IoT does not
-    retry it forever (and gets no ack).  Every stored message is acknowledged, a
-    repeated ``seq`` too (the device did not get the first ack).  Returns
+    ``event`` is the telemetry payload plus ``source_thing``, the topic's thing (the rule
+    is ``SELECT *, topic(3) AS source_thing``): that is who sent it, and the body's
+    ``thing`` must equal it (else ``{"dropped": "spoofed"}``); an event without it is
+    dropped (``no_source_thing``: a rule that does not say who published is not trusted).
+    A malformed message (over :data:`MAX_MESSAGE_BYTES`: ``too_large``) is logged (one
+    line) and dropped without raising, so IoT does not retry it forever (and gets no
+    ack).  Every stored message is acknowledged, to ``source_thing`` only, a repeated
+    ``seq`` too (the device did not get the first ack).  Returns
     ``{"written": n, "acked": bool}`` or ``{"dropped": kind}``.
     """
     logs = logs_client or _default_logs_client()
     group = log_group or os.environ.get(LOG_GROUP_ENV, DEFAULT_LOG_GROUP)
+    source = event.get("source_thing") if isinstance(event, dict) else None
     try:
+        if isinstance(event, dict):
+            event = {k: v for k, v in event.items() if k != "source_thing"}
         raw = event if isinstance(event, (bytes, str)) else json.dumps(event, allow_nan=False)
+        if _size(raw) > MAX_MESSAGE_BYTES:
+            raise payloads.MalformedPayload("too_large", f"{_size(raw)} bytes > {MAX_MESSAGE_BYTES}")
+        if not isinstance(source, str) or not THING_RE.match(source):
+            raise payloads.MalformedPayload("no_source_thing", str(source)[:40])
         message = payloads.validate_telemetry(payloads.decode(raw))
         if not THING_RE.match(message["thing"]):
             raise payloads.MalformedPayload("bad_thing", message["thing"][:40])
     except (payloads.MalformedPayload, ValueError, TypeError) as exc:
         kind = getattr(exc, "kind", "not_json")
-        print(json.dumps({"level": "WARNING", "msg": "malformed telemetry dropped", "kind": kind}))
+        print(json.dumps({"level": "WARNING", "msg": "malformed telemetry dropped", "kind": kind,
+                          "source_thing": source if isinstance(source, str) else None}))
         return {"dropped": kind}
+    if message["thing"] != source:
+        print(json.dumps({"level": "WARNING", "msg": "spoofed telemetry dropped", "source_thing": source,
+                          "claimed_thing": message["thing"][:40], "seq": message["seq"]}))
+        return {"dropped": SPOOFED}
     now_ms = int(time.time() * 1000)
     events = []
     for item in log_events(message):
@@ -939,7 +1044,7 @@ def lambda_handler(event: dict, context: Any, *, logs_client: Any = None, log_gr
         size += ev_size
     if batch:
         _put(logs, group, stream, batch)
-    acked = _acknowledge(iot_data_client, message["thing"], message["seq"])
+    acked = _acknowledge(iot_data_client, source, message["seq"])  # == message["thing"]
     return {"written": len(events), "acked": acked}
 
 

@@ -15,7 +15,8 @@
 - the EventBridge rule with :func:`windfleet.cloud.approval.event_pattern`
   targeting the approval Lambda (+ invoke permission);
 - the telemetry log group (with retention) and the IoT topic rule sending
-  ``windfleet/fleet/+/telemetry`` to the ingest Lambda (+ invoke permission); the ingest
+  ``windfleet/fleet/+/telemetry`` to the ingest Lambda with the topic's thing as
+  ``source_thing`` (:data:`TELEMETRY_RULE_SQL`) (+ invoke permission); the ingest
   Lambda gets the account's IoT data endpoint (looked up once with
   ``iot:DescribeEndpoint``, the provisioner's own permission) to publish its acks on
   ``windfleet/fleet/{thing}/ack``;
@@ -57,6 +58,9 @@ LAMBDA_MODULES = (
 )
 APPROVAL_HANDLER = "windfleet.cloud.approval.handler"
 INGEST_HANDLER = "windfleet.cloud.ingest.lambda_handler"
+# The telemetry rule: the whole message plus the topic's thing (who published it), which the
+# ingest Lambda uses as the message's identity (``source_thing``; the body's "thing" must match).
+TELEMETRY_RULE_SQL = f"SELECT *, topic(3) AS source_thing FROM '{topics.ALL_TELEMETRY}'"
 IOT_DATA_ENDPOINT_ENV = "WINDFLEET_IOT_DATA_ENDPOINT"  # = windfleet.cloud.ingest.IOT_DATA_ENDPOINT_ENV
 
 TRUST_POLICY = {"Version": "2012-10-17", "Statement": [{
@@ -322,7 +326,9 @@ class Provisioner:
 
     def telemetry_rule(self, function_arn: str) -> None:
         iot = self.b.iot
-        payload = {"sql": f"SELECT * FROM '{topics.ALL_TELEMETRY}'", "awsIotSqlVersion": "2016-03-23",
+        # topic(3) is the thing the publisher's policy let it publish as: the ingest Lambda
+        # trusts that, never the body's "thing" (cloud/ingest.py, "Identity comes from the transport").
+        payload = {"sql": TELEMETRY_RULE_SQL, "awsIotSqlVersion": "2016-03-23",
                    "ruleDisabled": False, "description": "windfleet fleet telemetry -> ingest Lambda",
                    "actions": [{"lambda": {"functionArn": function_arn}}]}
         try:

@@ -67,7 +67,7 @@ def test_provision_creates_everything_and_is_idempotent(aws):
     assert any(s["Principal"] == {"Service": "events.amazonaws.com"} for s in policy["Statement"])
 
     topic_rule = aws.iot.get_topic_rule(ruleName=settings.TELEMETRY_RULE)["rule"]
-    assert topic_rule["sql"] == "SELECT * FROM 'windfleet/fleet/+/telemetry'"
+    assert topic_rule["sql"] == "SELECT *, topic(3) AS source_thing FROM 'windfleet/fleet/+/telemetry'"
     assert topic_rule["actions"][0]["lambda"]["functionArn"] == ingest["FunctionArn"]
 
     groups = aws.logs.describe_log_groups(logGroupNamePrefix=settings.LOG_GROUP)["logGroups"]

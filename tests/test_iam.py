@@ -545,9 +545,10 @@ def world(tmp_path_factory):
             fn = functions[settings.INGEST_FUNCTION]
             now = time.time()
             records = [{"type": "log", "body": payloads.log("gw-01", settings.DETECTOR, "WARNING", "slow", now)}]
-            second = payloads.telemetry("gw-01", 1, now, records)
-            out = _run(recorder, fn, mp, payloads.telemetry("gw-01", 0, now, records), second, second,
-                       {"thing": 3})
+            # each as the telemetry rule hands it over: the body plus topic(3) AS source_thing
+            second = {**payloads.telemetry("gw-01", 1, now, records), "source_thing": "gw-01"}
+            first_msg = {**payloads.telemetry("gw-01", 0, now, records), "source_thing": "gw-01"}
+            out = _run(recorder, fn, mp, first_msg, second, second, {"thing": 3, "source_thing": "gw-01"})
             assert out[0]["written"] >= 1 and out[0]["acked"] and out[2]["acked"] and "dropped" in out[3], out
 
             snapshot = World(

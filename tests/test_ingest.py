@@ -279,6 +279,12 @@ def representative_message() -> dict:
     ])
 
 
+def rule_event(message: dict) -> dict:
+    """What the IoT rule hands the Lambda for ``message`` published on its own thing's topic
+    (``SELECT *, topic(3) AS source_thing``)."""
+    return {**message, "source_thing": message["thing"]}
+
+
 @pytest.fixture
 def logs_client(monkeypatch):
     moto = pytest.importorskip("moto")
@@ -312,7 +318,7 @@ def _events(logs_client, group: str) -> list[dict]:
 def test_lambda_writes_one_structured_event_per_record(logs_client):
     group = "/windfleet/test"
     logs_client.create_log_group(logGroupName=group)
-    result = lambda_handler(representative_message(), None, logs_client=logs_client, log_group=group)
+    result = lambda_handler(rule_event(representative_message()), None, logs_client=logs_client, log_group=group)
     assert result == {"written": 5, "acked": True}
     events = _events(logs_client, group)
     kinds = sorted(e["record_type"] for e in events)
@@ -332,14 +338,17 @@ def test_lambda_writes_one_structured_event_per_record(logs_client):
 
 def test_lambda_creates_missing_group_and_stream_and_clamps_bad_clocks(logs_client):
     msg = payloads.telemetry("gw2", 0, 0.0, [score("gw2-t00", 10.0)])  # a device clock at 1970
-    assert lambda_handler(msg, None, logs_client=logs_client, log_group="/wf/new")["written"] == 2
+    assert lambda_handler(rule_event(msg), None, logs_client=logs_client, log_group="/wf/new")["written"] == 2
     events = _events(logs_client, "/wf/new")
     assert len(events) == 2 and all(abs(e["@ts"] / 1000 - time.time()) < 600 for e in events)
 
 
 @pytest.mark.fault
-@pytest.mark.parametrize("event", ["garbage", {"thing": "gw1"}, {"schema_version": 1, "thing": "gw1", "seq": 0,
-                                                                   "records": [{"type": "video"}]}])
+@pytest.mark.parametrize("event", ["garbage", {"thing": "gw1", "source_thing": "gw1"},
+                                   {"schema_version": 1, "thing": "gw1", "seq": 0, "source_thing": "gw1",
+                                    "records": [{"type": "video"}]},
+                                   # what the rule gave before it passed topic(3): not trusted
+                                   {"schema_version": 1, "thing": "gw1", "seq": 0, "records": []}])
 def test_lambda_drops_malformed_events_without_raising(logs_client, event):
     logs_client.create_log_group(logGroupName="/wf/x")
     result = lambda_handler(event, None, logs_client=logs_client, log_group="/wf/x")
@@ -351,7 +360,7 @@ def test_lambda_drops_malformed_events_without_raising(logs_client, event):
 def test_lambda_acknowledges_each_stored_message_a_repeat_too(logs_client):
     first, second = (payloads.telemetry("gw3", seq, NOW, [score("gw3-t00", NOW, seq=seq)]) for seq in (4, 5))
     for msg in (first, second, second):  # the device re-sent seq 5: it missed the first ack
-        assert lambda_handler(msg, None, logs_client=logs_client, log_group="/wf/acks")["acked"] is True
+        assert lambda_handler(rule_event(msg), None, logs_client=logs_client, log_group="/wf/acks")["acked"] is True
     assert _acks() == [(topics.telemetry_ack("gw3"), payloads.telemetry_ack("gw3", seq)) for seq in (4, 5, 5)]
     assert topics.telemetry_ack("gw3") == "windfleet/fleet/gw3/ack"
     assert len(_events(logs_client, "/wf/acks")) == 6  # stored before acknowledged
@@ -372,7 +381,7 @@ def test_lambda_publishes_the_ack_with_qos_1_on_the_account_endpoint(logs_client
     stub.add_response("publish", {}, expected_params={
         "topic": "windfleet/fleet/gw1/ack", "qos": 1, "payload": payloads.encode(payloads.telemetry_ack("gw1", 7))})
     with stub:
-        result = lambda_handler(representative_message(), None, logs_client=logs_client, log_group="/wf/s",
+        result = lambda_handler(rule_event(representative_message()), None, logs_client=logs_client, log_group="/wf/s",
                                 iot_data_client=client)
     stub.assert_no_pending_responses()
     assert result == {"written": 5, "acked": True}
@@ -383,7 +392,7 @@ def test_a_failed_ack_is_logged_not_raised(logs_client, capsys):
     client, stub = _stubbed_iot_data()
     stub.add_client_error("publish", "ThrottlingException", "Rate exceeded", 429)
     with stub:
-        result = lambda_handler(representative_message(), None, logs_client=logs_client, log_group="/wf/f",
+        result = lambda_handler(rule_event(representative_message()), None, logs_client=logs_client, log_group="/wf/f",
                                 iot_data_client=client)
     assert result == {"written": 5, "acked": False}  # stored; the device re-sends and is acked then
     assert len(_events(logs_client, "/wf/f")) == 5
@@ -400,7 +409,7 @@ def test_no_ack_when_the_logs_write_fails(logs_client):
     stub = Stubber(logs_client)
     stub.add_client_error("put_log_events", "ServiceUnavailableException", "down", 503)
     with stub, pytest.raises(Exception, match="ServiceUnavailable"):  # IoT retries the rule
-        lambda_handler(representative_message(), None, logs_client=logs_client, log_group="/wf/down")
+        lambda_handler(rule_event(representative_message()), None, logs_client=logs_client, log_group="/wf/down")
     assert _acks() == []
 
 
@@ -420,7 +429,7 @@ def query_fields(query: str) -> set[str]:
 
 def test_dashboard_widgets_query_only_fields_the_lambda_writes(logs_client):
     logs_client.create_log_group(logGroupName="/wf/fields")
-    lambda_handler(representative_message(), None, logs_client=logs_client, log_group="/wf/fields")
+    lambda_handler(rule_event(representative_message()), None, logs_client=logs_client, log_group="/wf/fields")
     written = set().union(*(e.keys() for e in _events(logs_client, "/wf/fields")))
 
     body = json.loads(json.dumps(dashboard_body("/wf/fields", "eu-west-1")))  # valid JSON both ways

@@ -30,6 +30,21 @@ IPC, whose authorization is per subscription.
 
 Denied publishes are logged by Mosquitto at its *debug* level only, together with
 every message; ``verbose=True`` turns that on (tests do; a long fleet run should not).
+
+Byte limits (IoT Core accepts publish payloads of at most 128 KB, so the stand-in does
+not accept more):
+
+* ``message_size_limit`` = :data:`MESSAGE_SIZE_LIMIT` (131,072 bytes of PUBLISH
+  payload).  Mosquitto 2.x does not forward a larger message; for an MQTT 3.1.1 QoS 1
+  publish it still completes the flow (the publisher gets its PUBACK and stays
+  connected: 3.1.1 has no way to say "refused"), the subscribers never see it.  Mosquitto
+  logs the drop at *debug* level only ("Dropped too large PUBLISH"), so it is counted
+  only with ``verbose=True``: :meth:`Broker.limit_hits`.
+* ``max_packet_size`` = :data:`MAX_PACKET_SIZE` (twice that, whole packet): a client that
+  sends a larger packet is disconnected as soon as its length header is read, so a
+  20 MB publish is never buffered.  Logged at *notice* level; :meth:`Broker.limit_hits`
+  counts those disconnections always.  A QoS 1 client that persisted such a message
+  re-sends it on reconnect and is disconnected again: the message can never pass.
 """
 
 from __future__ import annotations
@@ -49,6 +64,11 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 CLOUD_USER = "windfleet-cloud"
+# IoT Core's limit on a publish payload ("128 KB"); the forwarder builds messages of at most
+# ~96 KiB of records (components/forwarder), so a legitimate message never comes near it.
+MESSAGE_SIZE_LIMIT = 128 * 1024
+# Whole MQTT packet (fixed header, topic, payload): a publish beyond this disconnects its client.
+MAX_PACKET_SIZE = 2 * MESSAGE_SIZE_LIMIT
 MOSQUITTO = os.environ.get("WINDFLEET_MOSQUITTO", shutil.which("mosquitto") or "/usr/sbin/mosquitto")
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
 
@@ -264,6 +284,9 @@ class Broker:
             "max_queued_messages 200000",
             "max_inflight_messages 100",
             "persistent_client_expiration 7d",
+            # Byte limits (module docstring): dropped above 128 KiB, disconnected above 256 KiB.
+            f"message_size_limit {MESSAGE_SIZE_LIMIT}",
+            f"max_packet_size {MAX_PACKET_SIZE}",
             f"pid_file {self.data_dir / 'mosquitto.pid'}",
             f"log_dest file {self.log_path}",
             *(f"log_type {t}" for t in log_types),
@@ -346,6 +369,19 @@ class Broker:
         pid = self.pid
         if pid is not None:
             os.kill(pid, signal.SIGHUP)
+
+    def limit_hits(self) -> dict[str, int]:
+        """How often the byte limits were hit, read from Mosquitto's log:
+        ``dropped_too_large`` (payload over ``message_size_limit``; logged by Mosquitto only
+        with ``verbose=True``) and ``disconnected_oversize`` (packet over ``max_packet_size``)."""
+        hits = {"dropped_too_large": 0, "disconnected_oversize": 0}
+        with contextlib.suppress(OSError), open(self.log_path, errors="replace") as fh:
+            for line in fh:
+                if "Dropped too large PUBLISH" in line:
+                    hits["dropped_too_large"] += 1
+                elif "disconnected due to oversize packet" in line:
+                    hits["disconnected_oversize"] += 1
+        return hits
 
     def _log_tail(self, n: int = 2000) -> str:
         text = ""

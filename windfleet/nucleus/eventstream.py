@@ -15,7 +15,8 @@ Guarantees:
 * :class:`Decoder` accepts any split of the byte stream, returns whole messages only, and
   raises :class:`FramingError` on anything malformed (bad CRC, total length < 16 or
   > :data:`MAX_MESSAGE`, headers that overrun or do not parse, duplicate header names).  After
-  a ``FramingError`` the stream cannot be resynchronised: close the connection.
+  a ``FramingError`` the stream cannot be resynchronised: close the connection.  A frame over
+  the limit raises the subclass :class:`FrameTooLarge` (so a server can count it apart).
 * Decoded header values keep their wire type: i8/i16/i64 come back as the int subclasses
   :class:`Int8`/:class:`Int16`/:class:`Int64`, so ``encode(decoded.headers)`` reproduces the
   original headers.
@@ -29,6 +30,7 @@ import uuid
 import zlib
 from dataclasses import dataclass, field
 
+# The nucleus' limit on one event-stream frame (aws-c-event-stream / the Java nucleus: 24 MiB).
 MAX_MESSAGE = 24 * 1024 * 1024
 
 # RPC message types and flags (Greengrass event-stream RPC)
@@ -50,6 +52,10 @@ _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 
 class FramingError(ValueError):
     """Bad prelude/CRC/header/length: the connection must be closed."""
+
+
+class FrameTooLarge(FramingError):
+    """A frame whose prelude announces more than :data:`MAX_MESSAGE` bytes (refused unbuffered)."""
 
 
 class Int8(int):
@@ -263,7 +269,9 @@ class Decoder:
         # The CRC comes first: the lengths mean nothing if the prelude is corrupt.
         if zlib.crc32(buf[:8]) != prelude_crc:
             raise FramingError("prelude CRC mismatch")
-        if total < _OVERHEAD or total > MAX_MESSAGE:
+        if total > MAX_MESSAGE:
+            raise FrameTooLarge(f"total length {total} exceeds the {MAX_MESSAGE}-byte limit")
+        if total < _OVERHEAD:
             raise FramingError(f"total length {total} outside {_OVERHEAD}..{MAX_MESSAGE}")
         if headers_len > total - _OVERHEAD:
             raise FramingError(f"headers length {headers_len} exceeds the message")

@@ -18,6 +18,12 @@ wire and the routing:
   decoded with ``InvalidArgumentsError``, so a client never hangs;
 * a client that dies mid-stream just closes its connection: its streams go with it.
 
+Byte limit: one event-stream frame is at most :data:`.eventstream.MAX_MESSAGE` (24 MiB, as
+the nucleus).  A client that announces a larger frame has its connection closed as soon as the
+12-byte prelude is read (the frame is never buffered); counted in ``counters["frame_too_large"]``
+(every framing error, that one included, in ``counters["framing_errors"]``) and logged
+(rate-limited WARNING ``IPC frame over the limit; closing connection``).
+
 Threading: one thread per connection reads; writes to a connection are
 serialised by its lock and time out after ``send_timeout``: a client that stops
 reading that long loses its connection (counted) instead of stalling publishers.
@@ -240,7 +246,16 @@ class IpcServer:
                     return
                 try:
                     messages = decoder.feed(data)
+                except es.FrameTooLarge as exc:
+                    self.count("framing_errors")
+                    self.count("frame_too_large")
+                    self.limited.warn("frame_too_large", "IPC frame over the limit; closing connection",
+                                      component=conn.component, limit=es.MAX_MESSAGE, error=str(exc),
+                                      count=self.counters["frame_too_large"])
+                    conn.send(es.PROTOCOL_ERROR, 0)
+                    return
                 except es.FramingError as exc:
+                    self.count("framing_errors")
                     self.limited.warn("framing", "IPC framing error; closing connection", error=str(exc))
                     conn.send(es.PROTOCOL_ERROR, 0)
                     return
