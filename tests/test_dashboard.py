@@ -5,11 +5,16 @@ a real Mosquitto and the ingest service."""
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -24,8 +29,13 @@ from tests.mqtt_fixtures import wait_until
 ARTIFACTS = Path(__file__).parent / "artifacts"
 TOKEN = "test-token-0123456789"
 VERSIONS = {"gw1": "1.0.3", "gw2": "1.0.2"}
+# what the local Registry says when asked to approve a version an empty home does not have
+APPROVE_UNKNOWN_ERROR = "no model package version '1' in group windfleet-anomaly (known: none)"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
+# DNS rebinding without a DNS server: Chromium resolves these names to loopback, as a
+# rebinding attacker's name would resolve once it flips
+REBIND_ARGS = ["--host-resolver-rules=MAP evil.example 127.0.0.1"]
 
 
 # ---------------------------------------------------------------- fakes of the CLOUD helper's API
@@ -92,10 +102,10 @@ class FakeRegistry:
 class Served:
     """An app on a real uvicorn server on a free loopback port, in a thread."""
 
-    def __init__(self, app):
+    def __init__(self, app, host: str = "127.0.0.1"):
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=0, log_level="warning",
                                                     access_log=False))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -215,8 +225,116 @@ def test_api_writes_need_the_token_and_reads_do_not(live):
     assert request(url + "/api/registry/99/approve", "POST", auth, b"{}")[0] == 404
     assert request(url + "/api/registry/3/delete", "POST", auth, b"{}")[0] == 404
     assert live["registry"].versions["3"]["status"] == "PendingManualApproval"  # nothing above changed it
-    # a page fetched with a foreign Host header (DNS rebinding) is refused
-    assert request(url + "/api/fleet", headers={"Host": "attacker.example"})[0] == 400
+
+
+@pytest.mark.slow
+def test_loopback_reads_need_a_loopback_host_name_with_this_port(live):
+    """DNS rebinding: a loopback client naming another Host (evil.example resolving to
+    127.0.0.1) is refused, 403, for reads and actions, token guesses included."""
+    url, port = live["url"], urlparse(live["url"]).port
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", f"LOCALHOST:{port}"):
+        assert request(url + "/api/fleet", headers={"Host": host})[0] == 200, host
+    for host in (f"evil.example:{port}", "evil.example", f"localhost.evil.example:{port}", f"127.0.0.1:{port + 1}",
+                 "localhost", f"127.0.0.2:{port}", f"localhost:{port}@evil.example", f"testserver:{port}",
+                 f"testclient:{port}", f"[::1]x:{port}"):
+        for path in ("/api/fleet", "/", "/registry", "/api/registry", "/turbines/gw1-t01", "/nope"):
+            status, body, _ = request(url + path, headers={"Host": host})
+            text = body if isinstance(body, bytes) else json.dumps(body).encode()
+            assert status == 403 and b"gw1" not in text, (host, path, status)
+        for headers in ({}, {"Authorization": "Bearer guess"}, {"Cookie": "windfleet_session=guess"}):
+            for action in ("approve", "reject"):
+                status, body, _ = request(url + f"/api/registry/3/{action}", "POST",
+                                          {"Host": host, "Content-Type": "application/json", **headers}, b"{}")
+                assert (status, body["error"].split(":")[0]) == (403, "Host not allowed"), (host, action)
+    assert live["registry"].versions["3"]["status"] == "PendingManualApproval"
+    assert live["greengrass"].deployments == []
+    # the token itself works from any Host (a TLS proxy on this machine passing the public name)
+    assert request(url + "/api/fleet", headers={"Host": f"dashboard.example:{port}", **auth})[0] == 200
+    # the login form is served to anyone (it holds nothing), and never takes the token from a URL
+    status, body, headers = request(url + f"/login?token={TOKEN}")
+    assert status == 400 and "set-cookie" not in headers and b"never goes in a URL" in body
+
+
+@pytest.mark.slow
+def test_reject_refuses_an_oversized_body_before_reading_it(live):
+    """413 as soon as the size is known: from Content-Length (the server does not wait
+    for 50 MB that never come), or while streaming a chunked body."""
+    port = urlparse(live["url"]).port
+    head = (f"POST /api/registry/3/reject HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: application/json\r\n")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall((head + "Content-Length: 50000000\r\n\r\n").encode() + b'{"reason": "')
+        t0 = time.monotonic()
+        reply = _read_reply(s)
+    assert reply.startswith(b"HTTP/1.1 413") and b"at most 4096 bytes" in reply, reply[:200]
+    assert time.monotonic() - t0 < 5
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # no length: counted as it streams
+        s.sendall((head + "Transfer-Encoding: chunked\r\n\r\n").encode() + b"1388\r\n" + b"x" * 5000 + b"\r\n")
+        reply = _read_reply(s)  # the terminating chunk is never sent
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert live["registry"].versions["3"]["status"] == "PendingManualApproval"
+
+
+def _read_reply(sock: socket.socket) -> bytes:
+    """One HTTP response (headers + Content-Length body) from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def _non_loopback_address() -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("203.0.113.1", 9))  # no packet is sent; picks the outgoing address
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+@pytest.fixture
+def remote(live):
+    """The same fleet served on 0.0.0.0, reached through this machine's non-loopback
+    address: the client is not on loopback, as an operator's laptop would not be."""
+    address = _non_loopback_address()
+    if address is None:
+        pytest.fail("this machine has no non-loopback IPv4 address to play the remote client from")
+    gg = FakeGreengrass()
+    registry = FakeRegistry(gg)
+    served = Served(create_app(live["store"], registry=registry, greengrass=gg, token=TOKEN, poll_ms=500),
+                    host="0.0.0.0")
+    try:
+        yield {"url": f"http://{address}:{served.port}", "port": served.port, "registry": registry, "greengrass": gg}
+    finally:
+        served.close()
+
+
+@pytest.mark.slow
+def test_on_0_0_0_0_a_non_loopback_client_always_needs_the_token(remote):
+    url, port = remote["url"], remote["port"]
+    for path in ("/api/fleet", "/api/registry", "/api/anomalies"):
+        assert request(url + path)[0] == 401, path
+        # naming localhost does not make a remote client local
+        assert request(url + path, headers={"Host": f"localhost:{port}"})[0] == 401, path
+        assert request(url + path, headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200, path
+    status, body, _ = request(url + "/")
+    assert status == 401 and b'<form id="login" method="post" action="/login">' in body
+    assert request(url + "/api/fleet", headers={"Authorization": "Bearer wrong"})[0] == 401
+    assert request(url + "/api/registry/3/approve", "POST", body=b"{}")[0] == 401
+    assert remote["registry"].versions["3"]["status"] == "PendingManualApproval"
 
 
 # ---------------------------------------------------------------- browser
@@ -226,7 +344,7 @@ def browser():
     if not Path("/usr/bin/chromium").exists():
         pytest.skip("Debian chromium not installed")
     with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        b = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS + REBIND_ARGS)
         try:
             yield b
         finally:
@@ -314,13 +432,18 @@ def test_approve_is_refused_without_the_token_and_starts_a_deployment_with_it(li
     page.fill("#token", "")
     approve.click()
     page.wait_for_selector('#message[data-status="401"]')
-    assert "refused" in page.inner_text("#message")
+    assert page.inner_text("#message") == (
+        "approve 3 refused (401): approve/reject need the dashboard token as 'Authorization: Bearer <token>'")
     assert live["registry"].versions["3"]["status"] == "PendingManualApproval"
     assert live["greengrass"].deployments == []
 
     page.fill("#token", TOKEN)
-    page.locator('tr.version-row[data-version="3"] button.approve').click()
+    with page.expect_response(lambda r: r.url.endswith("/api/registry/3/approve")) as answer:
+        page.locator('tr.version-row[data-version="3"] button.approve').click()
     page.wait_for_selector('#message[data-status="200"]')
+    assert answer.value.status == 200 and answer.value.json() == {
+        "version": "3", "action": "approve", "result": {"deploymentId": "dep-1"}}
+    assert page.inner_text("#message") == "approve 3: accepted"
     assert live["registry"].versions["3"]["status"] == "Approved"
     assert [d["deploymentName"] for d in live["greengrass"].deployments] == ["windfleet-model-3"]
     page.locator("tr.deployment-row").first.wait_for()
@@ -330,6 +453,79 @@ def test_approve_is_refused_without_the_token_and_starts_a_deployment_with_it(li
     # the overview now shows the deployment per device
     page.goto(live["url"] + "/")
     page.wait_for_selector('tr.gateway[data-thing="gw1"] [data-deployment-status="IN_PROGRESS"]')
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_dns_rebinding_is_refused_in_chromium(live, browser):
+    """Chromium resolves evil.example to 127.0.0.1 (what a rebinding attack achieves):
+    the page, the API and approve, all same-origin for the attacker's script, get 403."""
+    port = urlparse(live["url"]).port
+    before = (json.dumps(live["registry"].versions, sort_keys=True), len(live["greengrass"].deployments))
+    context = browser.new_context(bypass_csp=True)  # the attacker runs whatever script it likes
+    try:
+        pg = context.new_page()
+        response = pg.goto(f"http://evil.example:{port}/")
+        assert response.status == 403
+        assert pg.locator("form#login").count() == 1 and "gw1" not in pg.content()
+        seen = pg.evaluate("""async () => {
+            const fleet = await fetch('/api/fleet');
+            const body = await fleet.text();
+            const approve = await fetch('/api/registry/3/approve', {method: 'POST', body: '{}',
+                                        headers: {'Content-Type': 'application/json'}});
+            const guess = await fetch('/api/registry/3/reject', {method: 'POST', body: '{}',
+                                      headers: {'Authorization': 'Bearer guess'}});
+            const anomalies = await fetch('/api/anomalies');
+            return [fleet.status, body.includes('gw1'), approve.status, guess.status, anomalies.status];
+        }""")
+        assert seen == [403, False, 403, 403, 403]
+    finally:
+        context.close()
+    assert (json.dumps(live["registry"].versions, sort_keys=True), len(live["greengrass"].deployments)) == before
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_a_remote_browser_signs_in_by_form_post_and_acts_only_with_the_token(remote, browser):
+    url = remote["url"]
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    urls: list[str] = []
+    context.on("request", lambda req: urls.append(req.url))
+    try:
+        pg = context.new_page()
+        assert pg.goto(url + "/").status == 401  # not local: the sign-in form, no fleet
+        assert "gw1" not in pg.content()
+        pg.fill("#token", "wrong")
+        with pg.expect_navigation():
+            pg.click("#login button[type=submit]")
+        assert pg.inner_text("#login-message") == "Wrong token." and context.cookies() == []
+        pg.fill("#token", TOKEN)
+        with pg.expect_navigation():
+            pg.click("#login button[type=submit]")
+        pg.locator('tr.gateway[data-thing="gw1"] td.model-version').wait_for()
+        assert pg.url == url + "/"
+        [cookie] = context.cookies()
+        assert (cookie["name"], cookie["httpOnly"], cookie["sameSite"]) == ("windfleet_session", True, "Strict")
+        assert cookie["value"] != TOKEN and pg.evaluate("document.cookie") == ""  # scripts cannot read it
+        # the session reads; it does not act
+        status = pg.evaluate("""async () => (await fetch('/api/registry/3/approve',
+            {method: 'POST', body: '{}', headers: {'Content-Type': 'application/json'}})).status""")
+        assert status == 401 and remote["registry"].versions["3"]["status"] == "PendingManualApproval"
+        pg.goto(url + "/registry")
+        pg.locator('tr.version-row[data-version="3"] button.approve').wait_for()
+        pg.fill("#token", TOKEN)
+        with pg.expect_response(lambda r: r.url.endswith("/api/registry/3/approve")) as answer:
+            pg.locator('tr.version-row[data-version="3"] button.approve').click()
+        assert answer.value.status == 200 and answer.value.json()["result"] == {"deploymentId": "dep-1"}
+        pg.wait_for_selector('#message[data-status="200"]')
+        assert remote["registry"].versions["3"]["status"] == "Approved"
+        # sign out: the cookie goes, the pages are closed again
+        pg.goto("about:blank")
+        pg.request.post(url + "/logout")
+        assert context.cookies() == [] and pg.goto(url + "/").status == 401
+        assert not any(TOKEN in u for u in urls), "the token travelled in a URL"
+    finally:
+        context.close()
 
 
 # ---------------------------------------------------------------- packaging and CLI
@@ -347,12 +543,22 @@ def test_vendored_chart_library_matches_its_recorded_digests():
     assert "http" not in page.replace("http-equiv", "")  # nothing loaded from elsewhere
 
 
+@pytest.mark.parametrize("args", [["--store", "/proc/nope/t.sqlite"], ["--broker", "localhost:notaport"],
+                                  ["--broker", "localhost:0"], ["--host", "nohost.invalid"]])
+def test_cli_refuses_bad_arguments_in_one_line_and_leaves_no_files(tmp_path, args):
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "windfleet.cli", "dashboard", "--port", "0",
+                           "--home", str(work / "home"), *args], cwd=work, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "WINDFLEET_HOME": str(work / "home")})
+    assert proc.returncode != 0
+    assert proc.stdout == "" and len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("Error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(work.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_cli_serves_on_loopback_and_prints_the_token(tmp_path):
-    import socket
-    import subprocess
-    import sys
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -372,8 +578,8 @@ def test_cli_serves_on_loopback_and_prints_the_token(tmp_path):
         base = f"http://127.0.0.1:{port}"
         assert request(base + "/api/fleet")[1]["gateways"] == []
         assert request(base + "/api/registry/1/approve", "POST")[0] == 401
-        status, _, _ = request(base + "/api/registry/1/approve", "POST", {"Authorization": f"Bearer {token}"}, b"{}")
-        assert status != 401
+        status, body, _ = request(base + "/api/registry/1/approve", "POST", {"Authorization": f"Bearer {token}"}, b"{}")
+        assert (status, body) == (404, {"error": APPROVE_UNKNOWN_ERROR}), body  # the token worked; nothing to approve
     finally:
         proc.terminate()
         try:

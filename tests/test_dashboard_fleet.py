@@ -88,15 +88,34 @@ def test_operator_watches_the_fleet_and_approves_a_version(served_fleet, page, m
     page.goto(url + "/registry")
     row = f'tr.version-row[data-version="{entry["version"]}"]'
     page.locator(f"{row} button.approve").wait_for()
+    version = str(entry["version"])
     page.fill("#token", "")
-    page.locator(f"{row} button.approve").click()
+    with page.expect_response(lambda r: r.url.endswith(f"/api/registry/{version}/approve")) as refused:
+        page.locator(f"{row} button.approve").click()
     page.wait_for_selector('#message[data-status="401"]')
+    assert (refused.value.status, refused.value.json()) == (
+        401, {"error": "approve/reject need the dashboard token as 'Authorization: Bearer <token>'"})
+    assert page.inner_text("#message") == (f"approve {version} refused (401): approve/reject need the dashboard "
+                                           "token as 'Authorization: Bearer <token>'")
     assert registry.get(entry["version"])["status"] == "PendingManualApproval"
 
     page.fill("#token", served_fleet["token"])
-    page.locator(f"{row} button.approve").click()
+    with page.expect_response(lambda r: r.url.endswith(f"/api/registry/{version}/approve"),
+                              timeout=60_000) as answer:
+        page.locator(f"{row} button.approve").click()
     page.wait_for_selector('#message[data-status="200"]', timeout=60_000)
+    assert answer.value.status == 200
+    body = answer.value.json()
+    result = body["result"]
+    assert (body["version"], body["action"]) == (version, "approve")
+    assert (result["version"], result["status"], result["arn"]) == (
+        entry["version"], "Approved", registry.get(entry["version"])["arn"])
+    assert result["deployment"]["status"] == "deployed", result["deployment"]
+    assert page.inner_text("#message") == f"approve {version}: accepted"
     assert registry.get(entry["version"])["status"] == "Approved"
+    # the deployment the answer names is the one the deployment service now lists as the latest
+    deployments = _get(url + "/api/deployments")["deployments"]
+    assert result["deployment"]["deploymentId"] in [d["deploymentId"] for d in deployments]
     shot(page, "fleet-registry")
 
     # ... and the fleet rolls it out: every gateway reports and scores with 1.0.4

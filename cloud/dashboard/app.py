@@ -18,28 +18,41 @@ JSON API::
     POST /api/registry/{version}/approve  Authorization: Bearer <token>
     POST /api/registry/{version}/reject   Authorization: Bearer <token>; JSON {"reason": "..."}
 
-Security: read-only requests from loopback need no token; any other client needs
-the token (``Authorization: Bearer``, or the ``windfleet_token`` cookie set by
-``/login?token=``).  Writes accept only the header (a cookie alone would allow
-cross-site requests).  Tokens are compared in constant time.  The Host header
-must name this machine when bound to loopback (DNS rebinding).
+    GET  /login                           a form; POST /login (form field ``token``) sets the
+                                          session cookie; POST /logout clears it
+
+Access (README "Dashboard access"):
+
+* *local* = the client address is loopback AND the Host header is ``localhost``,
+  ``127.0.0.1`` or ``[::1]`` with the port this server listens on.  A local request
+  may read without a token; every other request needs the token: ``Authorization:
+  Bearer <token>``, or the ``windfleet_session`` cookie (HttpOnly, SameSite=Strict,
+  an HMAC of the token, never the token itself) set by POSTing the token to /login.
+* A loopback client naming any other Host without a valid token is a DNS-rebinding
+  signature: 403 for everything but /login and /static.
+* approve/reject always need ``Authorization: Bearer <token>``; the cookie does not
+  authorise them, and neither does being local.
+* The token never travels in a URL: ``/login?token=`` is answered 400.  Tokens are
+  compared in constant time; request bodies are capped before they are read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import json
 import math
 import re
 import secrets
+from html import escape
+from urllib.parse import parse_qs
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Callable
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -51,8 +64,10 @@ STATIC = Path(__file__).parent / "static"
 VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")
 MAX_LIMIT = 20_000
 MAX_REASON = 500
-COOKIE = "windfleet_token"
-LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]", "testserver"]
+MAX_BODY = 4096  # approve/reject and /login bodies; refused (413) before they are read past this
+COOKIE = "windfleet_session"
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
+PUBLIC_PATHS = frozenset({"/login", "/logout", "/favicon.ico"})  # + /static/: nothing secret there
 
 PAGES = {
     "overview": "Fleet overview",
@@ -93,11 +108,63 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def _is_loopback(host: str | None) -> bool:
+def client_is_loopback(address: str | None) -> bool:
+    """The peer address is a loopback address (IPv4-mapped IPv6 included)."""
     try:
-        return ipaddress.ip_address(host or "").is_loopback
+        ip = ipaddress.ip_address(address or "")
     except ValueError:
-        return host == "testclient"  # starlette's TestClient
+        return False  # a unix socket, or no peer at all: not loopback
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+def host_is_loopback(host_header: str | None, port: int | None) -> bool:
+    """The Host header is a loopback *name* (localhost, 127.0.0.1, [::1]) with the
+    port this server listens on (no port = 80).  Anything else -- a DNS name that
+    resolves to 127.0.0.1 included -- is not."""
+    if not host_header or port is None:
+        return False
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        name, _, rest = host.partition("]")
+        name += "]"
+        if rest and not rest.startswith(":"):
+            return False
+        port_text = rest[1:]
+    else:
+        name, sep, port_text = host.rpartition(":")
+        if not sep:
+            name, port_text = host, ""
+    if port_text == "":
+        host_port = 80
+    elif port_text.isdigit() and len(port_text) <= 5:
+        host_port = int(port_text)
+    else:
+        return False
+    return name in LOOPBACK_NAMES and host_port == port
+
+
+def _served_port(scope: dict) -> int | None:
+    server = scope.get("server")
+    return int(server[1]) if server and server[1] is not None else None
+
+
+class BodyTooLarge(Exception):
+    """A request body over its cap (answered 413 without reading the rest)."""
+
+
+async def read_capped(request: Request, limit: int = MAX_BODY) -> bytes:
+    """The body, refusing one over ``limit`` bytes as soon as that is known: from
+    Content-Length before reading anything, else while streaming."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise BodyTooLarge
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLarge
+    return bytes(body)
 
 
 def _query_float(request: Request, name: str) -> float | None:
@@ -155,19 +222,35 @@ class Dashboard:
         self.token = token or secrets.token_urlsafe(24)
         self.poll_ms = poll_ms
 
+        # the cookie carries a value derived from the token, so a stolen cookie is not the token
+        self.session = hmac.new(self.token.encode(), b"windfleet-dashboard-session", hashlib.sha256).hexdigest()
+
     # ------------------------------------------------------------ auth
     def _token_ok(self, candidate: str | None) -> bool:
         return bool(candidate) and hmac.compare_digest(candidate.encode(), self.token.encode())
 
-    def _bearer(self, request: Request) -> str | None:
-        header = request.headers.get("authorization", "")
-        scheme, _, value = header.partition(" ")
+    def _session_ok(self, candidate: str | None) -> bool:
+        return bool(candidate) and hmac.compare_digest(candidate.encode(), self.session.encode())
+
+    @staticmethod
+    def _bearer(headers: Any) -> str | None:
+        scheme, _, value = headers.get("authorization", "").partition(" ")
         return value.strip() if scheme.lower() == "bearer" else None
 
+    def credentials_ok(self, request: Request) -> bool:
+        """A valid bearer token or session cookie (what reads from anywhere accept)."""
+        return self._token_ok(self._bearer(request.headers)) or self._session_ok(request.cookies.get(COOKIE))
+
+    @staticmethod
+    def is_local(request: Request) -> bool:
+        return (client_is_loopback(request.client.host if request.client else None)
+                and host_is_loopback(request.headers.get("host"), _served_port(request.scope)))
+
     def read_allowed(self, request: Request) -> bool:
-        if _is_loopback(request.client.host if request.client else None):
-            return True
-        return self._token_ok(self._bearer(request)) or self._token_ok(request.cookies.get(COOKIE))
+        return self.is_local(request) or self.credentials_ok(request)
+
+    def action_allowed(self, request: Request) -> bool:
+        return self._token_ok(self._bearer(request.headers))  # header only: never the cookie, never "local"
 
     # ------------------------------------------------------------ pages
     def _page(self, name: str, params: dict[str, str]) -> HTMLResponse:
@@ -193,11 +276,27 @@ class Dashboard:
         return self._page("registry", {})
 
     async def login(self, request: Request) -> Response:
-        token = request.query_params.get("token")
+        if "token" in request.query_params:
+            return login_page(400, "The token never goes in a URL; type it into this form.")
+        if request.method == "GET":
+            return login_page(200)
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
+            return login_page(415, "Send the form (application/x-www-form-urlencoded).")
+        try:
+            body = await read_capped(request)
+        except BodyTooLarge:
+            return login_page(413, "Request too large.")
+        token = (parse_qs(body.decode("utf-8", "replace")).get("token") or [""])[0].strip()
         if not self._token_ok(token):
-            return _error(401, "bad token")
+            return login_page(401, "Wrong token.")
         response = RedirectResponse("/", status_code=303)
-        response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
+        response.set_cookie(COOKIE, self.session, httponly=True, samesite="strict", path="/",
+                            secure=request.url.scheme == "https")
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
         return response
 
     # ------------------------------------------------------------ API: reads
@@ -262,7 +361,7 @@ class Dashboard:
 
     # ------------------------------------------------------------ API: writes
     async def api_decide(self, request: Request) -> Response:
-        if not self._token_ok(self._bearer(request)):
+        if not self.action_allowed(request):
             return _error(401, "approve/reject need the dashboard token as 'Authorization: Bearer <token>'")
         version, action = request.path_params["version"], request.path_params["action"]
         if not VERSION_RE.match(version):
@@ -270,10 +369,11 @@ class Dashboard:
         if self.registry is None:
             return _error(503, "no model registry configured")
         reason = ""
+        try:
+            body = await read_capped(request)  # approve's body is ignored, but capped all the same
+        except BodyTooLarge:
+            return _error(413, f"body too large (at most {MAX_BODY} bytes)")
         if action == "reject":
-            body = await request.body()
-            if len(body) > 4096:
-                return _error(413, "body too large")
             if body:
                 try:
                     reason = json.loads(body).get("reason", "")
@@ -294,6 +394,55 @@ class Dashboard:
                 return _error(404, str(exc)[:300])  # the CLOUD registry's "unknown version"
             return _error(409, f"{type(exc).__name__}: {exc}"[:300])  # the registry's own one-line reason
         return _json({"version": version, "action": action, "result": result})
+
+
+LOGIN_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>windfleet \u00b7 sign in</title>
+<link rel="stylesheet" href="/static/style.css"></head>
+<body><main id="main"><h1>windfleet dashboard</h1>
+<p id="login-message" class="{cls}">{message}</p>
+<form id="login" method="post" action="/login">
+<label for="token">Dashboard token</label>
+<input id="token" name="token" type="password" autocomplete="off" required>
+<button type="submit">Sign in</button></form>
+<p class="muted">The token is printed when the dashboard starts. It is sent in this form's body, never in a URL;
+the page then keeps an HttpOnly, SameSite=Strict session cookie.</p></main></body></html>
+"""
+
+
+def login_page(status: int, message: str = "") -> HTMLResponse:
+    text = message or "This client is not local: sign in with the dashboard token."
+    return HTMLResponse(LOGIN_HTML.format(message=escape(text), cls="err" if message else "muted"),
+                        status_code=status)
+
+
+def _refused(path: str, status: int, message: str) -> Response:
+    if path.startswith("/api/"):
+        return _error(status, message)
+    return login_page(status, message)
+
+
+class AccessGuard:
+    """Pure ASGI middleware: a loopback client naming a Host that is not a loopback
+    name, without a valid token or session, is a DNS-rebinding signature -> 403 for
+    every path but the login form and static files."""
+
+    def __init__(self, app: Any, dashboard: "Dashboard"):
+        self.app, self.dash = app, dashboard
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            path = scope["path"]
+            if path not in PUBLIC_PATHS and not path.startswith("/static/"):
+                request = Request(scope)
+                if (client_is_loopback(request.client.host if request.client else None)
+                        and not host_is_loopback(request.headers.get("host"), _served_port(scope))
+                        and not self.dash.credentials_ok(request)):
+                    response = _refused(path, 403, "Host not allowed: from this machine use localhost, "
+                                        "127.0.0.1 or [::1] with the dashboard's port, or send the token")
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
 
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:;"
@@ -329,7 +478,7 @@ class SecurityHeaders:
 
 
 def create_app(store: TelemetryStore, registry: Any = None, greengrass: Any = None,
-               token: str | None = None, *, loopback_only_hosts: bool = True, poll_ms: int = 2000) -> Starlette:
+               token: str | None = None, *, poll_ms: int = 2000) -> Starlette:
     """Build the dashboard app.  ``registry`` has ``list()/approve(v)/reject(v, reason)``;
     ``greengrass`` is a boto3-shaped greengrassv2 client (``list_deployments``,
     ``list_effective_deployments``).  Either may be None (the pages say so).
@@ -339,7 +488,8 @@ def create_app(store: TelemetryStore, registry: Any = None, greengrass: Any = No
     def guarded(handler: Callable) -> Callable:
         async def wrapper(request: Request) -> Response:
             if not dash.read_allowed(request):
-                return _error(401, "token required from a non-loopback client")
+                return _refused(request.url.path, 401, "token required: this request is not local "
+                                "(loopback client and a localhost/127.0.0.1/[::1] Host)")
             try:
                 return await handler(request)
             except BadRequest as exc:
@@ -356,7 +506,8 @@ def create_app(store: TelemetryStore, registry: Any = None, greengrass: Any = No
         Route("/turbines/{turbine_id}", guarded(dash.turbine_page)),
         Route("/anomalies", guarded(dash.anomalies_page)),
         Route("/registry", guarded(dash.registry_page)),
-        Route("/login", dash.login),
+        Route("/login", dash.login, methods=["GET", "POST"]),
+        Route("/logout", dash.logout, methods=["POST"]),
         Route("/api/fleet", guarded(dash.api_fleet)),
         Route("/api/turbines/{turbine_id}/scores", guarded(dash.api_scores)),
         Route("/api/anomalies", guarded(dash.api_anomalies)),
@@ -367,9 +518,7 @@ def create_app(store: TelemetryStore, registry: Any = None, greengrass: Any = No
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
 
-    middleware = [Middleware(SecurityHeaders)]
-    if loopback_only_hosts:
-        middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS))
+    middleware = [Middleware(SecurityHeaders), Middleware(AccessGuard, dashboard=dash)]
     app = Starlette(routes=routes, middleware=middleware)
     app.state.token = dash.token
     app.state.dashboard = dash

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
+import socket
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
@@ -43,11 +46,19 @@ def local_cloud(home: Path) -> tuple[Any, Any]:
     return registry, greengrass
 
 
+def parse_broker(broker: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``:PORT`` = 127.0.0.1) or a one-line ``click.ClickException``."""
+    host, sep, port = broker.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535 or any(c.isspace() for c in host):
+        raise click.ClickException(f"--broker must be HOST:PORT with a port in 1..65535, not {broker!r}")
+    return host or "127.0.0.1", int(port)
+
+
 def _broker_target(broker: str | None, broker_dir: Path | None) -> tuple[str, int, str | None, str | None] | None:
     if broker:
-        host, _, port = broker.rpartition(":")
-        return (host or "127.0.0.1", int(port), os.environ.get("WINDFLEET_BROKER_USER"),
-                os.environ.get("WINDFLEET_BROKER_PASSWORD"))
+        host, port = parse_broker(broker)
+        return (host, port, os.environ.get("WINDFLEET_BROKER_USER"), os.environ.get("WINDFLEET_BROKER_PASSWORD"))
     if broker_dir and broker_dir.is_dir():
         try:
             from windfleet.nucleus.broker import Broker
@@ -69,6 +80,47 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind the dashboard's socket before anything is created, so a bad --host or a
+    busy --port is a one-line error that leaves no files."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise click.ClickException(f"cannot resolve --host {host!r}: {exc}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost ancestor of ``path`` (or itself) that does not exist yet."""
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            break
+        missing = p
+    return missing
+
+
+def _remove_new(paths: list[Path]) -> None:
+    """Undo what a refused start created (files that did not exist before it)."""
+    for p in paths:
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+        except OSError:
+            pass
+
+
 def register(group: click.Group) -> None:
     @group.command("dashboard")
     @click.option("--port", "-p", default=8050, show_default=True, type=click.IntRange(0, 65535))
@@ -87,20 +139,47 @@ def register(group: click.Group) -> None:
                   help="Token for approve/reject (default: random, printed at start).")
     def dashboard(port: int, host: str, home: Path | None, store: Path | None, broker: str | None,
                   broker_dir: Path | None, no_ingest: bool, token: str | None) -> None:
-        """Serve the operator dashboard (fleet, turbines, anomalies, registry)."""
+        """Serve the operator dashboard (fleet, turbines, anomalies, registry).
+
+        Reads need no token only from this machine with a localhost/127.0.0.1/[::1]
+        Host; everything else needs the token; approve/reject always do."""
         import uvicorn
 
         from windfleet.cloud.dashboard.app import create_app
 
+        # everything that can be refused is refused before a file is created
+        target_arg = parse_broker(broker) if broker else None
+        sock = _listen(host, port)
+        home = (home or default_home()).absolute()
+        store_path = (store or home / "telemetry.sqlite").absolute()
+        created = [p for p in {_first_missing(store_path), _first_missing(home)} if p is not None]
+        created += [Path(f"{store_path}{suffix}") for suffix in ("-wal", "-shm", "-journal")
+                    if not Path(f"{store_path}{suffix}").exists()]
+        telemetry = None
+        try:
+            try:
+                telemetry = TelemetryStore(store_path)
+            except (OSError, sqlite3.Error) as exc:
+                raise click.ClickException(f"cannot open the telemetry store {store_path}: "
+                                           f"{getattr(exc, 'strerror', None) or exc}") from None
+            try:
+                registry, greengrass = local_cloud(home)
+            except OSError as exc:
+                raise click.ClickException(f"cannot open the local backend in {home}: "
+                                           f"{exc.strerror or exc}") from None
+            target = None if no_ingest else (
+                (*target_arg, os.environ.get("WINDFLEET_BROKER_USER"), os.environ.get("WINDFLEET_BROKER_PASSWORD"))
+                if target_arg else _broker_target(None, broker_dir or home / "broker"))
+        except BaseException:
+            sock.close()
+            if telemetry is not None:
+                telemetry.close()
+            _remove_new(created)
+            raise
         log = jsonlog.setup("windfleet.dashboard")
-        home = home or default_home()
-        telemetry = TelemetryStore(store or home / "telemetry.sqlite")
-        registry, greengrass = local_cloud(home)
         loopback = _is_loopback(host)
-        app = create_app(telemetry, registry=registry, greengrass=greengrass, token=token,
-                         loopback_only_hosts=loopback)
+        app = create_app(telemetry, registry=registry, greengrass=greengrass, token=token)
         service = None
-        target = None if no_ingest else _broker_target(broker, broker_dir or home / "broker")
         if target:
             service = IngestService(telemetry, *target, client_id=f"windfleet-dashboard-ingest").start(
                 wait_connected=None)
@@ -118,7 +197,8 @@ def register(group: click.Group) -> None:
                           registry=registry is not None, deployments=greengrass is not None)
 
         if not loopback:
-            click.echo(f"warning: bound to {host}; every request needs the token", err=True)
+            click.echo(f"warning: bound to {host}; requests from other machines need the token "
+                       "(plain HTTP: put TLS in front, or use an SSH tunnel)", err=True)
 
         original_startup = server.startup
 
@@ -129,8 +209,9 @@ def register(group: click.Group) -> None:
         server.startup = startup
         threading.Thread(target=announce, daemon=True).start()
         try:
-            server.run()
+            server.run(sockets=[sock])
         finally:
+            sock.close()
             if service:
                 service.stop()
             telemetry.close()
