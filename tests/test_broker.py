@@ -13,7 +13,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from windfleet import topics
-from windfleet.nucleus.broker import Broker, free_port
+from windfleet.nucleus.broker import AUTOSAVE_INTERVAL_S, Broker, free_port
 from tests.mqtt_fixtures import REPO, Subscriber, broker, wait_until  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)
@@ -127,7 +127,7 @@ def test_add_device_reloads_running_broker(broker):
 
 
 @pytest.mark.fault
-def test_persistent_session_survives_broker_restart(broker):
+def test_persistent_session_survives_a_broker_crash(broker):
     ua, pa = broker.add_device("gwa", 1)
     topic = topics.scores("gwa-t00")
     sub = Subscriber(broker.host, broker.port, ua, pa, topic, client_id="gwa-persist", clean_session=False)
@@ -135,7 +135,10 @@ def test_persistent_session_survives_broker_restart(broker):
     pub = Subscriber(broker.host, broker.port, ua, pa, topics.health("gwa"))
     pub.client.publish(topic, b"while offline", qos=1).wait_for_publish(5)
     pub.close()
-    broker.restart()
+    # a crash, not an orderly stop: SIGKILL once the broker's autosave has run
+    time.sleep(AUTOSAVE_INTERVAL_S + 1)
+    broker.kill()
+    broker.start()
     sub = Subscriber(broker.host, broker.port, ua, pa, topic, client_id="gwa-persist", clean_session=False)
     try:
         wait_until(lambda: (topic, b"while offline") in sub.snapshot(), 10, message="queued message after restart")

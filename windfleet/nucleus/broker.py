@@ -66,6 +66,9 @@ from typing import Iterable, Iterator
 CLOUD_USER = "windfleet-cloud"
 # IoT Core's limit on a publish payload ("128 KB"); the forwarder builds messages of at most
 # ~96 KiB of records (components/forwarder), so a legitimate message never comes near it.
+# Mosquitto writes queued QoS 1 sessions to disk this often: a crash (SIGKILL) loses what
+# changed since the last save; an orderly stop (SIGTERM) saves first.
+AUTOSAVE_INTERVAL_S = 5
 MESSAGE_SIZE_LIMIT = 128 * 1024
 # Whole MQTT packet (fixed header, topic, payload): a publish beyond this disconnects its client.
 MAX_PACKET_SIZE = 2 * MESSAGE_SIZE_LIMIT
@@ -280,7 +283,7 @@ class Broker:
             "persistence true",
             f"persistence_location {self.data_dir}/",
             "persistence_file mosquitto.db",
-            "autosave_interval 5",
+            f"autosave_interval {AUTOSAVE_INTERVAL_S}",
             "max_queued_messages 200000",
             "max_inflight_messages 100",
             "persistent_client_expiration 7d",
