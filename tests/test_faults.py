@@ -42,6 +42,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import psutil
@@ -404,15 +405,36 @@ def test_cloud_link_cut_with_a_device_restart_in_the_middle_loses_no_telemetry(d
 
 
 # ====================================================================== spool disk full
-def _tmpfs_available() -> bool:
-    """A tmpfs can be mounted in a user+mount namespace (unprivileged where the kernel allows).
-    ``WINDFLEET_FAULT_EMULATE_DISK=1`` forces the emulated full disk (SQLITE_FULL)."""
-    if os.environ.get("WINDFLEET_FAULT_EMULATE_DISK") == "1" or not shutil.which("unshare"):
-        return False
+EMULATE_DISK_ENV = "WINDFLEET_FAULT_EMULATE_DISK"
+
+
+def _tmpfs_probe() -> str | None:
+    """None when a tmpfs can be mounted in a user+mount namespace (unprivileged where the
+    kernel allows); else why not."""
+    if not shutil.which("unshare"):
+        return "unshare(1) is not installed"
     probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
                             "d=$(mktemp -d) && mount -t tmpfs -o size=1m tmpfs \"$d\" && umount \"$d\"; r=$?; "
-                            "rmdir \"$d\"; exit $r"], capture_output=True, timeout=30)
-    return probe.returncode == 0
+                            "rmdir \"$d\"; exit $r"], capture_output=True, text=True, timeout=30)
+    return None if probe.returncode == 0 else f"unshare --user --mount + tmpfs failed: {probe.stderr.strip()[-300:]}"
+
+
+def _tmpfs_available() -> bool:
+    """Whether the disk-full tests fill a real disk (a tmpfs in a user+mount namespace: a real
+    ENOSPC).  Where they cannot, they FAIL, loudly: an emulation is a different test.  Only
+    ``WINDFLEET_FAULT_EMULATE_DISK=1`` asks for the emulated full disk (SQLite's
+    max_page_count, so SQLITE_FULL and never ENOSPC) -- and the test then says so."""
+    if os.environ.get(EMULATE_DISK_ENV) == "1":
+        warnings.warn(f"{EMULATE_DISK_ENV}=1: the disk-full test runs on an EMULATED full disk "
+                      "(SQLITE_FULL via max_page_count), not a real ENOSPC", stacklevel=2)
+        return False
+    why = _tmpfs_probe()
+    if why is not None:
+        pytest.fail(f"cannot fill a real disk here ({why}); this test needs an unprivileged user+mount "
+                    f"namespace (kernel.unprivileged_userns_clone=1 / no AppArmor restriction on unshare). "
+                    f"Set {EMULATE_DISK_ENV}=1 to run the emulated variant instead (SQLITE_FULL, not ENOSPC).",
+                    pytrace=False)
+    return True
 
 
 DISK_MB = 8
@@ -477,9 +499,10 @@ print(json.dumps(out))
 
 
 def test_spool_on_a_full_disk_never_raises_from_add_and_accounts_for_every_record(tmp_path):
-    """The spool alone, on an 8 MB tmpfs (a real ENOSPC; SQLITE_FULL via max_page_count where
-    no user namespace is allowed): 30,000 records (more than fit), another writer takes every
-    byte left, 3,000 more records and sending while full, then space freed and everything sent.
+    """The spool alone, on an 8 MB tmpfs (a real ENOSPC; SQLITE_FULL via max_page_count only
+    when WINDFLEET_FAULT_EMULATE_DISK=1 asks for it; without a user namespace the test
+    fails): 30,000 records (more than fit), another writer takes every byte left, 3,000
+    more records and sending while full, then space freed and everything sent.
     Nothing raises (the reserve and the low-space guard keep room for SQLite's own writes);
     every record is sent or counted in a drop counter, and the counters survive a reopen."""
     real_fs = _tmpfs_available()
@@ -511,8 +534,8 @@ def test_spool_on_a_full_disk_never_raises_from_add_and_accounts_for_every_recor
 def _small_disk_forwarder(build_dir: Path, mount: Path, real_fs: bool) -> None:
     """A recipe for the forwarder whose spool is on an 8 MB filesystem: the project recipe's
     configuration and access control, a Run that mounts a tmpfs at ``mount`` in a user+mount
-    namespace (only the forwarder sees it) -- or, where no user namespace is allowed, runs
-    the same forwarder code with the full disk emulated inside SQLite (max_page_count, so
+    namespace (only the forwarder sees it) -- or, only when WINDFLEET_FAULT_EMULATE_DISK=1 asks for it,
+    runs the same forwarder code with the full disk emulated inside SQLite (max_page_count, so
     SQLITE_FULL)."""
     source = yaml.safe_load((REPO / "recipes" / f"{FWD}.yaml").read_text())
     spool_args = (f"--batch-records 100 --batch-interval 0.2 --health-interval 0.5 "

@@ -1,5 +1,5 @@
-"""The LogForwarder as a real component under a real local nucleus: IoT Core restart, cloud
-link cut, kill -9, malformed input, SIGTERM.
+"""The LogForwarder as a real component under a real local nucleus: IoT Core crash and
+restart, cloud link cut, kill -9, malformed input, SIGTERM.
 
 The forwarder is the project's own build of com.windfleet.LogForwarder, deployed with
 ``greengrass-cli deployment create`` semantics on a :class:`~tests.ipc_fixtures.Nucleus`
@@ -7,7 +7,12 @@ The forwarder is the project's own build of com.windfleet.LogForwarder, deployed
 for IoT Core.  The test stands in for the detector: a principal with the detector
 recipe's own ``accessControl`` publishing numbered scores over Greengrass IPC.  Local
 health is watched over IPC too; what reached the cloud is watched on Mosquitto with the
-cloud account (a persistent session, so a broker restart loses nothing of it).
+cloud account, confirming each message as the ingest does.
+
+IoT Core goes away by SIGKILL (:meth:`~windfleet.nucleus.broker.Broker.kill`), as a crash
+would: Mosquitto saves nothing, so what it held (the collector's queued messages, its
+session) may be gone.  Nothing may be lost all the same: the forwarder's delivery is
+``cloud_ack``, a message leaves its spool only once the cloud confirmed it.
 """
 
 from __future__ import annotations
@@ -119,8 +124,9 @@ def spooled_numbers(path) -> set[int]:
 
 def test_iot_core_restart_mid_stream_loses_no_telemetry(gateway, caplog):
     """The device's one MQTT connection is the nucleus' (developer guide, "Publish/subscribe
-    AWS IoT Core MQTT messages"): when IoT Core goes away mid-stream the nucleus reconnects
-    and resends from its spooler; the forwarder never notices and nothing is lost."""
+    AWS IoT Core MQTT messages"): when IoT Core crashes mid-stream (SIGKILL) and comes back
+    the nucleus reconnects and resends from its spooler, the forwarder resends what the cloud
+    never confirmed, and nothing is lost."""
     gw = gateway
     caplog.set_level(logging.INFO, logger="windfleet.nucleus.iotcore")
     gw.start()
@@ -128,7 +134,8 @@ def test_iot_core_restart_mid_stream_loses_no_telemetry(gateway, caplog):
     sender = threading.Thread(target=publish_scores, args=(gw, range(total), 0.003))
     sender.start()
     wait_until(lambda: len(score_numbers(gw.collector)) >= 100, 30, message="stream flowing")
-    gw.broker.restart()  # every connection to it drops; persistence keeps the collector's session
+    gw.broker.kill()  # SIGKILL, as a crash: every connection drops and nothing is saved
+    gw.broker.start()
     sender.join(60)
     wait_until(lambda: len(set(score_numbers(gw.collector))) == total, 60, message="every score delivered")
     assert gw.collector.gaps(THING) == [], "no sequence gap"
@@ -156,7 +163,7 @@ def test_cloud_link_down_spools_then_delivers_in_order(gateway):
     # A small spooler, so that a few hundred scores overflow it.  The nucleus option
     # mqtt.spooler.maxSizeInBytes is not applied by the local runtime, hence the attribute.
     gw.nucleus.runtime.iot.max_bytes = 16 * 1024
-    gw.broker.stop()  # IoT Core unreachable
+    gw.broker.kill()  # IoT Core unreachable (SIGKILL: nothing saved)
     since = time.monotonic()
     publish_scores(gw, range(50, 250))
 

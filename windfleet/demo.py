@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import click
 
-from windfleet import jsonlog
+from windfleet import jsonlog, topics
 from windfleet import model_contract as mc
 
 log = logging.getLogger("windfleet.demo")
@@ -390,13 +390,33 @@ class Demo:
     def _window_loss(self, since: float, until: float) -> int:
         return sum(self.collector.windows_lost(since, until).values())
 
+    def _install_loss(self, since: float, until: float) -> int:
+        """Windows lost in a fresh install: gaps among the scores that arrived in ``[since,
+        until]`` (as for an update) plus, per turbine, the windows missing before its first
+        score -- a fresh turbine's first window ends at reading WINDOW - 1 (its readings are
+        numbered from 0), so readings published before the detector listened show up as a
+        later first window.  A turbine of the fleet with no score at all counts every window
+        up to the last one any turbine was scored for."""
+        with self.collector._lock:  # noqa: SLF001 - the collector's score book
+            firsts: dict[str, int] = {}
+            for (turbine, end), (seen, _) in self.collector.score_seen.items():
+                if since <= seen <= until:
+                    firsts[turbine] = min(end, firsts.get(turbine, end))
+        first_end = mc.WINDOW - 1
+        leading = sum((end - first_end) // mc.STRIDE for end in firsts.values() if end > first_end)
+        turbines = {topics.turbine_id(t, i) for t in self.things for i in range(self.o.turbines_per_gateway)}
+        last = max(firsts.values(), default=first_end)
+        never = len(turbines - set(firsts)) * ((last - first_end) // mc.STRIDE + 1) if firsts else 0
+        return self._window_loss(since, until) + leading + never
+
     def _rollout_entry(self, version: str, kind: str, t0: float, outcome: dict[str, dict]) -> dict:
         scoring = time.time() - t0
         time.sleep(3)  # scores of the swap's last windows are still in flight
         return {"version": version, "kind": kind,
                 "seconds": round(max(o["seconds"] for o in outcome.values()), 2),
                 "seconds_until_scoring": round(scoring, 2),
-                "readings_lost": self._window_loss(t0 - 2, time.time()) * mc.STRIDE if kind == "update" else 0,
+                "readings_lost": (self._window_loss(t0 - 2, time.time()) if kind == "update"
+                                  else self._install_loss(t0 - 2, time.time())) * mc.STRIDE,
                 "devices_on_version": sum(o["model_version"] == version for o in outcome.values()),
                 "devices": len(self.things)}
 

@@ -10,13 +10,19 @@ messages" and the nucleus' ``mqtt.spooler`` options):
   the nucleus stops;
 * a full spooler first drops queued QoS 0 messages, then refuses the publish;
 * QoS 0 while offline is refused unless ``keep_qos0_when_offline``;
-* subscriptions are renewed on every reconnect.
+* subscriptions are renewed on every reconnect;
+* a dead link that still looks open (a partition: no FIN, no RST) is noticed by MQTT
+  keepalive only: ``mqtt.keepAliveTimeoutMs`` (the nucleus' option; here 30 s unless
+  configured).  paho sends a PINGREQ after one keepalive interval of silence and gives up
+  one interval later without a PINGRESP, so a partition is noticed within about two
+  intervals.  Changing it reconnects, as the nucleus does when its ``mqtt`` options change.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import socket
 import threading
 from typing import Callable
 
@@ -29,6 +35,7 @@ from .authorization import mqtt_topic_matches
 log = logging.getLogger("windfleet.nucleus.iotcore")
 
 DEFAULT_SPOOL_BYTES = 2_621_440  # nucleus default mqtt.spooler.maxSizeInBytes
+DEFAULT_KEEPALIVE_S = 30  # without mqtt.keepAliveTimeoutMs (the Java nucleus' default is 60,000 ms)
 
 
 class SpoolFull(Exception):
@@ -54,6 +61,9 @@ class IotCoreConnection:
         self._subs: dict[str, list[Callable[[str, bytes], None]]] = {}
         self._cond = threading.Condition()
         self._closed = False
+        self._started = False
+        self._reconfiguring = False
+        self.keepalive = DEFAULT_KEEPALIVE_S  # seconds (paho's unit); see set_keepalive
         self.connected = False
         self.counters = collections.Counter()
         host, port = parse_hostport(broker)
@@ -64,15 +74,38 @@ class IotCoreConnection:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_pre_connect = self._on_pre_connect
         self._client.reconnect_delay_set(0.2, 5)
         self._client.max_queued_messages_set(0)
         self._host, self._port = host, port
         self._sender = threading.Thread(target=self._send_loop, name=f"iotcore-{thing}", daemon=True)
 
     def start(self) -> None:
-        self._client.connect_async(self._host, self._port, keepalive=30)
+        with self._cond:
+            self._started = True
+        self._client.connect_async(self._host, self._port, keepalive=self.keepalive)
         self._client.loop_start()
         self._sender.start()
+
+    def set_keepalive(self, seconds: int) -> None:
+        """``mqtt.keepAliveTimeoutMs`` (in whole seconds, at least 1).  On a running connection
+        the change takes a reconnect, as in the nucleus: the socket is shut down, paho's loop
+        reconnects and :meth:`_on_pre_connect` puts the new value in the CONNECT."""
+        seconds = max(1, int(seconds))
+        with self._cond:
+            if seconds == self.keepalive:
+                return
+            self.keepalive = seconds
+            started = self._started and not self._closed
+        sock = self._client.socket() if started else None
+        if sock is None:  # not connected yet, or between connections: the next CONNECT carries it
+            return
+        with self._cond:
+            self._reconfiguring = self.connected  # the disconnect that follows is ours, not a lost link
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def close(self) -> None:
         with self._cond:
@@ -149,6 +182,11 @@ class IotCoreConnection:
         return unsubscribe
 
     # ------------------------------------------------------------ paho callbacks
+    def _on_pre_connect(self, client, userdata) -> None:  # noqa: ARG002
+        # Every (re)connect: paho's keepalive setter refuses while a reconnect is under way,
+        # and no ping of the old connection can be pending on a new one.
+        client._keepalive = self.keepalive
+
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ARG002
         if reason_code.is_failure:
             jsonlog.event(log, "IoT Core connection refused", logging.WARNING, thing=self.thing,
@@ -165,8 +203,14 @@ class IotCoreConnection:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ARG002
         with self._cond:
             was, self.connected = self.connected, False
+            reconfiguring, self._reconfiguring = self._reconfiguring, False
         if was and not self._closed:
-            jsonlog.event(log, "IoT Core connection lost", logging.WARNING, thing=self.thing, reason=str(reason_code))
+            if reconfiguring:
+                jsonlog.event(log, "reconnecting to IoT Core to apply mqtt options", thing=self.thing,
+                              keepalive_s=self.keepalive)
+            else:
+                jsonlog.event(log, "IoT Core connection lost", logging.WARNING, thing=self.thing,
+                              reason=str(reason_code))
 
     def _on_message(self, client, userdata, msg) -> None:  # noqa: ARG002
         with self._cond:
