@@ -340,7 +340,7 @@ def test_on_0_0_0_0_a_non_loopback_client_always_needs_the_token(remote):
 # ---------------------------------------------------------------- browser
 @pytest.fixture(scope="module")
 def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
+    import playwright.sync_api as sync_api  # installed by scripts/setup: missing is a failure
     if not Path("/usr/bin/chromium").exists():
         pytest.skip("Debian chromium not installed")
     with sync_api.sync_playwright() as pw:
@@ -592,10 +592,8 @@ def test_cli_serves_on_loopback_and_prints_the_token(tmp_path):
 @pytest.mark.slow
 def test_approve_through_the_real_local_registry_starts_a_deployment(tmp_path):
     """The CLOUD area's Registry + local Greengrass behind the same HTTP API."""
-    backends = pytest.importorskip("windfleet.cloud.backends")
-    registry_mod = pytest.importorskip("windfleet.cloud.registry")
-    testing = pytest.importorskip("windfleet.cloud.testing")
-    deployer = pytest.importorskip("windfleet.cloud.deployer")
+    from windfleet.cloud import backends, deployer, testing
+    from windfleet.cloud import registry as registry_mod
 
     backend = backends.Backend.local(tmp_path / "home", thing_group="fleet")
     deployer.publish(backend, testing.fake_build(tmp_path / "gb"))

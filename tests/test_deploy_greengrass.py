@@ -20,7 +20,7 @@ from windfleet.cloud.testing import fake_build, fake_model_dir
 
 REGION, ACCOUNT = "eu-west-1", "123456789012"
 GROUP_ARN = f"arn:aws:iot:{REGION}:{ACCOUNT}:thinggroup/turbines"
-SCHEMA = Path("/work/shared/schemas/greengrass-recipe.schema.json")
+SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "greengrass-recipe.schema.json"
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 MODEL = settings.MODEL_COMPONENT
 

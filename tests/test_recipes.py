@@ -17,9 +17,7 @@ from windfleet.nucleus import recipe as R
 from windfleet.nucleus.authorization import Authorizer
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMAS = Path("/work/shared/schemas")
-if not SCHEMAS.is_dir():  # a checkout elsewhere: the vendored copy next to the project
-    SCHEMAS = REPO.parent / "shared" / "schemas"
+SCHEMAS = REPO.parent / "shared" / "schemas"  # ../shared beside the checkout (CI clones it there too)
 RECIPE_FILES = sorted((REPO / "recipes").glob("*.yaml"))
 NAMES = {"com.windfleet.TurbineSimulator", "com.windfleet.AnomalyDetector", "com.windfleet.LogForwarder",
          "com.windfleet.AnomalyModel"}

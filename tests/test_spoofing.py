@@ -149,7 +149,7 @@ def test_store_checks_turbines_by_gateway_not_by_prefix(tmp_path):
 # ---------------------------------------------------------------- the Lambda path (moto)
 @pytest.fixture
 def logs_client(monkeypatch):
-    moto = pytest.importorskip("moto")
+    import moto
     import boto3
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
