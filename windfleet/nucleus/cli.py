@@ -34,15 +34,18 @@ def _version(version: str, what: str) -> str:
         _fail(str(exc))
 
 
-def _hostport(value: str | None, option: str) -> str | None:
-    """``host:port`` (or ``host``) checked before anything starts; None passes."""
+def _hostport(value: str | None, option: str, allow_any_port: bool = False) -> str | None:
+    """``host:port`` (or ``host``) checked before anything starts; None passes.
+    ``allow_any_port``: port 0 means "start a broker on a free port" (fleet run)."""
     if value is None:
         return None
     host, sep, port = value.rpartition(":")
     if not sep:
         host, port = value, "1883"
-    if not host or any(c.isspace() or c in "/@" for c in host) or not port.isdigit() or not 0 < int(port) < 65536:
-        _fail(f"{option} {value!r}: expected host:port with a port from 1 to 65535")
+    lowest = 0 if allow_any_port else 1
+    if not host or any(c.isspace() or c in "/@" for c in host) or not port.isdigit() or \
+            not lowest <= int(port) < 65536:
+        _fail(f"{option} {value!r}: expected host:port with a port from {lowest} to 65535")
     return value
 
 
@@ -380,7 +383,7 @@ def fleet_run(gateways: int, turbines_per_gateway: int, duration: float, model_d
     from windfleet import jsonlog
     from windfleet.nucleus.fleet import FleetError, run_fleet
 
-    _hostport(broker, "--broker")
+    _hostport(broker, "--broker", allow_any_port=True)
     if not Path(report_path).resolve().parent.is_dir():
         _fail(f"--report {report_path}: its directory does not exist")
     if broker_data and not Path(broker_data).is_dir():
