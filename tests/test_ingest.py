@@ -18,6 +18,7 @@ from windfleet.cloud import ingest
 from windfleet.cloud.ingest import IngestService, TelemetryStore, dashboard_body, lambda_handler
 from windfleet.model_contract import FEATURES
 
+from tests.lambda_fixtures import log_events, logs_client, published_acks  # noqa: F401 - fixture
 from tests.mqtt_fixtures import wait_until
 
 THR = {f: 1.0 for f in FEATURES}
@@ -285,42 +286,12 @@ def rule_event(message: dict) -> dict:
     return {**message, "source_thing": message["thing"]}
 
 
-@pytest.fixture
-def logs_client(monkeypatch):
-    import moto
-    import boto3
-
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    # The handler builds its iot-data client from the provisioned endpoint (a cold start each test);
-    # moto serves the data plane on its generic host only, so that is the endpoint here.
-    monkeypatch.setenv(ingest.IOT_DATA_ENDPOINT_ENV, "data-ats.iot.us-east-1.amazonaws.com")
-    monkeypatch.setattr(ingest, "_iot_data_client", None)
-    with moto.mock_aws():
-        yield boto3.client("logs", region_name="us-east-1")
-
-
-def _acks() -> list[tuple[str, dict]]:
-    """What the Lambda published on moto's IoT data plane: (topic, payload)."""
-    from moto.core import DEFAULT_ACCOUNT_ID
-    from moto.iotdata.models import iotdata_backends
-
-    return [(topic, json.loads(payload))
-            for topic, payload in iotdata_backends[DEFAULT_ACCOUNT_ID]["us-east-1"].published_payloads]
-
-
-def _events(logs_client, group: str) -> list[dict]:
-    out = logs_client.filter_log_events(logGroupName=group)["events"]
-    return [json.loads(e["message"]) | {"@stream": e["logStreamName"], "@ts": e["timestamp"]} for e in out]
-
-
 def test_lambda_writes_one_structured_event_per_record(logs_client):
     group = "/windfleet/test"
     logs_client.create_log_group(logGroupName=group)
     result = lambda_handler(rule_event(representative_message()), None, logs_client=logs_client, log_group=group)
     assert result == {"written": 5, "acked": True}
-    events = _events(logs_client, group)
+    events = log_events(logs_client, group)
     kinds = sorted(e["record_type"] for e in events)
     assert kinds == ["health", "log", "message", "score", "score"]
     assert {e["@stream"] for e in events} == {"gw1"}
@@ -339,7 +310,7 @@ def test_lambda_writes_one_structured_event_per_record(logs_client):
 def test_lambda_creates_missing_group_and_stream_and_clamps_bad_clocks(logs_client):
     msg = payloads.telemetry("gw2", 0, 0.0, [score("gw2-t00", 10.0)])  # a device clock at 1970
     assert lambda_handler(rule_event(msg), None, logs_client=logs_client, log_group="/wf/new")["written"] == 2
-    events = _events(logs_client, "/wf/new")
+    events = log_events(logs_client, "/wf/new")
     assert len(events) == 2 and all(abs(e["@ts"] / 1000 - time.time()) < 600 for e in events)
 
 
@@ -354,16 +325,16 @@ def test_lambda_drops_malformed_events_without_raising(logs_client, event):
     result = lambda_handler(event, None, logs_client=logs_client, log_group="/wf/x")
     assert "dropped" in result
     assert logs_client.filter_log_events(logGroupName="/wf/x")["events"] == []
-    assert _acks() == []  # nothing stored, nothing acknowledged
+    assert published_acks() == []  # nothing stored, nothing acknowledged
 
 
 def test_lambda_acknowledges_each_stored_message_a_repeat_too(logs_client):
     first, second = (payloads.telemetry("gw3", seq, NOW, [score("gw3-t00", NOW, seq=seq)]) for seq in (4, 5))
     for msg in (first, second, second):  # the device re-sent seq 5: it missed the first ack
         assert lambda_handler(rule_event(msg), None, logs_client=logs_client, log_group="/wf/acks")["acked"] is True
-    assert _acks() == [(topics.telemetry_ack("gw3"), payloads.telemetry_ack("gw3", seq)) for seq in (4, 5, 5)]
+    assert published_acks() == [(topics.telemetry_ack("gw3"), payloads.telemetry_ack("gw3", seq)) for seq in (4, 5, 5)]
     assert topics.telemetry_ack("gw3") == "windfleet/fleet/gw3/ack"
-    assert len(_events(logs_client, "/wf/acks")) == 6  # stored before acknowledged
+    assert len(log_events(logs_client, "/wf/acks")) == 6  # stored before acknowledged
 
 
 def _stubbed_iot_data():
@@ -395,7 +366,7 @@ def test_a_failed_ack_is_logged_not_raised(logs_client, capsys):
         result = lambda_handler(rule_event(representative_message()), None, logs_client=logs_client, log_group="/wf/f",
                                 iot_data_client=client)
     assert result == {"written": 5, "acked": False}  # stored; the device re-sends and is acked then
-    assert len(_events(logs_client, "/wf/f")) == 5
+    assert len(log_events(logs_client, "/wf/f")) == 5
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(x["level"], x["msg"], x["thing"], x["seq"]) for x in lines] == [
         ("WARNING", "telemetry ack not published", "gw1", 7)]
@@ -410,7 +381,7 @@ def test_no_ack_when_the_logs_write_fails(logs_client):
     stub.add_client_error("put_log_events", "ServiceUnavailableException", "down", 503)
     with stub, pytest.raises(Exception, match="ServiceUnavailable"):  # IoT retries the rule
         lambda_handler(rule_event(representative_message()), None, logs_client=logs_client, log_group="/wf/down")
-    assert _acks() == []
+    assert published_acks() == []
 
 
 _QUERY_WORDS = {
@@ -430,7 +401,7 @@ def query_fields(query: str) -> set[str]:
 def test_dashboard_widgets_query_only_fields_the_lambda_writes(logs_client):
     logs_client.create_log_group(logGroupName="/wf/fields")
     lambda_handler(rule_event(representative_message()), None, logs_client=logs_client, log_group="/wf/fields")
-    written = set().union(*(e.keys() for e in _events(logs_client, "/wf/fields")))
+    written = set().union(*(e.keys() for e in log_events(logs_client, "/wf/fields")))
 
     body = json.loads(json.dumps(dashboard_body("/wf/fields", "eu-west-1")))  # valid JSON both ways
     titles = [w["properties"]["title"] for w in body["widgets"]]

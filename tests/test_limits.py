@@ -15,11 +15,11 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from windfleet import payloads, topics
-from windfleet.cloud import ingest
 from windfleet.cloud.ingest import MAX_MESSAGE_BYTES, TelemetryStore, lambda_handler
 from windfleet.nucleus import eventstream as es
 from windfleet.nucleus.broker import MAX_PACKET_SIZE, MESSAGE_SIZE_LIMIT
 from windfleet.nucleus.ipc import IpcServer
+from tests.lambda_fixtures import logs_client  # noqa: F401 - fixture
 from tests.mqtt_fixtures import Subscriber, broker, wait_until  # noqa: F401  (broker is a fixture)
 
 pytestmark = pytest.mark.timeout(90)
@@ -176,20 +176,6 @@ def test_ingest_refuses_a_message_over_its_limit_before_decoding(tmp_path, monke
         assert decoded == [MAX_MESSAGE_BYTES], "an oversized message is never parsed"
         assert store.counters()["malformed:too_large"] == 2
         assert store.loss()["gw1"] == {**store.loss()["gw1"], "received": 1, "max_seq": 1}
-
-
-@pytest.fixture
-def logs_client(monkeypatch):
-    moto = pytest.importorskip("moto")
-    import boto3
-
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv(ingest.IOT_DATA_ENDPOINT_ENV, "data-ats.iot.us-east-1.amazonaws.com")
-    monkeypatch.setattr(ingest, "_iot_data_client", None)
-    with moto.mock_aws():
-        yield boto3.client("logs", region_name="us-east-1")
 
 
 @pytest.mark.fault

@@ -11,9 +11,10 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from windfleet import payloads, topics
-from windfleet.cloud import ingest, provision
+from windfleet.cloud import provision
 from windfleet.cloud.ingest import IngestService, TelemetryStore, lambda_handler
 from windfleet.model_contract import FEATURES
+from tests.lambda_fixtures import log_events, logs_client, published_acks  # noqa: F401 - fixture
 from tests.mqtt_fixtures import broker, wait_until  # noqa: F401  (broker is a fixture)
 
 pytestmark = pytest.mark.timeout(90)
@@ -147,33 +148,6 @@ def test_store_checks_turbines_by_gateway_not_by_prefix(tmp_path):
 
 
 # ---------------------------------------------------------------- the Lambda path (moto)
-@pytest.fixture
-def logs_client(monkeypatch):
-    import moto
-    import boto3
-
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv(ingest.IOT_DATA_ENDPOINT_ENV, "data-ats.iot.us-east-1.amazonaws.com")
-    monkeypatch.setattr(ingest, "_iot_data_client", None)
-    with moto.mock_aws():
-        yield boto3.client("logs", region_name="us-east-1")
-
-
-def _acks() -> list[tuple[str, dict]]:
-    from moto.core import DEFAULT_ACCOUNT_ID
-    from moto.iotdata.models import iotdata_backends
-
-    return [(topic, json.loads(payload))
-            for topic, payload in iotdata_backends[DEFAULT_ACCOUNT_ID]["us-east-1"].published_payloads]
-
-
-def _events(logs_client, group: str) -> list[dict]:
-    out = logs_client.filter_log_events(logGroupName=group)["events"]
-    return [json.loads(e["message"]) | {"@stream": e["logStreamName"]} for e in out]
-
-
 def rule_event(message: dict, topic: str) -> dict:
     """What ``SELECT *, topic(3) AS source_thing`` hands the Lambda for ``message`` on ``topic``."""
     assert "topic(3) AS source_thing" in provision.TELEMETRY_RULE_SQL
@@ -191,15 +165,15 @@ def test_lambda_takes_the_thing_from_the_topic(logs_client, capsys):
     warnings = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(w["msg"], w["source_thing"], w["claimed_thing"]) for w in warnings] == [
         ("spoofed telemetry dropped", "gw1", "gw2")] * 2
-    assert _events(logs_client, group) == [] and _acks() == []
+    assert log_events(logs_client, group) == [] and published_acks() == []
 
     result = lambda_handler(rule_event(sneaky_message(), gw1_topic), None, logs_client=logs_client, log_group=group)
     assert result == {"written": 5, "acked": True}
-    events = _events(logs_client, group)
+    events = log_events(logs_client, group)
     assert {e["@stream"] for e in events} == {"gw1"} and {e["thing"] for e in events} == {"gw1"}
     assert sorted(e["record_type"] for e in events) == ["message", "score", "spoofed", "spoofed", "spoofed"]
     assert [e["turbine_id"] for e in events if e["record_type"] == "score"] == ["gw1-t00"]
-    assert _acks() == [(topics.telemetry_ack("gw1"), payloads.telemetry_ack("gw1", 2))]
+    assert published_acks() == [(topics.telemetry_ack("gw1"), payloads.telemetry_ack("gw1", 2))]
 
     # an event without the rule's source_thing (the old SELECT *) is not trusted
     assert lambda_handler(telemetry("gw2", 3, []), None, logs_client=logs_client,
