@@ -41,6 +41,7 @@ from awsiot.greengrasscoreipc.model import BinaryMessage, PublishMessage
 from windfleet.nucleus.runtime import DeviceRuntime, Settings
 
 from tests.mqtt_fixtures import REPO, wait_until
+from tests.test_runtime_helpers import RuntimeThread
 
 CALL_TIMEOUT = 30.0
 OBSERVER = "tests.Observer"
@@ -135,10 +136,7 @@ class Nucleus:
                                      broker_password=password,
                                      settings=settings or Settings(restart_backoff=0.5, stop_grace=30))
         self.clients: list[GreengrassCoreIPCClientV2] = []
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self.runtime.run, args=(self._stop,), name=f"nucleus-{thing}",
-                                       daemon=True)
-        self.thread.start()
+        self.serving = RuntimeThread(self.runtime)
         info = self.root / "cli_ipc_info" / f"user-{os.getuid()}"
         wait_until(lambda: info.is_file() and self.runtime.ipc.path.exists(), 15, message="the nucleus' IPC socket")
         data = json.loads(info.read_text())
@@ -237,11 +235,4 @@ class Nucleus:
                 c.close(executor_wait=False)
             except Exception:  # noqa: BLE001 - a dead connection is fine here
                 pass
-        self._stop.set()
-        self.thread.join(90)
-        for component in list(self.runtime.components.values()):  # only what this nucleus started
-            for pgid in list(component.pgids):
-                try:
-                    os.killpg(pgid, signal.SIGKILL)
-                except OSError:
-                    pass
+        self.serving.stop(timeout=90)  # and kills only what this nucleus started

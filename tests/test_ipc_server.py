@@ -54,6 +54,7 @@ from windfleet.nucleus import eventstream as es
 from windfleet.nucleus.runtime import DeviceRuntime, Settings
 from windfleet.nucleus.sources import DirectorySource
 from tests.mqtt_fixtures import Subscriber, broker, wait_until  # noqa: F401  (broker is a fixture)
+from tests.test_runtime_helpers import RuntimeThread
 
 CALL_TIMEOUT = 10.0
 TESTER = "com.example.Tester"
@@ -100,9 +101,7 @@ class Nucleus:
         self.recipes.mkdir(parents=True, exist_ok=True)
         self.artifacts.mkdir(parents=True, exist_ok=True)
         self.clients: list[GreengrassCoreIPCClientV2] = []
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(target=self.runtime.run, args=(self.stop_event,), daemon=True)
-        self.thread.start()
+        self.serving = RuntimeThread(self.runtime)
         info = root / "cli_ipc_info" / f"user-{os.getuid()}"
         wait_until(lambda: info.is_file() and self.runtime.ipc.path.exists(), 15, message="IPC server up")
         data = json.loads(info.read_text())
@@ -158,14 +157,7 @@ class Nucleus:
                 c.close(executor_wait=False)
             except Exception:  # noqa: BLE001 - a dead connection is fine here
                 pass
-        self.stop_event.set()
-        self.thread.join(60)
-        for component in list(self.runtime.components.values()):
-            for pgid in list(component.pgids):
-                try:
-                    os.killpg(pgid, signal.SIGKILL)
-                except OSError:
-                    pass
+        self.serving.stop()
 
 
 @pytest.fixture

@@ -151,9 +151,9 @@ class RuntimeThread:
         self.thread = threading.Thread(target=runtime.run, args=(self.stop_event,), daemon=True)
         self.thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 60.0) -> None:
         self.stop_event.set()
-        self.thread.join(60)
+        self.thread.join(timeout)
         for component in list(self.runtime.components.values()):
             for pgid in list(component.pgids):
                 try:
