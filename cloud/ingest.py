@@ -1107,8 +1107,10 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin CLI
     parser.add_argument("store")
     args = parser.parse_args(argv)
     jsonlog.setup("windfleet.ingest")
-    host, _, port = args.broker.rpartition(":")
-    run_ingest(host or "127.0.0.1", int(port), os.environ.get("WINDFLEET_BROKER_USER"),
+    from windfleet.hostport import parse_hostport  # not at module level: the Lambda zip does not carry it
+
+    host, port = parse_hostport(args.broker)
+    run_ingest(host, port, os.environ.get("WINDFLEET_BROKER_USER"),
                os.environ.get("WINDFLEET_BROKER_PASSWORD"), args.store)
     return 0
 

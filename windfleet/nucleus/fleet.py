@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from windfleet import jsonlog, model_contract, payloads, topics
+from windfleet.hostport import parse_hostport
 
 log = logging.getLogger("windfleet.fleet")
 
@@ -332,8 +333,7 @@ def run_fleet(*, gateways: int, turbines_per_gateway: int, duration: float, repo
     components = components or {}
 
     # Broker: reuse a running windfleet broker (its data dir holds the accounts), else start one.
-    host, _, port_s = broker.rpartition(":")
-    host, port = host or "127.0.0.1", int(port_s or 1883)
+    host, port = parse_hostport(broker)
     data = Path(broker_data) if broker_data else work / "broker"
     mq = Broker.attach(data)
     own_broker = mq is None

@@ -29,6 +29,7 @@ from typing import Callable
 import paho.mqtt.client as mqtt
 
 from windfleet import jsonlog
+from windfleet.hostport import parse_hostport
 
 from .authorization import mqtt_topic_matches
 
@@ -40,14 +41,6 @@ DEFAULT_KEEPALIVE_S = 30  # without mqtt.keepAliveTimeoutMs (the Java nucleus' d
 
 class SpoolFull(Exception):
     """The spooler cannot take the message (the nucleus answers ServiceError)."""
-
-
-def parse_hostport(value: str, default_port: int = 1883) -> tuple[str, int]:
-    """``host[:port]`` -> (host, port)."""
-    host, sep, port = value.rpartition(":")
-    if not sep:
-        return value, default_port
-    return host or "127.0.0.1", int(port)
 
 
 class IotCoreConnection:
