@@ -90,8 +90,10 @@ class Forwarder:
         self.batch_records, self.batch_bytes = max(1, batch_records), batch_bytes
         self.batch_interval, self.health_interval = batch_interval, health_interval
         self.retry_max, self.flush_timeout = retry_max, flush_timeout
+        # one GetConfiguration for whatever the caller did not pass
+        config = bus.get_configuration() if None in (turbines, delivery, ack_timeout) else {}
         if turbines is None:
-            turbines = bus.get_configuration().get("turbines")
+            turbines = config.get("turbines")
         self._turbines = _turbine_ids(self.thing, turbines)
         self._subscribed: set[str] = set()
         self.counters: collections.Counter = collections.Counter()
@@ -103,7 +105,6 @@ class Forwarder:
         self._threads: list[threading.Thread] = []
         self.last_acked_seq = 0
         self._dropped_logged = spool.dropped_spool_full
-        config = bus.get_configuration() if delivery is None or ack_timeout is None else {}
         self.delivery = delivery or str(config.get("delivery", "cloud_ack"))
         if self.delivery not in ("cloud_ack", "nucleus"):
             raise ValueError(f"delivery must be cloud_ack or nucleus, not {self.delivery!r}")
