@@ -37,15 +37,13 @@ def _version(version: str, what: str) -> str:
 def _hostport(value: str | None, option: str, allow_any_port: bool = False) -> str | None:
     """``host:port`` (or ``host``) checked before anything starts; None passes.
     ``allow_any_port``: port 0 means "start a broker on a free port" (fleet run)."""
-    if value is None:
-        return None
-    host, sep, port = value.rpartition(":")
-    if not sep:
-        host, port = value, "1883"
-    lowest = 0 if allow_any_port else 1
-    if not host or any(c.isspace() or c in "/@" for c in host) or not port.isdigit() or \
-            not lowest <= int(port) < 65536:
-        _fail(f"{option} {value!r}: expected host:port with a port from {lowest} to 65535")
+    from windfleet.hostport import check_hostport
+
+    if value is not None:
+        try:
+            check_hostport(value, lowest_port=0 if allow_any_port else 1)
+        except ValueError as exc:
+            _fail(f"{option}: {exc}")
     return value
 
 
