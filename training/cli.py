@@ -9,6 +9,8 @@ import click
 from windfleet.model_contract import ModelPackageError
 from windfleet.preprocessing import DataError
 
+from .sagemaker_cli import aws_options
+
 
 def _fail(exc: Exception) -> click.ClickException:
     return click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -18,6 +20,7 @@ def register(group: click.Group) -> None:
     """Add ``train`` and ``score`` to the windfleet command group."""
 
     @group.command()
+    @aws_options  # --backend aws: the same training as a SageMaker job (training/sagemaker_cli.py)
     @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="model package directory to write")
     @click.option("--quick", is_flag=True, help="small fleet, few epochs (< 2 min on 2 cores)")
     @click.option("--seed", type=int, default=0, show_default=True)

@@ -15,6 +15,7 @@ import click
 # module path -> it must define ``register(group: click.Group) -> None``
 AREAS = (
     "windfleet.training.cli",
+    "windfleet.training.sagemaker_cli",  # pipeline
     "windfleet.nucleus.cli",
     "windfleet.cloud.cli",
     "windfleet.cloud.dashboard.cli",
