@@ -15,7 +15,13 @@ For an event it decides, in order:
   (or the card's) -> ``{"status": "refused"}``: the package is set to
   ``Rejected`` with the reason, nothing is deployed;
 - otherwise the deployer runs; a duplicate event finds the component version
-  and the deployment already there -> ``{"status": "unchanged"}``.
+  and the deployment already there -> ``{"status": "unchanged"}``;
+- with the canary enabled for the model package group (:mod:`.canary`, the default)
+  and a fleet that already runs a model, the candidate goes to the canary thing
+  group only -> ``{"status": "canary"}``; the fleet gets it when the canary
+  passes its gates.  Disabled (``windfleet canary configure --disable``, or
+  ``canary=False`` from a local caller) or the fleet's first model: straight to
+  the fleet as before.
 
 It returns a dict (and logs it as one JSON line) rather than raising for a
 refused package: a retry could not succeed, so Lambda should not retry it.
@@ -33,6 +39,7 @@ from botocore.exceptions import ClientError
 from windfleet import jsonlog
 from windfleet.model_contract import CARD_FILE, MODEL_FILE
 
+from . import canary as canary_mod
 from . import deployer, settings
 from .backends import Backend, lambda_backend, split_s3_uri
 from .registry import set_approval
@@ -67,8 +74,9 @@ def _result(status: str, **fields: Any) -> dict:
 
 
 def handler(event: dict, context: Any = None, *, backend: Backend | None = None,
-            group: str | None = None) -> dict:
-    """Lambda entry point (``handler(event, context)``); ``backend``/``group`` for local use and tests."""
+            group: str | None = None, canary: bool | None = None) -> dict:
+    """Lambda entry point (``handler(event, context)``); ``backend``/``group`` for local use and tests;
+    ``canary`` overrides the group's canary setting (None: as configured)."""
     backend = backend or lambda_backend()
     group = group or backend.model_group
     detail = event.get("detail") if isinstance(event, dict) else None
@@ -92,7 +100,12 @@ def handler(event: dict, context: Any = None, *, backend: Backend | None = None,
         set_approval(backend.sagemaker, arn, "Rejected", f"refused by windfleet: {problem}")
         return _result("refused", arn=arn, reason=problem)
 
-    outcome = deployer.deploy_model(backend, desc["ModelPackageVersion"], files, package_arn=arn)
+    hook = None
+    config = canary_mod.load_config(backend, group)
+    if config["enabled"] if canary is None else canary:
+        def hook(previous: dict) -> dict | None:  # the fleet runs a model: the candidate goes to the canary first
+            return canary_mod.start(backend, desc["ModelPackageVersion"], files, arn, config, group)
+    outcome = deployer.deploy_model(backend, desc["ModelPackageVersion"], files, package_arn=arn, canary=hook)
     return _result(outcome.pop("status"), arn=arn, **outcome)
 
 

@@ -29,7 +29,7 @@ import logging
 import re
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import tenacity
 from botocore.exceptions import ClientError
@@ -63,12 +63,13 @@ def component_arn(backend: Backend, name: str, version: str | None = None, targe
 
 
 def model_recipe(version: str, uris: dict[str, str], card: dict | None = None,
-                 package_arn: str | None = None) -> dict:
-    """The inline recipe of one ``com.windfleet.AnomalyModel`` version (artifact-only component)."""
+                 package_arn: str | None = None, name: str = settings.MODEL_COMPONENT) -> dict:
+    """The inline recipe of one ``com.windfleet.AnomalyModel`` version (artifact-only component);
+    ``name`` ``settings.CANARY_COMPONENT`` gives the candidate the very same recipe under its own name."""
     card = card or {}
     return {
         "RecipeFormatVersion": "2020-01-25",
-        "ComponentName": settings.MODEL_COMPONENT,
+        "ComponentName": name,
         "ComponentVersion": version,
         "ComponentType": "aws.greengrass.generic",
         "ComponentDescription": f"windfleet anomaly model {card.get('version', '?')} "
@@ -176,7 +177,8 @@ def latest_deployment(backend: Backend, target_arn: str) -> dict | None:
     return gg.get_deployment(deploymentId=chosen["deploymentId"])
 
 
-def _group_things(backend: Backend, target_arn: str) -> list[str]:
+def group_things(backend: Backend, target_arn: str) -> list[str]:
+    """Core devices of a deployment target (``list_core_devices``: on AWS, those that deployed it)."""
     if ":thing/" in target_arn:
         return [target_arn.rsplit("/", 1)[1]]
     things, token = [], None
@@ -203,7 +205,7 @@ def _installed_version(backend: Backend, thing: str, name: str) -> str | None:
 def installed_model(backend: Backend, target_arn: str) -> str | None:
     """The model version most of the target's devices run now (None: no device reports one)."""
     versions = collections.Counter(v for v in (_installed_version(backend, t, settings.MODEL_COMPONENT)
-                                               for t in _group_things(backend, target_arn)) if v)
+                                               for t in group_things(backend, target_arn)) if v)
     return versions.most_common(1)[0][0] if versions else None
 
 
@@ -213,7 +215,7 @@ def merge(components: dict, updates: dict[str, str]) -> dict:
     for name, version in updates.items():
         spec = merged.get(name, {})
         spec["componentVersion"] = version
-        if name == settings.MODEL_COMPONENT:
+        if name in (settings.MODEL_COMPONENT, settings.CANARY_COMPONENT):
             spec["configurationUpdate"] = dict(settings.MODEL_CONFIGURATION_UPDATE)
         merged[name] = spec
     return merged
@@ -236,11 +238,14 @@ def create_deployment(backend: Backend, target_arn: str, components: dict, name:
 
 def deploy_model(backend: Backend, package_version: int | str, files: dict[str, bytes], *,
                  package_arn: str | None = None, thing_group: str | None = None,
-                 poll: dict | None = None) -> dict:
+                 poll: dict | None = None, canary: Callable[[dict], dict | None] | None = None) -> dict:
     """Roll model package ``package_version`` (``files``: model.onnx, model.json) out to the thing group.
 
     Returns ``{"status": "deployed"|"unchanged", "componentVersion", "deploymentId", "targetArn",
-    "componentCreated", "components"}``.
+    "componentCreated", "components"}``.  With ``canary`` and a fleet that runs a model already,
+    the component version is created and ``canary(previous fleet deployment)`` is asked first:
+    its dict is returned and the fleet left alone (promoting later is :func:`roll_out`), unless
+    it returns None (then the fleet gets the model now).
     """
     version = settings.model_component_version(package_version)
     target = backend.thing_group_arn(thing_group)
@@ -259,6 +264,9 @@ def deploy_model(backend: Backend, package_version: int | str, files: dict[str, 
         if current == version:  # a duplicate approval event: already rolled out
             return {"status": "unchanged", "deploymentId": previous["deploymentId"],
                     "components": previous["components"], **result}
+        staged = canary(previous) if canary is not None and current else None
+        if staged is not None:
+            return {**result, **staged}
         components = merge(previous.get("components") or {}, {settings.MODEL_COMPONENT: version})
     else:  # the group's first deployment: the whole published suite with this model
         available = latest_versions(backend)
@@ -272,6 +280,65 @@ def deploy_model(backend: Backend, package_version: int | str, files: dict[str, 
     jsonlog.event(log, "deployment created", deployment=resp["deploymentId"], target=target,
                   model=version, previous=previous["deploymentId"] if previous else None)
     return {"status": "deployed", "deploymentId": resp["deploymentId"], "components": components, **result}
+
+
+def roll_out(backend: Backend, component_version: str, thing_group: str | None = None) -> dict:
+    """Merge an existing model component version into the thing group's latest deployment (a
+    canary's promotion); ``status`` ``unchanged`` when the group runs it already."""
+    target = backend.thing_group_arn(thing_group)
+    previous = latest_deployment(backend, target)
+    if previous is None:
+        raise DeployError(f"{target} has no deployment to merge model {component_version} into")
+    running = previous.get("components") or {}
+    result = {"componentVersion": component_version, "targetArn": target}
+    if running.get(settings.MODEL_COMPONENT, {}).get("componentVersion") == component_version:
+        return {"status": "unchanged", "deploymentId": previous["deploymentId"], "components": running, **result}
+    components = merge(running, {settings.MODEL_COMPONENT: component_version})
+    resp = create_deployment(backend, target, components, f"windfleet model {component_version}", previous)
+    jsonlog.event(log, "deployment created", deployment=resp["deploymentId"], target=target,
+                  model=component_version, previous=previous["deploymentId"])
+    return {"status": "deployed", "deploymentId": resp["deploymentId"], "components": components, **result}
+
+
+def deploy_candidate(backend: Backend, package_version: int | str, files: dict[str, bytes], *,
+                     canary_group: str, package_arn: str | None = None, poll: dict | None = None) -> dict:
+    """Model package ``package_version`` as ``com.windfleet.AnomalyModelCandidate@1.0.N`` to the
+    canary thing group, and nothing else: a device merges its groups' deployments, so canary
+    devices keep the fleet's components and add the candidate.  Same return shape as
+    :func:`deploy_model` (``status`` ``unchanged`` for a repeated event)."""
+    version = settings.model_component_version(package_version)
+    target = backend.thing_group_arn(canary_group)
+    card = json.loads(files[CARD_FILE]) if CARD_FILE in files else {}
+    uris = upload(backend, settings.CANARY_COMPONENT, version,
+                  {MODEL_FILE: files[MODEL_FILE], CARD_FILE: files[CARD_FILE]})
+    arn, created = create_component(backend, model_recipe(version, uris, card, package_arn,
+                                                          name=settings.CANARY_COMPONENT))
+    if not created:
+        _check_same_model(backend, arn, card)
+    wait_deployable(backend, arn, **(poll or {}))
+    previous = latest_deployment(backend, target)
+    running = (previous or {}).get("components") or {}
+    result = {"componentVersion": version, "targetArn": target, "componentCreated": created}
+    if running.get(settings.CANARY_COMPONENT, {}).get("componentVersion") == version:
+        return {"status": "unchanged", "deploymentId": previous["deploymentId"], "components": running, **result}
+    components = merge(running, {settings.CANARY_COMPONENT: version})
+    resp = create_deployment(backend, target, components, f"windfleet canary {version}", previous)
+    jsonlog.event(log, "canary deployment created", deployment=resp["deploymentId"], target=target, model=version)
+    return {"status": "deployed", "deploymentId": resp["deploymentId"], "components": components, **result}
+
+
+def withdraw_candidate(backend: Backend, canary_group: str) -> dict | None:
+    """Revise the canary group's deployment without the candidate (its devices keep the fleet's
+    model alone); None when the group's latest deployment has no candidate."""
+    target = backend.thing_group_arn(canary_group)
+    previous = latest_deployment(backend, target)
+    running = (previous or {}).get("components") or {}
+    if settings.CANARY_COMPONENT not in running:
+        return None
+    components = {n: spec for n, spec in running.items() if n != settings.CANARY_COMPONENT}
+    resp = create_deployment(backend, target, components, "windfleet canary withdrawn", previous)
+    jsonlog.event(log, "canary withdrawn", deployment=resp["deploymentId"], target=target)
+    return {"deploymentId": resp["deploymentId"], "targetArn": target, "components": components}
 
 
 def _check_same_model(backend: Backend, arn: str, card: dict) -> None:
@@ -398,7 +465,7 @@ def device_outcomes(backend: Backend, deployment_id: str) -> list[dict]:
     """Per-device outcome of a thing-group deployment: ``[{"thing", "status", "reason", "modified",
     "model_version"}]`` (``QUEUED``: not picked up yet; ``NOT_RECEIVED``: superseded before it was)."""
     gg = backend.greengrassv2
-    things = _group_things(backend, gg.get_deployment(deploymentId=deployment_id)["targetArn"])
+    things = group_things(backend, gg.get_deployment(deploymentId=deployment_id)["targetArn"])
     out = []
     for thing in things:
         effective = gg.list_effective_deployments(coreDeviceThingName=thing).get("effectiveDeployments", [])

@@ -5,7 +5,7 @@
 
 - the artifact bucket (public access blocked);
 - the SageMaker model package group;
-- the IoT thing group;
+- the IoT thing group and its canary group (``<group>-canary``, :mod:`.canary`);
 - one IAM role per Lambda function (unless ``role_arn`` is given, which both
   then use), each with only what its code calls (:func:`role_policies`);
 - the approval Lambda (``windfleet.cloud.approval.handler``) and the ingest
@@ -20,6 +20,9 @@
   Lambda gets the account's IoT data endpoint (looked up once with
   ``iot:DescribeEndpoint``, the provisioner's own permission) to publish its acks on
   ``windfleet/fleet/{thing}/ack``;
+- the canary Lambda (``windfleet.cloud.canary.handler``) and the EventBridge schedule
+  (``settings.CANARY_SCHEDULE``) that runs it: it evaluates the running canary over the
+  metrics the ingest Lambda puts to CloudWatch and promotes or aborts;
 - the CloudWatch dashboard (body from ``windfleet.cloud.ingest.dashboard_body``).
 
 :func:`teardown` removes them (the bucket and the registry only with
@@ -54,14 +57,17 @@ LAMBDA_MODULES = (
     "windfleet/__init__.py", "windfleet/model_contract.py", "windfleet/jsonlog.py", "windfleet/payloads.py",
     "windfleet/topics.py", "windfleet/cloud/__init__.py", "windfleet/cloud/settings.py",
     "windfleet/cloud/backends.py", "windfleet/cloud/approval.py", "windfleet/cloud/deployer.py",
-    "windfleet/cloud/registry.py", "windfleet/cloud/ingest.py",
+    "windfleet/cloud/registry.py", "windfleet/cloud/ingest.py", "windfleet/cloud/canary.py",
 )
 APPROVAL_HANDLER = "windfleet.cloud.approval.handler"
 INGEST_HANDLER = "windfleet.cloud.ingest.lambda_handler"
+CANARY_HANDLER = "windfleet.cloud.canary.handler"
 # The telemetry rule: the whole message plus the topic's thing (who published it), which the
 # ingest Lambda uses as the message's identity (``source_thing``; the body's "thing" must match).
 TELEMETRY_RULE_SQL = f"SELECT *, topic(3) AS source_thing FROM '{topics.ALL_TELEMETRY}'"
 IOT_DATA_ENDPOINT_ENV = "WINDFLEET_IOT_DATA_ENDPOINT"  # = windfleet.cloud.ingest.IOT_DATA_ENDPOINT_ENV
+
+FUNCTIONS = (settings.APPROVAL_FUNCTION, settings.INGEST_FUNCTION, settings.CANARY_FUNCTION)
 
 TRUST_POLICY = {"Version": "2012-10-17", "Statement": [{
     "Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
@@ -113,7 +119,8 @@ LAMBDA_LOGGING = ("logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEve
 def role_name(function: str) -> str:
     """The execution role the provisioner creates for ``function`` (one role per function)."""
     return {settings.APPROVAL_FUNCTION: f"{settings.LAMBDA_ROLE}-approval",
-            settings.INGEST_FUNCTION: f"{settings.LAMBDA_ROLE}-ingest"}[function]
+            settings.INGEST_FUNCTION: f"{settings.LAMBDA_ROLE}-ingest",
+            settings.CANARY_FUNCTION: f"{settings.LAMBDA_ROLE}-canary"}[function]
 
 
 def arn_parts(backend: Backend) -> tuple[str, str, str]:
@@ -132,35 +139,81 @@ def _statement(sid: str, actions: list[str] | tuple[str, ...], resources: list[s
     return {"Sid": sid, "Effect": "Allow", "Action": sorted(actions), "Resource": resources}
 
 
+def _packages(p: str, r: str, a: str, group: str) -> list[str]:
+    # SageMaker writes resource names into ARNs in lower case; allow the group as given and lowered.
+    return [f"arn:{p}:sagemaker:{r}:{a}:model-package/{g}/*" for g in dict.fromkeys((group, group.lower()))]
+
+
+def _canary_objects(p: str, bucket: str, group: str) -> list[str]:
+    prefix = settings.CANARY_PREFIX.format(group=group)
+    return [f"arn:{p}:s3:::{bucket}/{prefix}{name}" for name in ("config.json", "state.json")]
+
+
+def _canary_thing_group(backend: Backend) -> str:
+    return settings.canary_thing_group(backend.thing_group)
+
+
 def approval_policy(backend: Backend, arn: tuple[str, str, str] | None = None) -> dict:
     """The approval Lambda's policy: what :func:`windfleet.cloud.approval.handler` calls, scoped to
-    this deployment's bucket, model package group, model component and thing group, plus the IoT
-    actions greengrass:CreateDeployment depends on."""
+    this deployment's bucket, model package group, model components and thing groups (the fleet's
+    and its canary group), plus the IoT actions greengrass:CreateDeployment depends on."""
     p, r, a = arn or arn_parts(backend)
     bucket, group = backend.bucket, backend.model_group
-    # SageMaker writes resource names into ARNs in lower case; allow the group as given and lowered.
-    packages = [f"arn:{p}:sagemaker:{r}:{a}:model-package/{g}/*" for g in dict.fromkeys((group, group.lower()))]
     model_keys = settings.MODEL_PREFIX.format(group=group, digest="*") + "*"
-    component_keys = settings.COMPONENT_PREFIX.format(name=settings.MODEL_COMPONENT, version="*") + "*"
-    component = f"arn:{p}:greengrass:{r}:{a}:components:{settings.MODEL_COMPONENT}"
-    thing_group = f"arn:{p}:iot:{r}:{a}:thinggroup/{backend.thing_group}"
+    component_keys = [f"arn:{p}:s3:::{bucket}/" + settings.COMPONENT_PREFIX.format(name=name, version="*") + "*"
+                      for name in (settings.MODEL_COMPONENT, settings.CANARY_COMPONENT)]
+    components = [f"arn:{p}:greengrass:{r}:{a}:components:{name}{suffix}"
+                  for name in (settings.MODEL_COMPONENT, settings.CANARY_COMPONENT) for suffix in ("", ":versions:*")]
+    thing_groups = [f"arn:{p}:iot:{r}:{a}:thinggroup/{g}" for g in (backend.thing_group, _canary_thing_group(backend))]
+    things = f"arn:{p}:iot:{r}:{a}:thing/*"
+    canary_config, canary_state = _canary_objects(p, bucket, group)
     return {"Version": "2012-10-17", "Statement": [
-        _statement("ModelPackages", ["sagemaker:DescribeModelPackage", "sagemaker:UpdateModelPackage"], packages),
+        _statement("ModelPackages", ["sagemaker:DescribeModelPackage", "sagemaker:UpdateModelPackage"],
+                   _packages(p, r, a, group)),
         # registered artifacts are read; model component artifacts are written, and Greengrass reads them
-        # with the caller's permissions when it creates the component version (to compute digests)
+        # with the caller's permissions when it creates the component version (to compute digests);
+        # the canary's configuration is read and its state written
         _statement("ReadArtifacts", ["s3:GetObject"],
-                   [f"arn:{p}:s3:::{bucket}/{model_keys}", f"arn:{p}:s3:::{bucket}/{component_keys}"]),
-        _statement("WriteModelComponentArtifacts", ["s3:PutObject"], f"arn:{p}:s3:::{bucket}/{component_keys}"),
+                   [f"arn:{p}:s3:::{bucket}/{model_keys}", *component_keys, canary_config, canary_state]),
+        _statement("WriteModelComponentArtifacts", ["s3:PutObject"], [*component_keys, canary_state]),
         _statement("ModelComponent", ["greengrass:CreateComponentVersion", "greengrass:DescribeComponent",
-                                      "greengrass:GetComponent"], [component, component + ":versions:*"]),
+                                      "greengrass:GetComponent"], components),
         # these have no resource-level permissions (or none this code can name in advance)
         _statement("Deployments", ["greengrass:CreateDeployment", "greengrass:GetDeployment",
-                                   "greengrass:ListComponents", "greengrass:ListDeployments"], "*"),
-        # the deployment targets the fleet's thing group; its IoT job ids and device things are the service's
+                                   "greengrass:ListComponents", "greengrass:ListCoreDevices",
+                                   "greengrass:ListDeployments"], "*"),
+        # the canary takes gateways of the fleet into its thing group
+        _statement("CanaryMembership", ["iot:AddThingToThingGroup"], [thing_groups[1], things]),
+        _statement("CanaryMembers", ["iot:ListThingsInThingGroup"], thing_groups[1]),
+        # the deployments target the fleet's and the canary's thing groups; their IoT job ids and
+        # device things are the service's
         _statement("CreateDeploymentDependencies", CREATE_DEPLOYMENT_DEPENDENCIES,
-                   [thing_group, f"arn:{p}:iot:{r}:{a}:job/*", f"arn:{p}:iot:{r}:{a}:thing/*"]),
+                   [*thing_groups, f"arn:{p}:iot:{r}:{a}:job/*", things]),
         _statement("FunctionLogs", LAMBDA_LOGGING,
                    _log_group_arns(p, r, a, f"/aws/lambda/{settings.APPROVAL_FUNCTION}")),
+    ]}
+
+
+def canary_policy(backend: Backend, arn: tuple[str, str, str] | None = None) -> dict:
+    """The canary Lambda's policy: read the canary's metrics, state and configuration, deploy the
+    promoted model to the fleet / withdraw the candidate from the canary group, and reject an
+    aborted package."""
+    p, r, a = arn or arn_parts(backend)
+    thing_groups = [f"arn:{p}:iot:{r}:{a}:thinggroup/{g}" for g in (backend.thing_group, _canary_thing_group(backend))]
+    canary_config, canary_state = _canary_objects(p, backend.bucket, backend.model_group)
+    return {"Version": "2012-10-17", "Statement": [
+        _statement("CanaryState", ["s3:GetObject"], [canary_config, canary_state]),
+        _statement("WriteCanaryState", ["s3:PutObject"], canary_state),
+        # no resource-level permissions
+        _statement("CanaryMetrics", ["cloudwatch:GetMetricData"], "*"),
+        _statement("Deployments", ["greengrass:CreateDeployment", "greengrass:GetDeployment",
+                                   "greengrass:ListDeployments"], "*"),
+        _statement("CreateDeploymentDependencies", CREATE_DEPLOYMENT_DEPENDENCIES,
+                   [*thing_groups, f"arn:{p}:iot:{r}:{a}:job/*", f"arn:{p}:iot:{r}:{a}:thing/*"]),
+        _statement("RejectPackage", ["sagemaker:DescribeModelPackage", "sagemaker:UpdateModelPackage"],
+                   _packages(p, r, a, backend.model_group)),
+        _statement("FunctionLogs", LAMBDA_LOGGING,
+                   _log_group_arns(p, r, a, f"/aws/lambda/{settings.CANARY_FUNCTION}")),
     ]}
 
 
@@ -175,6 +228,8 @@ def ingest_policy(backend: Backend, log_group: str = settings.LOG_GROUP,
         _statement("TelemetryLogs", ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"],
                    _log_group_arns(p, r, a, log_group)),
         _statement("TelemetryAcks", ["iot:Publish"], ack_topics),
+        # canary shadow statistics as metrics (PutMetricData has no resource-level permissions)
+        _statement("CanaryMetrics", ["cloudwatch:PutMetricData"], "*"),
         _statement("FunctionLogs", LAMBDA_LOGGING,
                    _log_group_arns(p, r, a, f"/aws/lambda/{settings.INGEST_FUNCTION}")),
     ]}
@@ -184,7 +239,8 @@ def role_policies(backend: Backend, log_group: str = settings.LOG_GROUP) -> dict
     """``{function name: policy document}`` of every role the provisioner creates."""
     arn = arn_parts(backend)
     return {settings.APPROVAL_FUNCTION: approval_policy(backend, arn),
-            settings.INGEST_FUNCTION: ingest_policy(backend, log_group, arn)}
+            settings.INGEST_FUNCTION: ingest_policy(backend, log_group, arn),
+            settings.CANARY_FUNCTION: canary_policy(backend, arn)}
 
 
 class Provisioner:
@@ -228,16 +284,16 @@ class Provisioner:
             reg.ensure_group()
             self._note("model package group", reg.group, "created")
 
-    def thing_group(self) -> None:
-        iot, name = self.b.iot, self.b.thing_group
+    def thing_group(self, name: str | None = None,
+                    description: str = "windfleet gateways (Greengrass core devices)") -> None:
+        iot, name = self.b.iot, name or self.b.thing_group
         try:
             iot.describe_thing_group(thingGroupName=name)
             self._note("thing group", name, "exists")
         except ClientError as exc:
             if _code(exc) != "ResourceNotFoundException":
                 raise
-            iot.create_thing_group(thingGroupName=name, thingGroupProperties={
-                "thingGroupDescription": "windfleet gateways (Greengrass core devices)"})
+            iot.create_thing_group(thingGroupName=name, thingGroupProperties={"thingGroupDescription": description})
             self._note("thing group", name, "created")
 
     def role(self, function: str) -> str:
@@ -310,6 +366,28 @@ class Provisioner:
         self.permission(settings.APPROVAL_FUNCTION, "windfleet-events", "events.amazonaws.com", rule_arn)
         self._note("eventbridge rule", settings.APPROVAL_RULE, "updated")
 
+    def canary_records(self) -> None:
+        """The canary's configuration and state objects exist from the start (``{}``): without
+        s3:ListBucket, which the Lambdas do not get, reading a missing key is AccessDenied, not NoSuchKey."""
+        for name in ("config.json", "state.json"):
+            key = settings.CANARY_PREFIX.format(group=self.b.model_group) + name
+            try:
+                self.b.s3.head_object(Bucket=self.b.bucket, Key=key)
+                self._note("canary record", key, "exists")
+            except ClientError as exc:
+                if _code(exc) not in ("404", "NoSuchKey", "NotFound"):
+                    raise
+                self.b.s3.put_object(Bucket=self.b.bucket, Key=key, Body=b"{}", ContentType="application/json")
+                self._note("canary record", key, "created")
+
+    def canary_schedule(self, function_arn: str) -> None:
+        ev = self.b.events
+        rule_arn = ev.put_rule(Name=settings.CANARY_RULE, ScheduleExpression=settings.CANARY_SCHEDULE,
+                               State="ENABLED", Description="windfleet: evaluate the running canary")["RuleArn"]
+        ev.put_targets(Rule=settings.CANARY_RULE, Targets=[{"Id": "canary", "Arn": function_arn}])
+        self.permission(settings.CANARY_FUNCTION, "windfleet-schedule", "events.amazonaws.com", rule_arn)
+        self._note("eventbridge rule", settings.CANARY_RULE, "updated")
+
     def log_group_(self) -> None:
         try:
             self.b.logs.create_log_group(logGroupName=self.log_group)
@@ -358,6 +436,9 @@ class Provisioner:
         if self.b.is_local:
             return self.report
         self.thing_group()
+        self.thing_group(_canary_thing_group(self.b), "windfleet canary gateways: a candidate model is tried here "
+                                                      "first")
+        self.canary_records()
         code = lambda_zip()
         names = {"WINDFLEET_BUCKET": self.b.bucket, "WINDFLEET_THING_GROUP": self.b.thing_group,
                  "WINDFLEET_MODEL_GROUP": self.b.model_group}
@@ -368,6 +449,8 @@ class Provisioner:
                                    {"WINDFLEET_LOG_GROUP": self.log_group,
                                     IOT_DATA_ENDPOINT_ENV: self.iot_data_endpoint()}, code)
         self.telemetry_rule(ingest_arn)
+        canary_arn = self.function(settings.CANARY_FUNCTION, CANARY_HANDLER, names, code)
+        self.canary_schedule(canary_arn)
         if not self.role_arn:
             self._delete_legacy_role()  # both functions have their own roles now
         self.dashboard()
@@ -386,15 +469,22 @@ class Provisioner:
                 b.events.delete_rule(Name=settings.APPROVAL_RULE)
 
             self._gone("eventbridge rule", settings.APPROVAL_RULE, rule)
-            for fn in (settings.APPROVAL_FUNCTION, settings.INGEST_FUNCTION):
+
+            def schedule() -> None:
+                b.events.remove_targets(Rule=settings.CANARY_RULE, Ids=["canary"])
+                b.events.delete_rule(Name=settings.CANARY_RULE)
+
+            self._gone("eventbridge rule", settings.CANARY_RULE, schedule)
+            for fn in FUNCTIONS:
                 self._gone("lambda", fn, lambda fn=fn: b.lambda_.delete_function(FunctionName=fn))
 
             if not self.role_arn:
-                for fn in (settings.APPROVAL_FUNCTION, settings.INGEST_FUNCTION):
+                for fn in FUNCTIONS:
                     self._gone("iam role", role_name(fn), lambda fn=fn: self._delete_role(role_name(fn)))
                 self._delete_legacy_role()
             self._gone("log group", self.log_group, lambda: b.logs.delete_log_group(logGroupName=self.log_group))
-            self._gone("thing group", b.thing_group, lambda: b.iot.delete_thing_group(thingGroupName=b.thing_group))
+            for name in (_canary_thing_group(b), b.thing_group):
+                self._gone("thing group", name, lambda name=name: b.iot.delete_thing_group(thingGroupName=name))
         if keep_data:
             return self.report
 

@@ -31,6 +31,19 @@ IoT job rollout (``IOT_JOB_CONFIGURATION``)
     A device that does not finish within ``inProgressTimeoutInMinutes`` is
     TIMED_OUT, so a deployment never hangs.
 
+Canary (``CANARY_*``, :mod:`.canary`)
+    An approved model first goes to the canary thing group (``<fleet group>-canary``)
+    as component ``CANARY_COMPONENT``; the detector there scores it in shadow and
+    reports statistics.  ``CANARY_DEFAULTS`` are the per-model-package-group
+    defaults (``windfleet canary configure`` stores overrides): the group's size
+    (``devices`` or ``percent`` of the fleet), the observation window
+    (``min_seconds`` since the canary started and ``min_windows`` scored per
+    device) and the gates (candidate alarm rate <= ``alarm_rate_factor`` x
+    current + ``alarm_rate_epsilon``; ``min_agreement``; recall not below the
+    current model's minus ``recall_tolerance``; ``max_errors``; candidate
+    inference p99 <= ``max_infer_ms_p99``).  ``CANARY_SCHEDULE`` is how often the
+    AWS Lambda evaluates.
+
 Waiting for a component (``COMPONENT_POLL_*``)
     ``create_component_version`` is asynchronous: the deployer polls
     ``describe_component`` every ``COMPONENT_POLL_INTERVAL`` seconds (backing off
@@ -51,6 +64,9 @@ SIMULATOR = "com.windfleet.TurbineSimulator"
 DETECTOR = "com.windfleet.AnomalyDetector"
 FORWARDER = "com.windfleet.LogForwarder"
 MODEL_COMPONENT = "com.windfleet.AnomalyModel"
+# The candidate under canary: the same recipe (artifacts, OnnxSha256, ModelVersion, self-check)
+# under a second name, so canary devices hold both models side by side.
+CANARY_COMPONENT = "com.windfleet.AnomalyModelCandidate"
 SUITE = (SIMULATOR, DETECTOR, FORWARDER, MODEL_COMPONENT)
 # Every deployment of a model version resets the model component's configuration to that
 # version's defaults: the nucleus keeps a component's running configuration over a new
@@ -92,6 +108,25 @@ IOT_JOB_CONFIGURATION = {
     "timeoutConfig": {"inProgressTimeoutInMinutes": 60},
 }
 
+CANARY_GROUP_SUFFIX = "-canary"  # a fleet group's canary group is <fleet group>-canary (canary_thing_group)
+CANARY_THING_GROUP = THING_GROUP + CANARY_GROUP_SUFFIX
+CANARY_DEFAULTS = {
+    "enabled": True,             # approval deploys to the canary group first
+    "devices": 1,                # canary size: this many gateways ...
+    "percent": None,             # ... or this percentage of the fleet (rounded up), when set
+    "min_seconds": 600.0,        # observation window: at least this long since the canary started
+    "min_windows": 500,          # ... and this many windows scored by both models on every canary device
+    "alarm_rate_factor": 2.0,    # candidate alarm rate <= k x current + epsilon
+    "alarm_rate_epsilon": 0.01,
+    "min_agreement": 0.5,        # flagged by both / flagged by either (1.0 when neither flags)
+    "recall_tolerance": 0.0,     # candidate recall on labelled episodes >= current's - tolerance
+    "max_errors": 0,             # candidate scoring errors
+    "max_infer_ms_p99": 50.0,    # candidate inference p99 (ms per window)
+}
+CANARY_PREFIX = "canary/{group}/"  # config.json and state.json in the artifact bucket (both backends)
+CANARY_METRIC_NAMESPACE = "windfleet/canary"
+CANARY_SCHEDULE = "rate(5 minutes)"
+
 COMPONENT_POLL_INTERVAL = 1.0
 COMPONENT_POLL_MAX_INTERVAL = 10.0
 COMPONENT_POLL_TIMEOUT = 300.0
@@ -100,6 +135,8 @@ COMPONENT_POLL_TIMEOUT = 300.0
 APPROVAL_RULE = "windfleet-model-approved"
 APPROVAL_FUNCTION = "windfleet-approval"
 INGEST_FUNCTION = "windfleet-ingest"
+CANARY_RULE = "windfleet-canary-evaluate"
+CANARY_FUNCTION = "windfleet-canary"
 TELEMETRY_RULE = "windfleet_telemetry"  # IoT rule names allow no '-'
 LAMBDA_ROLE = "windfleet-lambda"
 LAMBDA_RUNTIME = "python3.12"
@@ -107,6 +144,11 @@ LAMBDA_TIMEOUT = 300  # the approval handler waits for a component to become DEP
 LOG_GROUP = "/windfleet/telemetry"
 LOG_RETENTION_DAYS = 30
 DASHBOARD = "windfleet"
+
+
+def canary_thing_group(fleet_group: str) -> str:
+    """The canary thing group of fleet group ``fleet_group`` (unless configured otherwise)."""
+    return fleet_group + CANARY_GROUP_SUFFIX
 
 
 def model_component_version(package_version: int | str) -> str:

@@ -159,6 +159,7 @@ def test_lambda_zip_is_self_contained():
     assert data == provision.lambda_zip()  # deterministic: no spurious function updates
     names = zipfile.ZipFile(io.BytesIO(data)).namelist()
     assert "windfleet/cloud/approval.py" in names and "tenacity/__init__.py" in names
+    assert "windfleet/cloud/canary.py" in names  # the canary Lambda's handler
     script = r"""
 import importlib.abc, sys, zipimport
 class Block(importlib.abc.MetaPathFinder):

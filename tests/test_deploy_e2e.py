@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from windfleet import model_contract as mc
-from windfleet.cloud import deployer, settings
+from windfleet.cloud import canary, deployer, settings
 from windfleet.cloud.backends import Backend
 from windfleet.cloud.registry import Registry
 
@@ -109,6 +109,7 @@ def test_approval_rolls_out_and_a_broken_model_rolls_back(broker, runtimes, tmp_
                    message="every gateway runs the suite")
 
         reg = Registry(backend)
+        canary.save_config(backend, {"enabled": False})  # straight to the fleet: tests/test_canary.py has the canary
         reg.register(build_model_package(tmp_path / "v2", "2.0.0", seed=1))
         t0 = time.time()
         v2 = reg.approve(1)["deployment"]

@@ -58,7 +58,8 @@ CREATE_DEPLOYMENT_REQUIRES = (
 # Actions the policies may grant on Resource "*": no resource-level permissions, or resources the
 # code cannot name in advance (deployment ids are the service's).
 NO_RESOURCE_LEVEL = {"greengrass:CreateDeployment", "greengrass:GetDeployment", "greengrass:ListComponents",
-                     "greengrass:ListDeployments"}
+                     "greengrass:ListDeployments", "greengrass:ListCoreDevices", "cloudwatch:PutMetricData",
+                     "cloudwatch:GetMetricData"}
 
 
 # ================================================================================= IAM evaluator
@@ -314,12 +315,12 @@ def test_static_enumeration_follows_the_call_graph_not_whole_modules():
             ("greengrassv2", "DescribeComponent"), ("greengrassv2", "CreateDeployment")} <= found.calls
     # reached modules hold more than the handler calls: registering, publishing, the fleet view
     assert ("sagemaker", "CreateModelPackage") not in found.calls
-    assert ("greengrassv2", "ListCoreDevices") not in found.calls
+    assert ("greengrassv2", "ListInstalledComponents") not in found.calls
     assert ("windfleet.cloud.deployer", "deploy_model") in found.reached
     assert ("windfleet.cloud.backends", "Backend.thing_group_arn") in found.reached
     assert static_calls(provision.INGEST_HANDLER).calls == {
         ("logs", "PutLogEvents"), ("logs", "CreateLogGroup"), ("logs", "CreateLogStream"),
-        ("iot-data", "Publish")}
+        ("iot-data", "Publish"), ("cloudwatch", "PutMetricData")}
 
 
 # ===================================================================== dynamic recording
@@ -404,6 +405,12 @@ def call_resources(call: Call, arn: tuple[str, str, str]) -> list[str]:
         return [name if name.startswith("arn:") else f"arn:{p}:sagemaker:{r}:{a}:model-package/{name}"]
     if s == "iot" and op == "DescribeThingGroup":
         return [f"arn:{p}:iot:{r}:{a}:thinggroup/{q['thingGroupName']}"]
+    if s == "iot" and op == "ListThingsInThingGroup":
+        return [f"arn:{p}:iot:{r}:{a}:thinggroup/{q['thingGroupName']}"]
+    if s == "iot" and op == "AddThingToThingGroup":
+        return [f"arn:{p}:iot:{r}:{a}:thinggroup/{q['thingGroupName']}", f"arn:{p}:iot:{r}:{a}:thing/{q['thingName']}"]
+    if s == "cloudwatch" and op in ("PutMetricData", "GetMetricData"):
+        return ["*"]
     if s == "greengrassv2":
         if op == "CreateComponentVersion":
             recipe = yaml.safe_load(q["inlineRecipe"])
@@ -413,7 +420,7 @@ def call_resources(call: Call, arn: tuple[str, str, str]) -> list[str]:
             return [q["arn"]]
         if op == "GetDeployment":
             return [f"arn:{p}:greengrass:{r}:{a}:deployments:{q['deploymentId']}"]
-        if op in ("CreateDeployment", "ListComponents", "ListDeployments"):
+        if op in ("CreateDeployment", "ListComponents", "ListDeployments", "ListCoreDevices"):
             return ["*"]
     if s == "iot-data" and op == "Publish":
         return [f"arn:{p}:iot:{r}:{a}:topic/{q['topic']}"]
@@ -444,7 +451,9 @@ class World:
     acks: list[tuple[str, int, dict]]  # (topic, qos, payload) the ingest Lambda published
     topic_rule: dict  # iot get_topic_rule
     approval_rule_arn: str
+    canary_rule_arn: str
     invoke_policies: dict[str, dict]  # function name -> its resource policy
+    canary_results: list[dict]  # what the canary Lambda returned, in order
 
 
 def _policy_documents(iam, role_name: str) -> list[dict]:
@@ -468,6 +477,7 @@ def _run(recorder: Recorder, fn: Function, mp: pytest.MonkeyPatch, *events) -> l
     backends.lambda_backend.cache_clear()  # a cold start: clients and names from the environment
     mp.setattr(ingest, "_logs_client", None)
     mp.setattr(ingest, "_iot_data_client", None)
+    mp.setattr(ingest, "_cloudwatch_client", None)
     out = []
     recorder.active = True
     try:
@@ -478,6 +488,17 @@ def _run(recorder: Recorder, fn: Function, mp: pytest.MonkeyPatch, *events) -> l
     fn.calls += recorder.calls
     recorder.calls = []
     return out
+
+
+def _shadow_message(thing: str, seq: int, candidate: str, candidate_alarms: int) -> dict:
+    """A telemetry message whose detector health carries canary shadow statistics (the rule's shape)."""
+    model = {"score_p50": 0.1, "score_p90": 0.2, "score_p99": 0.3, "infer_ms_p50": 1.0, "infer_ms_p99": 2.0}
+    stats = payloads.shadow_stats(candidate, "1.0.0", time.time() - 60, 100,
+                                  {**model, "alarms": 1, "alarm_rate": 0.01},
+                                  {**model, "alarms": candidate_alarms, "alarm_rate": candidate_alarms / 100},
+                                  either_flagged=max(1, candidate_alarms), both_flagged=1)
+    body = payloads.health(thing, settings.DETECTOR, "1.0.0", "RUNNING", time.time(), {}, shadow=stats)
+    return {**payloads.telemetry(thing, seq, time.time(), [{"type": "health", "body": body}]), "source_thing": thing}
 
 
 def _approved(backend: Backend, tmp: Path, version: str) -> dict:
@@ -514,6 +535,9 @@ def world(tmp_path_factory):
             gg = local_gg.LocalGreengrassV2(Store(tmp / "gg"), _MotoArtifacts(b.s3, tmp / "artifacts", recorder))
             recorder.fakes["greengrassv2"] = gg
             iot_data = recorder.fakes["iot-data"] = _IotData()
+            b.iot.create_thing(thingName="gw-01")  # a core device of the fleet: the canary takes it
+            gg.register_core_device("gw-01", [THING_GROUP])
+            from windfleet.cloud import canary
             for name in settings.SUITE:  # the published suite (the first deployment deploys all of it)
                 if name != settings.MODEL_COMPONENT:
                     gg.create_component_version(inlineRecipe=json.dumps({
@@ -533,7 +557,7 @@ def world(tmp_path_factory):
             out = _run(recorder, fn, mp, first, first)  # the group's first deployment, then a duplicate
             assert [o["status"] for o in out] == ["deployed", "unchanged"], out
             second = approval_event(_approved(b, tmp, "2.0.0"), region=REGION, account=arn[2])
-            assert _run(recorder, fn, mp, second)[0]["status"] == "deployed"  # merged into the latest
+            assert _run(recorder, fn, mp, second)[0]["status"] == "canary"  # the fleet runs a model: canary first
             tampered = _approved(b, tmp, "3.0.0")
             meta = tampered["CustomerMetadataProperties"]
             b.s3.put_object(Bucket=BUCKET, Key=meta["model_uri"].split("/", 3)[3], Body=b"not the model")
@@ -550,13 +574,27 @@ def world(tmp_path_factory):
             first_msg = {**payloads.telemetry("gw-01", 0, now, records), "source_thing": "gw-01"}
             out = _run(recorder, fn, mp, first_msg, second, second, {"thing": 3, "source_thing": "gw-01"})
             assert out[0]["written"] >= 1 and out[0]["acked"] and out[2]["acked"] and "dropped" in out[3], out
+            # the canary candidate's shadow statistics become CloudWatch metrics
+            assert _run(recorder, fn, mp, _shadow_message("gw-01", 2, "2.0.0", 2))[0]["metrics"] > 0
+
+            # --- the canary Lambda (its schedule): v2 passes its gates and is promoted; v4 alarms on
+            # everything and is aborted (package Rejected); then there is nothing to evaluate
+            canary.save_config(b, {"min_seconds": 0, "min_windows": 50})
+            canary_fn = functions[settings.CANARY_FUNCTION]
+            canary_results = _run(recorder, canary_fn, mp, {"source": "aws.events"})
+            fourth = approval_event(_approved(b, tmp, "4.0.0"), region=REGION, account=arn[2])
+            assert _run(recorder, functions[settings.APPROVAL_FUNCTION], mp, fourth)[0]["status"] == "canary"
+            _run(recorder, fn, mp, _shadow_message("gw-01", 3, "4.0.0", 90))
+            canary_results += _run(recorder, canary_fn, mp, {"source": "aws.events"}, {"source": "aws.events"})
 
             snapshot = World(
                 arn, functions, b.iam.list_roles()["Roles"], provision.role_policies(b, settings.LOG_GROUP),
                 iot_data.published,
                 b.iot.get_topic_rule(ruleName=settings.TELEMETRY_RULE),
                 b.events.describe_rule(Name=settings.APPROVAL_RULE)["Arn"],
-                {name: json.loads(b.lambda_.get_policy(FunctionName=name)["Policy"]) for name in functions})
+                b.events.describe_rule(Name=settings.CANARY_RULE)["Arn"],
+                {name: json.loads(b.lambda_.get_policy(FunctionName=name)["Policy"]) for name in functions},
+                canary_results)
     finally:
         backends.lambda_backend.cache_clear()
         mp.undo()
@@ -565,7 +603,9 @@ def world(tmp_path_factory):
 
 # =================================================================================== tests
 def test_every_role_allows_every_call_its_lambda_makes(world):
-    assert set(world.functions) == {settings.APPROVAL_FUNCTION, settings.INGEST_FUNCTION}
+    assert set(world.functions) == {settings.APPROVAL_FUNCTION, settings.INGEST_FUNCTION, settings.CANARY_FUNCTION}
+    assert [(o["verdict"], o["status"]) for o in world.canary_results] == [
+        ("promote", "promoted"), ("abort", "aborted"), (None, None)], world.canary_results
     problems = []
     for fn in world.functions.values():
         static = static_calls(fn.handler).calls
@@ -592,7 +632,8 @@ def test_the_approval_role_allows_what_create_deployment_requires(world):
     fn = world.functions[settings.APPROVAL_FUNCTION]
     p, r, a = world.arn
     targets = {c.params["targetArn"] for c in fn.calls if c.operation == "CreateDeployment"}
-    assert targets == {f"arn:{p}:iot:{r}:{a}:thinggroup/{THING_GROUP}"}
+    assert targets == {f"arn:{p}:iot:{r}:{a}:thinggroup/{THING_GROUP}",
+                       f"arn:{p}:iot:{r}:{a}:thinggroup/{THING_GROUP}{settings.CANARY_GROUP_SUFFIX}"}
     job = f"arn:{p}:iot:{r}:{a}:job/gg-deployment-job"  # ids are the service's: any job of the account
     device = f"arn:{p}:iot:{r}:{a}:thing/gw-01"  # a core device of the group (its deployment shadow)
     on = {"iot:CreateJob": [job, *targets], "iot:DescribeJob": [job], "iot:UpdateJob": [job],
@@ -642,7 +683,7 @@ def test_roles_grant_nothing_beyond_what_is_needed(world):
         assert not problems, f"{fn.name}:\n" + "\n".join(problems)
     ingest_actions = {x for s in _statements(world.functions[settings.INGEST_FUNCTION].docs)
                       for x in _as_list(s["Action"])}
-    assert {x.split(":")[0] for x in ingest_actions} == {"logs", "iot"}
+    assert {x.split(":")[0] for x in ingest_actions} == {"logs", "iot", "cloudwatch"}
     assert {x for x in ingest_actions if x.startswith("iot:")} == {"iot:Publish"}
 
 
@@ -650,7 +691,7 @@ def test_the_ingest_lambda_acknowledges_stored_messages_and_may_publish_only_ack
     fn = world.functions[settings.INGEST_FUNCTION]
     assert fn.env[provision.IOT_DATA_ENDPOINT_ENV].endswith(f"-ats.iot.{REGION}.amazonaws.com")
     assert world.acks == [(topics.telemetry_ack("gw-01"), 1, payloads.telemetry_ack("gw-01", seq))
-                          for seq in (0, 1, 1)]
+                          for seq in (0, 1, 1, 2, 3)]
     p, r, a = world.arn
     topic = f"arn:{p}:iot:{r}:{a}:topic/"
     publish = [s for s in _statements(fn.docs) if "iot:Publish" in _as_list(s["Action"])]
@@ -675,7 +716,8 @@ def test_every_role_the_provisioner_creates_is_one_functions_execution_role(worl
     # to its rule
     rule = world.topic_rule
     assert all("roleArn" not in action.get("lambda", {}) for action in rule["rule"]["actions"])
-    sources = {settings.INGEST_FUNCTION: rule["ruleArn"], settings.APPROVAL_FUNCTION: world.approval_rule_arn}
+    sources = {settings.INGEST_FUNCTION: rule["ruleArn"], settings.APPROVAL_FUNCTION: world.approval_rule_arn,
+               settings.CANARY_FUNCTION: world.canary_rule_arn}
     for name, source in sources.items():
         for stmt in world.invoke_policies[name]["Statement"]:
             assert stmt["Action"] == "lambda:InvokeFunction"
@@ -708,8 +750,7 @@ def test_the_shared_role_of_earlier_versions_is_replaced_and_teardown_removes_th
         {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "logs:*", "Resource": "*"}]}))
     report = provision.provision(aws)
     assert ("iam role", settings.LAMBDA_ROLE, "deleted") in report
-    assert _our_roles(aws) == sorted(provision.role_name(f) for f in (settings.APPROVAL_FUNCTION,
-                                                                       settings.INGEST_FUNCTION))
+    assert _our_roles(aws) == sorted(provision.role_name(f) for f in provision.FUNCTIONS)
     again = provision.provision(aws)  # idempotent: the roles exist, their policies are put again
     assert {s for k, _, s in again if k == "iam role"} == {"exists"}
     down = provision.teardown(aws, keep_data=True)
@@ -722,7 +763,7 @@ def test_a_given_role_is_used_by_both_functions_and_never_deleted(aws):
         provision.TRUST_POLICY))["Role"]["Arn"]
     report = provision.provision(aws, role_arn=arn)
     assert not [r for r in report if r[0] == "iam role"]
-    for name in (settings.APPROVAL_FUNCTION, settings.INGEST_FUNCTION):
+    for name in provision.FUNCTIONS:
         assert aws.lambda_.get_function(FunctionName=name)["Configuration"]["Role"] == arn
     provision.teardown(aws, keep_data=True, role_arn=arn)
     assert [r["RoleName"] for r in aws.iam.list_roles()["Roles"]] == ["ops-lambda"]

@@ -18,6 +18,7 @@ AREAS = (
     "windfleet.training.sagemaker_cli",  # pipeline
     "windfleet.nucleus.cli",
     "windfleet.cloud.cli",
+    "windfleet.cloud.canary_cli",
     "windfleet.cloud.dashboard.cli",
     "windfleet.demo",
 )

@@ -145,6 +145,8 @@ class Demo:
         self.work.mkdir(parents=True, exist_ok=True)
         self.backend = Backend.local(self.home)
         self.registry = Registry(self.backend)
+        from windfleet.cloud import canary  # until the demo has its canary stages (issue 14, part B)
+        canary.save_config(self.backend, {"enabled": False})
         t_start = time.time()
         with ExitStack() as self.stack:
             v1 = self._train_v1()

@@ -25,16 +25,28 @@ Device side -- what IoT jobs and the Greengrass data plane do for a real
 nucleus; the local device runtime calls exactly these (stable API):
 
 ``register_core_device(thing, thing_groups) -> dict``
-    Create or update the core device and its thing-group membership (names or
-    ARNs).  Returns ``get_core_device``'s shape.
+    Create or update the core device and add it to ``thing_groups`` (names or
+    ARNs) -- as the Greengrass installer's ``--thing-group-name`` does, it never
+    removes a membership (the cloud may have added the device to a canary group).
+    Returns ``get_core_device``'s shape.
+
+``list_thing_groups_for_core_device(coreDeviceThingName) -> {"thingGroups": [...]}``
+    The device's groups (the data plane's ListThingGroupsForCoreDevice, which the
+    nucleus asks on every deployment to drop the roots of groups it has left).
 
 ``next_deployment(thing) -> dict | None``
-    The newest ``ACTIVE`` latest-for-target deployment for the thing or one of
+    The oldest ``ACTIVE`` latest-for-target deployment for the thing or one of
     its groups that this device has not finished (no terminal status reported;
-    an ``IN_PROGRESS`` one is returned again so a restarted device resumes it).
+    an ``IN_PROGRESS`` one is returned again so a restarted device resumes it) --
+    IoT jobs hand a device its queued job executions oldest first.
     Shape: ``get_deployment``'s response.  Poll it; a deployment that gets
     cancelled while applying shows ``deploymentStatus == 'CANCELED'`` in
     ``get_deployment``.
+
+Membership, as ``boto3.client("iot")`` names it (the local backend has no IoT
+client): ``add_thing_to_thing_group(thingGroupName=, thingName=)``,
+``remove_thing_from_thing_group(thingGroupName=, thingName=)``,
+``list_things_in_thing_group(thingGroupName=)``.
 
 ``fetch_component(name, version) -> (recipe, {uri: Path})``
     The stored recipe as a dict (PascalCase keys as submitted, ``Digest`` and
@@ -483,13 +495,45 @@ class LocalGreengrassV2:
         """Create/update core device ``thing`` as a member of ``thing_groups`` (names or ARNs)."""
         if not thing or "/" in thing:
             raise client_error("ValidationException", f"invalid thing name {thing!r}", "RegisterCoreDevice")
-        groups = sorted({_group_name(g) for g in thing_groups})
         now = time.time()
         with self.store.tx() as db:
+            row = db.execute("SELECT groups FROM core_devices WHERE thing=?", (thing,)).fetchone()
+            groups = sorted({_group_name(g) for g in thing_groups} | set(json.loads(row["groups"]) if row else []))
             db.execute("INSERT INTO core_devices (thing, groups, registered, seen) VALUES (?,?,?,?) "
                        "ON CONFLICT(thing) DO UPDATE SET groups=excluded.groups, seen=excluded.seen",
                        (thing, json.dumps(groups), now, now))
         return self.get_core_device(thing)
+
+    def _set_membership(self, thing: str, group: str, member: bool, op: str) -> dict:
+        if not group or "/" in group:
+            raise client_error("ValidationException", f"invalid thing group name {group!r}", op)
+        with self.store.tx() as db:
+            groups = set(json.loads(self._device(db, thing, op)["groups"]))
+            groups = groups | {group} if member else groups - {group}
+            db.execute("UPDATE core_devices SET groups=? WHERE thing=?", (json.dumps(sorted(groups)), thing))
+        return {}
+
+    def add_thing_to_thing_group(self, thingGroupName: str, thingName: str, **_: Any) -> dict:
+        """IoT's AddThingToThingGroup for a registered core device."""
+        return self._set_membership(thingName, thingGroupName, True, "AddThingToThingGroup")
+
+    def remove_thing_from_thing_group(self, thingGroupName: str, thingName: str, **_: Any) -> dict:
+        """IoT's RemoveThingFromThingGroup."""
+        return self._set_membership(thingName, thingGroupName, False, "RemoveThingFromThingGroup")
+
+    def list_things_in_thing_group(self, thingGroupName: str, maxResults: int = 100,
+                                   nextToken: str | None = None, **_: Any) -> dict:
+        """IoT's ListThingsInThingGroup over the registered core devices: ``{"things": [name, ...]}``."""
+        with self.store.read() as db:
+            rows = db.execute("SELECT thing, groups FROM core_devices ORDER BY thing").fetchall()
+        things = [r["thing"] for r in rows if thingGroupName in json.loads(r["groups"])]
+        return self._page(things, "things", maxResults, nextToken)
+
+    def list_thing_groups_for_core_device(self, coreDeviceThingName: str, **_: Any) -> dict:
+        """``{"thingGroups": [{"thingGroupName": ...}]}`` of a core device (device-side API)."""
+        with self.store.read() as db:
+            row = self._device(db, coreDeviceThingName, "ListThingGroupsForCoreDevice")
+        return {"thingGroups": [{"thingGroupName": g} for g in json.loads(row["groups"])]}
 
     def next_deployment(self, thing: str) -> dict | None:
         """The deployment this device should apply now, or None (see the module docstring)."""
@@ -501,7 +545,7 @@ class LocalGreengrassV2:
             latest = self._latest_ids(db)
             marks = ",".join("?" * len(targets))
             rows = db.execute(f"SELECT * FROM deployments WHERE target_arn IN ({marks}) AND status='ACTIVE' "
-                              "ORDER BY created DESC, rowid DESC", targets).fetchall()
+                              "ORDER BY created, rowid", targets).fetchall()
             done = {r["deployment_id"] for r in db.execute(
                 "SELECT deployment_id, status FROM device_status WHERE thing=?", (thing,)).fetchall()
                 if r["status"] in TERMINAL}

@@ -18,6 +18,21 @@ configurations"):
 * after the update, with NOTIFY_COMPONENTS, subscribers get a PostComponentUpdateEvent;
 * configuration of the ``aws.greengrass.Nucleus`` component in a deployment sets
   nucleus options (``interpolateComponentConfiguration``, ``mqtt.spooler``).
+
+A device in several thing groups (``DefaultDeploymentTask``, ``DependencyResolver``,
+``DeploymentService.persistGroupToRootComponents`` in aws-greengrass-nucleus, and the
+developer guide's "Deploy components to devices": "If a core device is a member of multiple
+thing groups, ... the core device runs the components from all deployments"):
+
+* every deployment belongs to a group -- ``thinggroup/<name>`` or ``thing/<name>`` from its
+  target, ``LOCAL_DEPLOYMENT`` for greengrass-cli -- and the device keeps, per group, the root
+  components of that group's latest deployment (``GroupToRootComponents``, persisted);
+* a deployment replaces its own group's roots only; the device runs the union with the roots
+  of the other groups it still belongs to (a group the device left no longer counts; thing and
+  local groups always do), so a component leaves only when no group still needs it;
+* two groups that pin one component to different versions fail the deployment before
+  anything changes ("version constraints conflict", as ``NoAvailableComponentVersionException``);
+* the roots are recorded when the deployment succeeds, or fails without rollback.
 """
 
 from __future__ import annotations
@@ -35,6 +50,18 @@ from .recipe import RecipeError, default_configuration, dependencies, merge_conf
 GOOD_STATES = ("RUNNING", "FINISHED")
 FINAL_STATUSES = ("SUCCEEDED", "FAILED", "TIMED_OUT", "CANCELED", "REJECTED")
 NUCLEUS = "aws.greengrass.Nucleus"
+LOCAL_GROUP = "LOCAL_DEPLOYMENT"  # DeploymentDocumentConverter.LOCAL_DEPLOYMENT_GROUP_NAME
+THING_GROUP_PREFIX, THING_PREFIX = "thinggroup/", "thing/"
+
+
+def deployment_group(deployment: dict) -> str:
+    """The group a deployment's roots belong to: ``thinggroup/<name>``, ``thing/<name>`` or
+    ``LOCAL_DEPLOYMENT`` (greengrass-cli and directory sources)."""
+    target = str(deployment.get("targetArn") or "")
+    for marker, prefix in ((":thinggroup/", THING_GROUP_PREFIX), (":thing/", THING_PREFIX)):
+        if marker in target:
+            return prefix + target.rsplit("/", 1)[1]
+    return LOCAL_GROUP
 
 
 class DeploymentAborted(Exception):
@@ -106,7 +133,7 @@ class Deployments:
         with self._lock:
             previous = ({n: c.version for n, c in self.components.items()}, copy.deepcopy(self.configuration))
         try:
-            versions, recipes, configs = self._prepare(deployment, source)
+            versions, recipes, configs, roots = self._prepare(deployment, source)
         except Exception as exc:  # noqa: BLE001 - any problem here fails the deployment, not the device
             reason = str(exc) if isinstance(exc, RecipeError) else f"{type(exc).__name__}: {exc}"
             self._report(source, dep_id, "FAILED", reason)  # nothing was changed on the device
@@ -128,11 +155,14 @@ class Deployments:
                 reason = self._rollback(previous, reason)
             else:
                 with self._lock:
-                    self._save_state()  # DO_NOTHING: the device keeps the new, failed set
+                    self.group_roots = roots  # DO_NOTHING: the device keeps the new, failed set
+                    self._save_state()
             self._report(source, dep_id, status, reason)
             if notify:
                 self._notify_post_update(dep_id)
             return status
+        with self._lock:
+            self.group_roots = roots
         self._report(source, dep_id, "SUCCEEDED")
         with self._lock:
             self._save_state()
@@ -189,7 +219,10 @@ class Deployments:
         with self._lock:
             record = self.local_deployments[deployment_id]
             record["status"] = "IN_PROGRESS"
-            current = {n: c.version for n, c in self.components.items()}
+            # the local group's roots at their running versions (DeploymentService: LOCAL_DEPLOYMENT);
+            # a device without recorded groups (state from before groups were kept) counts its whole set
+            local_roots = self.group_roots.get(LOCAL_GROUP, {}) if self.group_roots else self.components
+            current = {n: self.components[n].version for n in local_roots if n in self.components}
         request = record["request"]
         add = dict(request.get("rootComponentVersionsToAdd") or {})
         remove = set(request.get("rootComponentsToRemove") or [])
@@ -222,9 +255,48 @@ class Deployments:
                                       else "FAILED_ROLLBACK_NOT_REQUESTED")
         return status
 
+    def _membership(self, source: Any) -> set[str] | None:
+        """``thinggroup/<name>`` of every group the device belongs to now (ListThingGroupsForCoreDevice),
+        or None when the source cannot say (the nucleus then keeps its persisted groups)."""
+        lister = getattr(source, "list_thing_groups_for_core_device", None)
+        if lister is None:
+            return None
+        try:
+            groups = lister(coreDeviceThingName=self.thing).get("thingGroups", [])
+        except Exception as exc:  # noqa: BLE001 - as the nucleus: fall back to what it knew
+            self._event("cannot list thing groups", logging.WARNING, error=str(exc)[:200])
+            return None
+        return {THING_GROUP_PREFIX + g["thingGroupName"] for g in groups}
+
+    def _group_versions(self, deployment: dict, own: dict[str, str], source: Any
+                        ) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+        """The union of ``own`` (this deployment's roots) with the other groups' roots, and the
+        roots to record; RecipeError when two groups pin one component to different versions."""
+        group = deployment_group(deployment)
+        members = self._membership(source)
+        roots = {g: dict(r) for g, r in self.group_roots.items()
+                 if g != group and (members is None or g in members or not g.startswith(THING_GROUP_PREFIX))}
+        roots[group] = dict(own)
+        versions: dict[str, str] = {}
+        wanted: dict[str, dict[str, str]] = {}
+        for g, components in roots.items():
+            for name, version in components.items():
+                wanted.setdefault(name, {})[g] = version
+        for name, by_group in sorted(wanted.items()):
+            if len(set(by_group.values())) > 1:
+                raise RecipeError(
+                    f"No version of {name} satisfies every group: the version constraints conflict, revise "
+                    f"deployments to resolve the conflict. Component {name} version constraints: "
+                    + ", ".join(f"{g} requires ={v}" for g, v in sorted(by_group.items())) + ".")
+            versions[name] = next(iter(by_group.values()))
+        return versions, roots
+
     def _prepare(self, deployment: dict, source: Any = None
-                 ) -> tuple[dict[str, str], dict[str, dict], dict[str, dict]]:
-        """Fetch and verify everything, merge configuration: nothing running is touched."""
+                 ) -> tuple[dict[str, str], dict[str, dict], dict[str, dict], dict[str, dict[str, str]]]:
+        """Fetch and verify everything, merge configuration: nothing running is touched.
+
+        Returns the versions to run (every group's roots), their recipes and configuration,
+        and the group roots to record once the deployment is through."""
         specs = dict(deployment.get("components") or {})
         configs = {}
         nucleus = specs.pop(NUCLEUS, None)
@@ -233,9 +305,15 @@ class Deployments:
                                                    nucleus.get("configurationUpdate"))
         elif NUCLEUS in self.configuration:
             configs[NUCLEUS] = copy.deepcopy(self.configuration[NUCLEUS])
-        versions = {name: str(spec["componentVersion"]) for name, spec in specs.items() if "componentVersion" in spec}
-        specs = {name: specs[name] for name in versions}
-        recipes = {name: self._download(name, version, source) for name, version in versions.items()}
+        own = {name: str(spec["componentVersion"]) for name, spec in specs.items() if "componentVersion" in spec}
+        specs = {name: specs[name] for name in own}
+        if self.group_roots or not self.components:
+            versions, roots = self._group_versions(deployment, own, source)
+        else:  # state from before groups were recorded: this deployment defines the set, as it did
+            versions, roots = dict(own), {deployment_group(deployment): dict(own)}
+        recipes = {name: (self._download(name, version, source) if name in own
+                          else self._stored_recipe(name, version) or self._download(name, version, source))
+                   for name, version in versions.items()}
         for name, recipe in recipes.items():
             select_manifest(recipe, self.platform)
             for dep, _kind in dependencies(recipe).items():
@@ -246,9 +324,9 @@ class Deployments:
                     raise RecipeError(f"{name} needs {dep} {requirement}, deployment has {versions[dep]}")
         topological_order({n: dependencies(r) for n, r in recipes.items()})
         for name, recipe in recipes.items():
-            update = specs[name].get("configurationUpdate")
+            update = specs[name].get("configurationUpdate") if name in specs else None
             configs[name] = merge_configuration(default_configuration(recipe), self.configuration.get(name), update)
-        return versions, recipes, configs
+        return versions, recipes, configs, roots
 
     def _switch(self, versions: dict[str, str], recipes: dict[str, dict], configs: dict[str, dict]) -> None:
         """Make the running set ``versions``: stop what goes or changes, start what is new."""

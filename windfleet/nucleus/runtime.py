@@ -230,12 +230,15 @@ class DeviceRuntime(Deployments, IpcOperations):
         self.configuration = state.get("configuration", {})
         self.finished_deployments = state.get("deployments", {})
         self.last_deployment = state.get("last_deployment")
+        # per deployment group (``thinggroup/<name>``, ``thing/<name>``, ``LOCAL_DEPLOYMENT``) the root
+        # components of its latest deployment, as the nucleus' GroupToRootComponents (see .deployments)
+        self.group_roots: dict[str, dict[str, str]] = state.get("groups", {})
 
     def _save_state(self) -> None:
         write_json_atomic(self.state_path, {
             "components": {n: c.version for n, c in self.components.items()},
             "configuration": self.configuration, "deployments": self.finished_deployments,
-            "last_deployment": self.last_deployment,
+            "last_deployment": self.last_deployment, "groups": self.group_roots,
         })
 
     def _event(self, msg: str, level: int = logging.INFO, **fields: Any) -> None:
@@ -692,7 +695,7 @@ class DeviceRuntime(Deployments, IpcOperations):
         with self._lock:
             components = {n: {**c.status(), "restarts": self.restart_counts[n]} for n, c in self.components.items()}
             return {"thing": self.thing, "components": components, "deployment": self.last_deployment,
-                    "restarts": sum(self.restart_counts.values())}
+                    "restarts": sum(self.restart_counts.values()), "groups": self.group_roots}
 
     def _write_status(self) -> None:
         status = self.status()
