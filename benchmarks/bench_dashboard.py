@@ -13,6 +13,11 @@
    from navigation until the page has rendered its data (overview table with 50
    turbines; a turbine page with all 7 charts drawn).  Baseline: the same pages
    over an empty store.  Also the JSON API latency.
+3. Fleet page at 200 gateways (x 5 turbines, two minutes of scores, each a core
+   device of the local deployment service with a deployment in progress): the
+   overview until its first page of 50 gateways, the state counts and the
+   deployment's progress are drawn, with the per-device deployment lookups
+   done afresh for every load (cache cleared).  Baseline: the empty store's page.
 
 Prints a table; writes benchmarks/results/dashboard.json.
 """
@@ -152,6 +157,56 @@ def measure_pages(browser, url: str, turbine: str | None, repeats: int) -> dict:
     return {k: statistics.median(v) for k, v in out.items() if v}
 
 
+def fleet_of_200(tmp: Path, gateways: int = 200, turbines: int = 5, seconds: float = 120.0):
+    """``(store, greengrass)``: telemetry of ``gateways`` gateways and a local deployment
+    service where each is a core device of the thing group, half done with a deployment."""
+    from windfleet.cloud import deployer
+    from windfleet.cloud.backends import Backend
+    from windfleet.cloud.testing import fake_build
+
+    things = [f"gw{i:03d}" for i in range(gateways)]
+    store = TelemetryStore(tmp / "fleet200.sqlite")
+    now = time.time()
+    messages = [payloads.encode(m) for _, m in fleet_messages(
+        things, turbines, now - seconds, seconds, period_s=2.0, records_per_message=20,
+        episodes=[Episode(f"{t}-t01", now - 30, now + 1) for t in things[::20]])]
+    for i in range(0, len(messages), 500):
+        store.ingest_many(messages[i:i + 500])
+    backend = Backend.local(tmp / "home200", thing_group="fleet")
+    deployer.publish(backend, fake_build(tmp / "gb200"))
+    gg = backend.greengrassv2
+    for thing in things:
+        gg.register_core_device(thing, ["fleet"])
+    dep = deployer.deploy_suite(backend)
+    for i, thing in enumerate(things[: gateways // 2]):
+        failed = i % 10 == 9  # 10 %: under the abort threshold, so the rollout goes on
+        gg.report_device_status(thing, dep["deploymentId"], "FAILED" if failed else "SUCCEEDED",
+                                "model self-test failed" if failed else None)
+    return store, gg
+
+
+def measure_fleet_page(browser, url: str, dashboard, repeats: int) -> dict:
+    import urllib.request
+
+    out: dict[str, list[float]] = {"overview_ms": [], "api_fleet_page_ms": []}
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    for _ in range(repeats):
+        dashboard.forget()
+        t0 = time.perf_counter()
+        page.goto(url + "/")
+        page.wait_for_function("() => document.querySelectorAll('table#fleet tr.gateway').length === 50"
+                               " && document.querySelector('[data-state-count=healthy]')"
+                               " && document.querySelector('.progress-box')")
+        out["overview_ms"].append((time.perf_counter() - t0) * 1000)
+        dashboard.forget()
+        t0 = time.perf_counter()
+        urllib.request.urlopen(url + "/api/fleet?offset=0&limit=50").read()
+        out["api_fleet_page_ms"].append((time.perf_counter() - t0) * 1000)
+    context.close()
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10 minutes of data instead of an hour")
@@ -174,6 +229,9 @@ def main() -> int:
         full = TelemetryStore(tmp / "batched.sqlite")
         empty = TelemetryStore(tmp / "empty.sqlite")
         results["store_bytes"] = (tmp / "batched.sqlite").stat().st_size
+        t0 = time.perf_counter()
+        store200, gg200 = fleet_of_200(tmp)
+        results["fleet_200_setup_s"] = time.perf_counter() - t0
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
             try:
@@ -184,12 +242,24 @@ def main() -> int:
                         results[f"pages_{name}"] = measure_pages(browser, served.url, turbine, 5)
                     finally:
                         served.close()
+                app = create_app(store200, greengrass=gg200, token="bench")
+                served = Served(app)
+                try:
+                    measure_fleet_page(browser, served.url, app.state.dashboard, 1)  # warm up
+                    results["pages_200_gateways"] = {
+                        "gateways": 200, "turbines": 1000, "page_size": 50,
+                        **measure_fleet_page(browser, served.url, app.state.dashboard, 5)}
+                finally:
+                    served.close()
             finally:
                 browser.close()
+                store200.close()
         full.close()
         empty.close()
     results["ratio_overview_loaded_vs_empty"] = (results["pages_loaded"]["overview_ms"]
                                                  / results["pages_empty"]["overview_ms"])
+    results["ratio_overview_200_gateways_vs_empty"] = (results["pages_200_gateways"]["overview_ms"]
+                                                       / results["pages_empty"]["overview_ms"])
 
     ing, pl, pe = results["ingest"], results["pages_loaded"], results["pages_empty"]
     rows = [
@@ -205,6 +275,10 @@ def main() -> int:
         ("turbine page, 7 charts, 2000 pts (ms)", f"{pl['turbine_ms']:.0f}", ""),
         ("GET /api/fleet (ms)", f"{pl['api_fleet_ms']:.1f}", f"empty: {pe['api_fleet_ms']:.1f}"),
         ("GET /api/turbines/x/scores?limit=2000 (ms)", f"{pl['api_scores_ms']:.1f}", ""),
+        ("overview page, 200 gateways (ms)", f"{results['pages_200_gateways']['overview_ms']:.0f}",
+         f"x{results['ratio_overview_200_gateways_vs_empty']:.2f} of baseline; 50 per page, lookups uncached"),
+        ("GET /api/fleet?limit=50, 200 gateways (ms)", f"{results['pages_200_gateways']['api_fleet_page_ms']:.1f}",
+         "incl. 200 per-device deployment lookups"),
     ]
     width = max(len(r[0]) for r in rows)
     print(f"{'measure':<{width}}  {'value':>12}  note")

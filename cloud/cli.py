@@ -26,7 +26,7 @@ from windfleet.topics import validate_thing
 from . import settings
 from .backends import Backend
 from .deployer import DeployError
-from .registry import RegistryError
+from .registry import ACTOR_RE, DEFAULT_ACTOR, RegistryError, check_actor
 
 
 # ------------------------------------------------------------------------------- plumbing
@@ -183,16 +183,41 @@ def registry_list(backend: Backend, as_json: bool) -> None:
     _table(rows, ["VERSION", "STATUS", "MODEL", "COMPONENT", "CREATED", "SHA256", "METRICS"])
 
 
+def default_actor() -> str:
+    """Who decides from this shell: ``$WINDFLEET_ACTOR``, else the login name (when it is a
+    valid actor name), else ``windfleet``."""
+    import getpass
+
+    name = os.environ.get("WINDFLEET_ACTOR")
+    if name:
+        return name  # said explicitly: checked (and refused in one line) where it is used
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (a container's arbitrary uid)
+        return DEFAULT_ACTOR
+    return name if ACTOR_RE.match(name) else DEFAULT_ACTOR
+
+
+actor_option = click.option("--actor", default=None, metavar="NAME",
+                            help="who decides, recorded with the decision [default: $WINDFLEET_ACTOR or the "
+                                 "login name]")
+
+
 @registry_group.command("approve")
 @click.argument("version")
-@click.option("--description", default="approved with windfleet", show_default=True)
+@click.option("--reason", default=None, help="why; recorded with the actor and the time (ApprovalDescription "
+              "and the package's metadata)")
+@click.option("--description", default="approved with windfleet", show_default=True,
+              help="the same as --reason (kept for scripts that use it)")
+@actor_option
 @backend_options
 @json_option
-def registry_approve(backend: Backend, version: str, description: str, as_json: bool) -> None:
+def registry_approve(backend: Backend, version: str, reason: str | None, description: str, actor: str | None,
+                     as_json: bool) -> None:
     """Approve VERSION; this alone rolls it out to the thing group."""
     from .registry import Registry
 
-    info = Registry(backend).approve(version, description)
+    info = Registry(backend).approve(version, reason or description, actor=check_actor(actor or default_actor()))
     if as_json:
         _dump(info)
     dep = info.get("deployment")
@@ -209,23 +234,46 @@ def registry_approve(backend: Backend, version: str, description: str, as_json: 
     elif dep["status"] == "deployed":
         click.echo(f"deployment {dep['deploymentId']}: {settings.MODEL_COMPONENT} {dep['componentVersion']} "
                    f"-> {dep['targetArn']}")
+    elif dep["status"] == "canary":
+        click.echo(f"canary: {dep.get('candidateVersion') or dep.get('componentVersion')} on "
+                   f"{', '.join(dep.get('devices') or []) or 'no device'} ({dep.get('canaryGroup')}); the fleet "
+                   f"gets {settings.MODEL_COMPONENT} {dep['componentVersion']} when it passes its gates")
     else:
         click.echo(f"approval handler: {dep['status']} ({dep.get('reason', '')})")
 
 
 @registry_group.command("reject")
 @click.argument("version")
-@click.option("--reason", default="", help="why (recorded as the approval description)")
+@click.option("--reason", default="", help="why; recorded with the actor and the time (ApprovalDescription "
+              "and the package's metadata)")
+@actor_option
 @backend_options
 @json_option
-def registry_reject(backend: Backend, version: str, reason: str, as_json: bool) -> None:
+def registry_reject(backend: Backend, version: str, reason: str, actor: str | None, as_json: bool) -> None:
     """Reject VERSION (it is never deployed)."""
     from .registry import Registry
 
-    info = Registry(backend).reject(version, reason)
+    info = Registry(backend).reject(version, reason, actor=check_actor(actor or default_actor()))
     if as_json:
         return _dump(info)
     click.echo(f"rejected {info['group']} version {info['version']}" + (f": {reason}" if reason else ""))
+
+
+@registry_group.command("history")
+@click.argument("version")
+@backend_options
+@json_option
+def registry_history(backend: Backend, version: str, as_json: bool) -> None:
+    """Who approved or rejected VERSION, when and why (oldest first)."""
+    from .registry import Registry
+
+    info = Registry(backend).get(version)
+    if as_json:
+        return _dump(info["decisions"])
+    if not info["decisions"]:
+        return click.echo(f"no decisions recorded for version {info['version']} ({info['status']})")
+    _table([[d["at"], d["status"], d["actor"], d["reason"]] for d in info["decisions"]],
+           ["TIME", "DECISION", "ACTOR", "REASON"])
 
 
 # ---------------------------------------------------------------------------- deployments

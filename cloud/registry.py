@@ -8,8 +8,10 @@
     reg = Registry(Backend.local())
     pkg = reg.register("runs/model")        # -> {"version": 1, "status": "PendingManualApproval", ...}
     reg.list()                               # every version, oldest first
-    reg.approve(1)                           # local: deploys at once; AWS: EventBridge -> Lambda deploys
-    reg.reject(2, "F1 below the bar")
+    reg.approve(1, "F1 0.94 vs 0.91", actor="alice")   # local: deploys at once; AWS: EventBridge -> Lambda
+    reg.reject(2, "F1 below the bar", actor="bob")
+    reg.get(1)["decisions"]                  # [{"status", "actor", "at", "reason"}], oldest first
+    reg.card(reg.get(1))                     # the model card (model.json) from the artifact store
 
 A package version is SageMaker's ``ModelPackageVersion`` (1, 2, ...).  It
 becomes component version ``1.0.N`` (:mod:`.settings`).  ``approve`` and
@@ -18,15 +20,34 @@ exactly one package.
 
 What a package records: the ONNX file's sha256, the artifact locations and the
 card's numeric metrics (``CustomerMetadataProperties``: ``onnx_sha256``,
-``model_uri``, ``card_uri``, ``model_version``, ``metric:<name>``), and the
+``model_uri``, ``card_uri``, ``model_version``, ``metric:<name>``, headline metrics
+first, at most :data:`MAX_METRIC_PROPERTIES`), and the
 full metrics document in ``ModelMetrics.ModelQuality.Statistics``.  Artifacts
-are uploaded to ``s3://<bucket>/models/<group>/<sha256[:16]>/``.
+are uploaded to ``s3://<bucket>/models/<group>/<sha256[:16]>/`` (``evaluation.json``
+too when the package has one: ``evaluation_uri``).
+
+Decisions (the audit trail).  Every approve/reject -- and the approval handler's
+refusal, as actor ``windfleet`` -- is recorded with the package itself:
+
+* ``ApprovalDescription``: the latest decision's reason, verbatim (<= 1024 characters);
+* ``CustomerMetadataProperties``: per decision ``decision:<n>`` = ``"<Status> <UTC time> <actor>"``
+  and ``decision:<n>:reason`` = the reason.  SageMaker allows only letters, digits,
+  spaces and ``_.:/=+-@`` in metadata values (at most 256 characters, 50 entries per
+  package), so any other character is written as ``=XX`` per UTF-8 byte (``,`` ->
+  ``=2C``; :func:`encode_value`), and a reason longer than a value holds is cut there
+  (the full text of the latest one stays in ``ApprovalDescription``).  The last
+  :data:`MAX_DECISIONS` decisions are kept in the metadata.
+
+``update_model_package`` merges ``CustomerMetadataProperties`` on AWS and in the local
+store; moto replaces them, so :func:`set_approval` always sends the whole set.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+import unicodedata
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,11 +59,22 @@ from windfleet import jsonlog
 from windfleet.model_contract import CARD_FILE, MODEL_FILE, load_card
 
 from . import settings
-from .backends import Backend
+from .backends import Backend, split_s3_uri
 
 log = logging.getLogger("windfleet.cloud.registry")
 
-MAX_METRIC_PROPERTIES = 40  # CustomerMetadataProperties holds at most 50 entries
+# CustomerMetadataProperties holds at most 50 entries: 6 for the package's record, at most
+# 30 metrics, 2 per decision for the last MAX_DECISIONS decisions.
+MAX_METRIC_PROPERTIES = 30
+EVALUATION_FILE = "evaluation.json"  # training's full evaluation, uploaded beside the card when present
+MAX_DECISIONS = 7
+MAX_METADATA_VALUE = 256
+MAX_DESCRIPTION = 1024  # ApprovalDescription
+ACTOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.@+-]{0,63}$")
+DEFAULT_ACTOR = "windfleet"  # automated decisions (the approval handler's refusals) and callers that name nobody
+# headline metrics first, so the capped set keeps what an approver reads
+_METRIC_ORDER = ("autoencoder.", "isolation_forest.", "pca.", "per_kind")
+_DECISION_KEY = re.compile(r"^decision:(\d+)$")
 
 
 class RegistryError(Exception):
@@ -60,6 +92,89 @@ def flat_metrics(metrics: Any, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def metadata_char_ok(c: str) -> bool:
+    """SageMaker's metadata pattern ``[\\p{L}\\p{Z}\\p{N}_.:/=+\\-@]``, one character."""
+    return c in "_.:/=+-@" or unicodedata.category(c)[0] in "LZN"
+
+
+def encode_value(text: str) -> str:
+    """Free text -> a metadata value SageMaker accepts: ASCII letters, digits, space and
+    ``_.:/+-@`` stay; every other character becomes ``=XX`` per UTF-8 byte (``=`` too)."""
+    out = []
+    for c in text:
+        if c.isascii() and (c.isalnum() or c in " _.:/+-@"):
+            out.append(c)
+        else:
+            out.extend(f"={b:02X}" for b in c.encode())
+    return "".join(out)
+
+
+def decode_value(value: str) -> str:
+    """The inverse of :func:`encode_value` (a malformed escape is kept as it is)."""
+    return re.sub(r"(?:=[0-9A-F]{2})+", lambda m: bytes.fromhex(m.group(0).replace("=", "")).decode(
+        "utf-8", "replace"), value)
+
+
+ELLIPSIS = "\u2026"
+
+
+def encode_capped(text: str, limit: int = MAX_METADATA_VALUE) -> str:
+    """:func:`encode_value` of ``text``, cut between characters to fit ``limit``; a cut
+    text ends with an ellipsis (itself encoded)."""
+    out, size, mark = [], 0, encode_value(ELLIPSIS)
+    for i, c in enumerate(text):
+        e = encode_value(c)
+        if size + len(e) > limit or (size + len(e) + len(mark) > limit and i < len(text) - 1):
+            return "".join(out) + mark
+        out.append(e)
+        size += len(e)
+    return "".join(out)
+
+
+def check_actor(actor: str) -> str:
+    """An actor name (letters, digits, space, ``_.@+-``; at most 64) or ValueError."""
+    if not isinstance(actor, str) or not ACTOR_RE.match(actor):
+        raise ValueError(f"actor {actor!r} must be 1-64 letters, digits, spaces or _.@+- (starting with a "
+                         "letter or digit)")
+    return actor
+
+
+def decisions(meta: dict, description: str = "") -> list[dict]:
+    """The decisions recorded in a package's metadata, oldest first:
+    ``[{"n", "status", "at", "actor", "reason"}]``.  When the latest one's reason was cut
+    to fit the metadata, its full text comes from ``ApprovalDescription``."""
+    out = []
+    for key, value in meta.items():
+        m = _DECISION_KEY.match(key)
+        if not m:
+            continue
+        status, _, rest = str(value).partition(" ")
+        at, _, actor = rest.partition(" ")
+        out.append({"n": int(m.group(1)), "status": status, "at": at, "actor": decode_value(actor),
+                    "reason": decode_value(str(meta.get(f"{key}:reason", "")))})
+    out.sort(key=lambda d: d["n"])
+    if out and out[-1]["reason"].endswith(ELLIPSIS) and description.startswith(out[-1]["reason"][:-1]):
+        out[-1]["reason"] = description
+    return out
+
+
+def record_decision(meta: dict, status: str, reason: str, actor: str, at: str) -> tuple[dict, list[str]]:
+    """``meta`` plus one decision, trimmed to the last :data:`MAX_DECISIONS`; returns
+    ``(new metadata, keys removed)``."""
+    meta = dict(meta)
+    numbers = sorted(int(m.group(1)) for k in meta if (m := _DECISION_KEY.match(k)))
+    n = (numbers[-1] + 1) if numbers else 1
+    meta[f"decision:{n}"] = f"{status} {at} {encode_value(actor)}"
+    if reason:  # a metadata value is at least one character
+        meta[f"decision:{n}:reason"] = encode_capped(reason)
+    removed = []
+    for old in numbers[: max(0, len(numbers) + 1 - MAX_DECISIONS)]:
+        for key in (f"decision:{old}", f"decision:{old}:reason"):
+            if meta.pop(key, None) is not None:
+                removed.append(key)
+    return meta, removed
+
+
 def package_info(desc: dict) -> dict:
     """A ``describe_model_package`` response -> windfleet's registry entry."""
     meta = desc.get("CustomerMetadataProperties") or {}
@@ -67,22 +182,26 @@ def package_info(desc: dict) -> dict:
     metrics = {}
     for key, value in meta.items():
         if key.startswith("metric:"):
+            name = decode_value(key[len("metric:"):])
             try:
-                metrics[key[len("metric:"):]] = float(value)
+                metrics[name] = float(value)
             except ValueError:
-                metrics[key[len("metric:"):]] = value
+                metrics[name] = value
     return {
         "version": int(desc["ModelPackageVersion"]),
         "arn": desc["ModelPackageArn"],
         "group": desc["ModelPackageGroupName"],
         "status": desc["ModelApprovalStatus"],
-        "model_version": meta.get("model_version"),
+        "model_version": decode_value(meta["model_version"]) if meta.get("model_version") else None,
         "component_version": settings.model_component_version(desc["ModelPackageVersion"]),
         "metrics": metrics,
         "sha256": meta.get("onnx_sha256"),
         "model_uri": meta.get("model_uri"),
         "card_uri": meta.get("card_uri"),
+        "evaluation_uri": meta.get("evaluation_uri"),
+        "data_fingerprint": decode_value(meta["data_fingerprint"]) if meta.get("data_fingerprint") else None,
         "description": desc.get("ApprovalDescription") or "",
+        "decisions": decisions(meta, desc.get("ApprovalDescription") or ""),
         "created_at": created.astimezone(timezone.utc).isoformat() if isinstance(created, datetime) else created,
     }
 
@@ -109,18 +228,28 @@ def approval_event(desc: dict, region: str = "local", account: str = "0000000000
     }
 
 
-def set_approval(sm: Any, arn: str, status: str, description: str) -> None:
-    """``update_model_package`` that keeps the package's CustomerMetadataProperties.
+def utc_now() -> str:
+    """The time a decision is recorded with: UTC, seconds, ``2026-11-30T10:31:49Z``."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
-    The properties are sent again unchanged: SageMaker merges them (a no-op), and
-    an implementation that replaces them (moto does) cannot lose the sha256 the
-    approval handler checks.
+
+def set_approval(sm: Any, arn: str, status: str, description: str, actor: str = DEFAULT_ACTOR,
+                 at: str | None = None) -> None:
+    """``update_model_package``: the new status, ``description`` as ``ApprovalDescription``
+    and the decision (status, time, actor, reason) added to ``CustomerMetadataProperties``.
+
+    The whole property set is sent (the package's record plus the decisions): SageMaker
+    merges it (a no-op for the unchanged keys), and an implementation that replaces it
+    (moto does) cannot lose the sha256 the approval handler checks.
     """
+    check_actor(actor)
+    description = description[:MAX_DESCRIPTION]
     meta = sm.describe_model_package(ModelPackageName=arn).get("CustomerMetadataProperties") or {}
+    meta, removed = record_decision(meta, status, description, actor, at or utc_now())
     kwargs: dict[str, Any] = {"ModelPackageArn": arn, "ModelApprovalStatus": status,
-                              "ApprovalDescription": description[:1024]}
-    if meta:
-        kwargs["CustomerMetadataProperties"] = meta
+                              "ApprovalDescription": description, "CustomerMetadataProperties": meta}
+    if removed:
+        kwargs["CustomerMetadataPropertiesToRemove"] = removed
     sm.update_model_package(**kwargs)
 
 
@@ -131,6 +260,8 @@ class Registry:
         self.backend = backend
         self.group = group or backend.model_group
         self.sm = backend.sagemaker
+        self._json_cache: dict[str, dict] = {}
+        self._size_cache: dict[str, int] = {}
 
     # -- group ---------------------------------------------------------------
     def ensure_group(self) -> None:
@@ -160,15 +291,24 @@ class Registry:
                       ContentType="application/json")
         s3.put_object(Bucket=bucket, Key=prefix + "metrics.json", Body=json.dumps(card["metrics"]).encode(),
                       ContentType="application/json")
+        evaluation = model_dir / EVALUATION_FILE
+        if evaluation.is_file():
+            s3.put_object(Bucket=bucket, Key=prefix + EVALUATION_FILE, Body=evaluation.read_bytes(),
+                          ContentType="application/json")
         metadata = {
             "onnx_sha256": digest,
             "model_uri": self.backend.s3_uri(prefix + MODEL_FILE),
             "card_uri": self.backend.s3_uri(prefix + CARD_FILE),
-            "model_version": str(card["version"])[:256],
-            "data_fingerprint": str(card["data_fingerprint"])[:256],
+            "model_version": encode_value(str(card["version"]))[:256],
+            "data_fingerprint": encode_value(str(card["data_fingerprint"]))[:256],
         }
-        for name, value in list(flat_metrics(card["metrics"]).items())[:MAX_METRIC_PROPERTIES]:
-            metadata[f"metric:{name}"[:128]] = repr(round(value, 6))
+        if evaluation.is_file():
+            metadata["evaluation_uri"] = self.backend.s3_uri(prefix + EVALUATION_FILE)
+        metrics = sorted(flat_metrics(card["metrics"]).items(),
+                         key=lambda kv: next((i for i, p in enumerate(_METRIC_ORDER) if kv[0].startswith(p)),
+                                             len(_METRIC_ORDER)))
+        for name, value in metrics[:MAX_METRIC_PROPERTIES]:
+            metadata[f"metric:{encode_value(name)}"[:128]] = repr(round(value, 6))
         resp = self.sm.create_model_package(
             ModelPackageGroupName=self.group,
             ModelPackageDescription=f"windfleet anomaly model {card['version']}"[:1024],
@@ -230,15 +370,56 @@ class Registry:
     def get(self, version: int | str) -> dict:
         return self.describe(self.resolve(version))
 
+    # -- artifacts -----------------------------------------------------------
+    def read_json(self, uri: str | None) -> dict | None:
+        """A JSON object from the artifact store (cached: the keys are content-addressed); None if unreadable."""
+        if not uri:
+            return None
+        cached = self._json_cache.get(uri)  # content-addressed keys: a uri's object never changes
+        if cached is None:
+            bucket, key = split_s3_uri(uri)
+            try:
+                cached = json.loads(self.backend.s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+            except (ClientError, ValueError, OSError) as exc:
+                jsonlog.event(log, "artifact unreadable", logging.WARNING, uri=uri, error=str(exc)[:200])
+                return None
+            if isinstance(cached, dict):
+                self._json_cache[uri] = cached
+        return cached if isinstance(cached, dict) else None
+
+    def card(self, info: dict) -> dict | None:
+        """The model card (``model.json``) of a registry entry, from the artifact store (None if unreadable)."""
+        return self.read_json(info.get("card_uri"))
+
+    def artifact_size(self, info: dict) -> int | None:
+        """``model.onnx``'s size in bytes (None if the store cannot say)."""
+        uri = info.get("model_uri")
+        if not uri:
+            return None
+        if uri not in self._size_cache:
+            bucket, key = split_s3_uri(uri)
+            try:
+                self._size_cache[uri] = int(self.backend.s3.head_object(Bucket=bucket, Key=key)["ContentLength"])
+            except (ClientError, KeyError, ValueError, OSError):
+                return None
+        return self._size_cache[uri]
+
+    def evaluation(self, info: dict) -> dict | None:
+        """Training's ``evaluation.json`` of a registry entry, when it was registered with one."""
+        return self.read_json(info.get("evaluation_uri"))
+
     # -- decide --------------------------------------------------------------
-    def approve(self, version: int | str, description: str = "approved with windfleet") -> dict:
-        """Mark a version Approved.  Locally the approval handler deploys it at once
-        (``result["deployment"]``); on AWS the EventBridge rule invokes the Lambda."""
+    def approve(self, version: int | str, reason: str = "approved with windfleet",
+                actor: str = DEFAULT_ACTOR) -> dict:
+        """Mark a version Approved, recording ``reason`` and ``actor``.  Locally the approval
+        handler deploys it at once (``result["deployment"]``); on AWS the EventBridge rule
+        invokes the Lambda."""
+        check_actor(actor)
         arn = self.resolve(version)
-        set_approval(self.sm, arn, "Approved", description)
+        set_approval(self.sm, arn, "Approved", reason or "approved with windfleet", actor)
         desc = self.sm.describe_model_package(ModelPackageName=arn)
         info = package_info(desc)
-        jsonlog.event(log, "model approved", version=info["version"], arn=arn)
+        jsonlog.event(log, "model approved", version=info["version"], arn=arn, actor=actor, reason=reason)
         if self.backend.is_local:
             from .approval import handler
 
@@ -249,9 +430,10 @@ class Registry:
             info["deployment"] = None  # EventBridge -> the approval Lambda
         return info
 
-    def reject(self, version: int | str, reason: str = "") -> dict:
-        """Mark a version Rejected with ``reason`` (it is never deployed)."""
+    def reject(self, version: int | str, reason: str = "", actor: str = DEFAULT_ACTOR) -> dict:
+        """Mark a version Rejected with ``reason`` and ``actor`` (it is never deployed)."""
+        check_actor(actor)
         arn = self.resolve(version)
-        set_approval(self.sm, arn, "Rejected", reason or "rejected with windfleet")
-        jsonlog.event(log, "model rejected", arn=arn, reason=reason)
+        set_approval(self.sm, arn, "Rejected", reason or "rejected with windfleet", actor)
+        jsonlog.event(log, "model rejected", arn=arn, reason=reason, actor=actor)
         return self.describe(arn)

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from moto import mock_aws
 
 from windfleet.cloud import cli as cloud_cli
-from windfleet.cloud import settings
+from windfleet.cloud import canary, settings
 from windfleet.cloud.backends import Backend
 from windfleet.cloud.testing import fake_build, fake_model_dir
 
@@ -62,7 +62,8 @@ def test_lifecycle_on_the_local_backend(run, tmp_path):
     out = run("deploy").output
     assert "deployment" in out and f"{settings.MODEL_COMPONENT} 1.0.0" in out
 
-    out = run("registry", "approve", "1").output
+    canary.save_config(Backend.local(run.home), {"enabled": False})  # straight to the fleet (test_canary.py)
+    out = run("registry", "approve", "1").output  # to the fleet, or first to a canary of it
     assert "approved" in out and f"{settings.MODEL_COMPONENT} 1.0.1" in out
     assert "already in deployment" in run("registry", "approve", "1").output  # idempotent
     out = run("registry", "reject", "2", "--reason", "F1 too good to be true").output
@@ -133,3 +134,46 @@ def test_provision_local_and_aws(run, monkeypatch):
         assert "deleted" in out
         result = run("registry", "approve", "1", "--backend", "aws", "--region", "us-east-1", ok=False)
         assert result.exit_code == 1 and "Error: no model package version" in result.output
+
+
+def test_approve_and_reject_record_reason_actor_and_time(run, tmp_path, monkeypatch):
+    run("publish", "--build-dir", str(fake_build(tmp_path / "gb")))
+    for i, version in enumerate(("1.0.0", "1.1.0"), 1):
+        run("registry", "register", str(fake_model_dir(tmp_path / f"m{i}", version)))
+    run("registry", "approve", "1", "--reason", "baseline, reviewed", "--actor", "alice")
+    monkeypatch.setenv("WINDFLEET_ACTOR", "bob")
+    assert "F1 too low" in run("registry", "reject", "2", "--reason", "F1 too low").output
+    history = json.loads(run("registry", "history", "1", "--json").output)
+    assert [(d["status"], d["actor"], d["reason"]) for d in history] == [("Approved", "alice", "baseline, reviewed")]
+    out = run("registry", "history", "2").output
+    assert out.splitlines()[0].split() == ["TIME", "DECISION", "ACTOR", "REASON"]
+    assert "Rejected  bob" in out and "F1 too low" in out
+    result = run("registry", "reject", "2", "--actor", "a;b", ok=False)
+    assert result.exit_code == 1 and "Error: actor 'a;b' must be" in result.output
+
+    other = ("--home", str(tmp_path / "other-home"))  # a fleet's first approval, with the old option
+    run("publish", "--build-dir", str(fake_build(tmp_path / "gb")), *other)
+    run("registry", "register", str(fake_model_dir(tmp_path / "m3", "1.2.0")), *other)
+    run("registry", "approve", "1", "--description", "the old option still works", *other)
+    [listed] = json.loads(run("registry", "list", "--json", *other).output)
+    assert [(d["actor"], d["reason"]) for d in listed["decisions"]] == [("bob", "the old option still works")]
+
+
+def test_decisions_from_the_cli_on_aws_in_moto(run, tmp_path, monkeypatch):
+    import boto3
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    aws = ("--backend", "aws", "--region", "us-east-1", "--bucket", "wf-b")
+    with mock_aws():
+        boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="wf-b")
+        run("registry", "register", str(fake_model_dir(tmp_path / "m")), *aws)
+        out = run("registry", "approve", "1", "--reason", "F1 0.9, reviewed", "--actor", "alice", *aws).output
+        assert "EventBridge -> Lambda" in out
+        [d] = json.loads(run("registry", "history", "1", "--json", *aws).output)
+        assert (d["status"], d["actor"], d["reason"]) == ("Approved", "alice", "F1 0.9, reviewed")
+        desc = boto3.client("sagemaker", region_name="us-east-1").describe_model_package(
+            ModelPackageName=json.loads(run("registry", "list", "--json", *aws).output)[0]["arn"])
+        assert desc["ApprovalDescription"] == "F1 0.9, reviewed"
+        assert desc["CustomerMetadataProperties"]["decision:1:reason"] == "F1 0.9=2C reviewed"

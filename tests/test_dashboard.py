@@ -83,18 +83,18 @@ class FakeRegistry:
     def list(self):
         return list(self.versions.values())
 
-    def approve(self, version: str):
+    def approve(self, version: str, reason: str = "", actor: str = "windfleet"):
         if version not in self.versions:
             raise KeyError(version)
-        self.versions[version]["status"] = "Approved"
+        self.versions[version].update(status="Approved", reason=reason, actor=actor)
         return self.gg.create_deployment("arn:aws:iot:local:000000000000:thinggroup/windfleet-fleet",
                                          f"windfleet-model-{version}",
                                          {"com.windfleet.AnomalyModel": {"componentVersion": f"1.0.{version}"}})
 
-    def reject(self, version: str, reason: str):
+    def reject(self, version: str, reason: str, actor: str = "windfleet"):
         if version not in self.versions:
             raise KeyError(version)
-        self.versions[version].update(status="Rejected", reason=reason)
+        self.versions[version].update(status="Rejected", reason=reason, actor=actor)
         return {"version": version, "status": "Rejected"}
 
 
@@ -221,9 +221,11 @@ def test_api_writes_need_the_token_and_reads_do_not(live):
     auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
     too_long = json.dumps({"reason": "x" * 501}).encode()
     assert request(url + "/api/registry/3/reject", "POST", auth, too_long)[0] == 400
-    assert request(url + "/api/registry/..%2F3/approve", "POST", auth, b"{}")[0] in (400, 404)
-    assert request(url + "/api/registry/99/approve", "POST", auth, b"{}")[0] == 404
-    assert request(url + "/api/registry/3/delete", "POST", auth, b"{}")[0] == 404
+    reason = json.dumps({"reason": "looks good"}).encode()
+    assert request(url + "/api/registry/..%2F3/approve", "POST", auth, reason)[0] in (400, 404)
+    assert request(url + "/api/registry/99/approve", "POST", auth, reason)[0] == 404
+    assert request(url + "/api/registry/3/delete", "POST", auth, reason)[0] == 404
+    assert request(url + "/api/registry/3/approve", "POST", auth, b"{}")[0] == 400  # no reason, no decision
     assert live["registry"].versions["3"]["status"] == "PendingManualApproval"  # nothing above changed it
 
 
@@ -431,6 +433,8 @@ def test_approve_is_refused_without_the_token_and_starts_a_deployment_with_it(li
     approve.wait_for()
     page.fill("#token", "")
     approve.click()
+    page.fill("#reason", "F1 0.94 beats the fleet's 0.91")
+    page.click("#decide-confirm")
     page.wait_for_selector('#message[data-status="401"]')
     assert page.inner_text("#message") == (
         "approve 3 refused (401): approve/reject need the dashboard token as 'Authorization: Bearer <token>'")
@@ -439,12 +443,14 @@ def test_approve_is_refused_without_the_token_and_starts_a_deployment_with_it(li
 
     page.fill("#token", TOKEN)
     with page.expect_response(lambda r: r.url.endswith("/api/registry/3/approve")) as answer:
-        page.locator('tr.version-row[data-version="3"] button.approve').click()
+        page.click("#decide-confirm")  # the form stays open, with its reason, after a refusal
     page.wait_for_selector('#message[data-status="200"]')
     assert answer.value.status == 200 and answer.value.json() == {
-        "version": "3", "action": "approve", "result": {"deploymentId": "dep-1"}}
-    assert page.inner_text("#message") == "approve 3: accepted"
+        "version": "3", "action": "approve", "actor": "dashboard", "reason": "F1 0.94 beats the fleet's 0.91",
+        "result": {"deploymentId": "dep-1"}}
+    assert page.inner_text("#message") == "approve 3: accepted (recorded as dashboard)"
     assert live["registry"].versions["3"]["status"] == "Approved"
+    assert live["registry"].versions["3"]["actor"] == "dashboard"
     assert [d["deploymentName"] for d in live["greengrass"].deployments] == ["windfleet-model-3"]
     page.locator("tr.deployment-row").first.wait_for()
     assert "windfleet-model-3" in page.inner_text("#deployments")
@@ -514,8 +520,10 @@ def test_a_remote_browser_signs_in_by_form_post_and_acts_only_with_the_token(rem
         pg.goto(url + "/registry")
         pg.locator('tr.version-row[data-version="3"] button.approve').wait_for()
         pg.fill("#token", TOKEN)
+        pg.locator('tr.version-row[data-version="3"] button.approve').click()
+        pg.fill("#reason", "approved from a remote browser")
         with pg.expect_response(lambda r: r.url.endswith("/api/registry/3/approve")) as answer:
-            pg.locator('tr.version-row[data-version="3"] button.approve').click()
+            pg.click("#decide-confirm")
         assert answer.value.status == 200 and answer.value.json()["result"] == {"deploymentId": "dep-1"}
         pg.wait_for_selector('#message[data-status="200"]')
         assert remote["registry"].versions["3"]["status"] == "Approved"
@@ -578,7 +586,8 @@ def test_cli_serves_on_loopback_and_prints_the_token(tmp_path):
         base = f"http://127.0.0.1:{port}"
         assert request(base + "/api/fleet")[1]["gateways"] == []
         assert request(base + "/api/registry/1/approve", "POST")[0] == 401
-        status, body, _ = request(base + "/api/registry/1/approve", "POST", {"Authorization": f"Bearer {token}"}, b"{}")
+        status, body, _ = request(base + "/api/registry/1/approve", "POST", {"Authorization": f"Bearer {token}"},
+                                  b'{"reason": "ok"}')
         assert (status, body) == (404, {"error": APPROVE_UNKNOWN_ERROR}), body  # the token worked; nothing to approve
     finally:
         proc.terminate()
@@ -608,12 +617,15 @@ def test_approve_through_the_real_local_registry_starts_a_deployment(tmp_path):
             assert request(served.url + "/api/registry/1/approve", "POST")[0] == 401
             assert request(served.url + "/api/deployments")[1]["deployments"] == []
             auth = {"Authorization": f"Bearer {TOKEN}"}
-            assert request(served.url + "/api/registry/7/approve", "POST", auth, b"{}")[0] == 404
-            status, body, _ = request(served.url + "/api/registry/1/approve", "POST", auth, b"{}")
+            reason = b'{"reason": "first model for the fleet"}'
+            assert request(served.url + "/api/registry/7/approve", "POST", auth, reason)[0] == 404
+            status, body, _ = request(served.url + "/api/registry/1/approve", "POST", auth, reason)
             assert status == 200, body
             assert body["result"]["deployment"]["status"] == "deployed"
             deployments = request(served.url + "/api/deployments")[1]["deployments"]
             assert len(deployments) == 1 and deployments[0]["deploymentId"] == body["result"]["deployment"]["deploymentId"]
-            assert request(served.url + "/api/registry")[1]["versions"][0]["status"] == "Approved"
+            [row] = request(served.url + "/api/registry")[1]["versions"]
+            assert row["status"] == "Approved" and row["actions"] == []
+            assert [(d["actor"], d["reason"]) for d in row["decisions"]] == [("dashboard", "first model for the fleet")]
         finally:
             served.close()

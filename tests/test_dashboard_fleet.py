@@ -90,8 +90,10 @@ def test_operator_watches_the_fleet_and_approves_a_version(served_fleet, page, m
     page.locator(f"{row} button.approve").wait_for()
     version = str(entry["version"])
     page.fill("#token", "")
+    page.locator(f"{row} button.approve").click()
+    page.fill("#reason", "v1.0.4 passed review")
     with page.expect_response(lambda r: r.url.endswith(f"/api/registry/{version}/approve")) as refused:
-        page.locator(f"{row} button.approve").click()
+        page.click("#decide-confirm")
     page.wait_for_selector('#message[data-status="401"]')
     assert (refused.value.status, refused.value.json()) == (
         401, {"error": "approve/reject need the dashboard token as 'Authorization: Bearer <token>'"})
@@ -102,7 +104,7 @@ def test_operator_watches_the_fleet_and_approves_a_version(served_fleet, page, m
     page.fill("#token", served_fleet["token"])
     with page.expect_response(lambda r: r.url.endswith(f"/api/registry/{version}/approve"),
                               timeout=60_000) as answer:
-        page.locator(f"{row} button.approve").click()
+        page.click("#decide-confirm")
     page.wait_for_selector('#message[data-status="200"]', timeout=60_000)
     assert answer.value.status == 200
     body = answer.value.json()
@@ -111,7 +113,9 @@ def test_operator_watches_the_fleet_and_approves_a_version(served_fleet, page, m
     assert (result["version"], result["status"], result["arn"]) == (
         entry["version"], "Approved", registry.get(entry["version"])["arn"])
     assert result["deployment"]["status"] == "deployed", result["deployment"]
-    assert page.inner_text("#message") == f"approve {version}: accepted"
+    assert page.inner_text("#message") == f"approve {version}: accepted (recorded as {body['actor']})"
+    assert [(d["actor"], d["reason"]) for d in registry.get(entry["version"])["decisions"]] == [
+        (body["actor"], "v1.0.4 passed review")]
     assert registry.get(entry["version"])["status"] == "Approved"
     # the deployment the answer names is the one the deployment service now lists as the latest
     deployments = _get(url + "/api/deployments")["deployments"]

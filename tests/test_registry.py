@@ -218,3 +218,98 @@ def test_handler_in_moto_with_the_lambda_environment(moto_backend, tmp_path, mon
     key = f"{settings.MODEL_COMPONENT}/1.0.1/model.onnx"
     assert lam.s3.get_object(Bucket="wf-artifacts", Key=key)["Body"].read() == \
         (tmp_path / "1.0.0" / "model.onnx").read_bytes()
+
+
+# ------------------------------------------------------------------------- decisions (audit trail)
+REASON = "F1 0.94 vs 0.91, FAR = 0.1 % (was 0.2 %); recall 'bearing' +0.12 -- ok für Zürich\nsecond line"
+
+
+@pytest.mark.parametrize("kind", ["local", "moto"])
+def test_decisions_are_recorded_with_the_package(kind, request, tmp_path):
+    """Reason, actor and time of every decision live in the package (ApprovalDescription +
+    CustomerMetadataProperties), in values SageMaker's pattern accepts, and read back intact."""
+    from windfleet.cloud.registry import MAX_DECISIONS, metadata_char_ok
+
+    backend = request.getfixturevalue("local" if kind == "local" else "moto_backend")
+    reg = Registry(backend)
+    info = reg.register(fake_model_dir(tmp_path / "m", "1.0.0"))
+    assert info["decisions"] == []
+    reg.reject(1, REASON, actor="bob")
+    after = reg.get(1)
+    assert after["description"] == REASON and after["status"] == "Rejected"
+    [d] = after["decisions"]
+    assert (d["status"], d["actor"], d["reason"]) == ("Rejected", "bob", REASON)
+    assert len(d["at"]) == 20 and d["at"].endswith("Z")
+    meta = backend.sagemaker.describe_model_package(ModelPackageName=info["arn"])["CustomerMetadataProperties"]
+    assert all(metadata_char_ok(c) for v in meta.values() for c in v) and all(len(v) <= 256 for v in meta.values())
+    assert meta["onnx_sha256"] == info["sha256"]  # the record survives (moto replaces the whole set)
+
+    long_reason = "x, " * 400  # longer than a metadata value: the latest keeps its full text
+    for i in range(MAX_DECISIONS + 1):
+        reg.reject(1, long_reason if i == MAX_DECISIONS else f"round {i}", actor=f"user{i}")
+    decided = reg.get(1)["decisions"]
+    assert len(decided) == MAX_DECISIONS and decided[0]["actor"] == "user1"
+    assert decided[-1]["reason"] == long_reason[:1024]
+    meta = backend.sagemaker.describe_model_package(ModelPackageName=info["arn"])["CustomerMetadataProperties"]
+    assert len(meta) <= 50 and meta["onnx_sha256"] == info["sha256"]
+    with pytest.raises(ValueError, match="actor"):
+        reg.approve(1, "ok", actor="<script>")
+
+
+def test_the_approval_handler_records_its_refusal(local, tmp_path):
+    info, desc = _approved(local, tmp_path)
+    bucket, key = info["model_uri"][5:].split("/", 1)
+    local.s3.put_object(Bucket=bucket, Key=key, Body=b"corrupted in the store")
+    approval.handler(approval_event(desc), None, backend=local)
+    assert [(d["status"], d["actor"]) for d in Registry(local).get(info["version"])["decisions"]] == [
+        ("Approved", "windfleet"), ("Rejected", "windfleet")]
+
+
+def test_the_local_store_refuses_metadata_sagemaker_refuses(local):
+    from botocore.exceptions import ClientError
+
+    sm = local.sagemaker
+    sm.create_model_package_group(ModelPackageGroupName="g")
+    for bad in ({"k": "a, b"}, {"k": ""}, {"k" * 129: "v"}, {"k": "v" * 257}, {f"k{i}": "v" for i in range(51)}):
+        with pytest.raises(ClientError) as err:
+            sm.create_model_package(ModelPackageGroupName="g", CustomerMetadataProperties=bad)
+        assert err.value.response["Error"]["Code"] == "ValidationException"
+    arn = sm.create_model_package(ModelPackageGroupName="g", CustomerMetadataProperties={"a": "1", "b": "2"})[
+        "ModelPackageArn"]
+    sm.update_model_package(ModelPackageArn=arn, CustomerMetadataProperties={"c": "3"},
+                            CustomerMetadataPropertiesToRemove=["a"])
+    assert sm.describe_model_package(ModelPackageName=arn)["CustomerMetadataProperties"] == {"b": "2", "c": "3"}
+
+
+def test_set_approval_sends_what_the_sagemaker_api_accepts():
+    """moto neither validates metadata values nor merges them, so the request itself is
+    checked against the real service model with Stubber: the documented value pattern
+    (the one :func:`metadata_char_ok` implements), lengths, and the full set resent."""
+    import boto3
+    from botocore.stub import Stubber
+
+    from windfleet.cloud.registry import metadata_char_ok
+
+    sm = boto3.client("sagemaker", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+    op = sm.meta.service_model.operation_model("UpdateModelPackage")
+    value_shape = op.input_shape.members["CustomerMetadataProperties"].value
+    assert value_shape.metadata["pattern"] == "([\\p{L}\\p{Z}\\p{N}_.:\\/=+\\-@]*)${1,256}"
+    arn = "arn:aws:sagemaker:us-east-1:123456789012:model-package/windfleet-anomaly/3"
+    record = {"onnx_sha256": "ab" * 32, "model_uri": "s3://b/models/x/model.onnx", "metric:f1": "0.94"}
+    sent = {}
+    with Stubber(sm) as stub:
+        stub.add_response("describe_model_package", {
+            "ModelPackageName": "windfleet-anomaly", "ModelPackageArn": arn, "CreationTime": 0,
+            "ModelPackageStatus": "Completed", "CustomerMetadataProperties": record,
+            "ModelPackageStatusDetails": {"ValidationStatuses": []}}, {"ModelPackageName": arn})
+        stub.add_response("update_model_package", {"ModelPackageArn": arn}, None)
+        sm.meta.events.register("provide-client-params.sagemaker.UpdateModelPackage",
+                                lambda params, **_: sent.update(params))
+        set_approval(sm, arn, "Approved", REASON, actor="alice", at="2026-11-30T10:31:49Z")
+        stub.assert_no_pending_responses()
+    assert sent["ModelApprovalStatus"] == "Approved" and sent["ApprovalDescription"] == REASON
+    meta = sent["CustomerMetadataProperties"]
+    assert {k: meta[k] for k in record} == record  # resent unchanged
+    assert meta["decision:1"] == "Approved 2026-11-30T10:31:49Z alice"
+    assert all(1 <= len(v) <= 256 and all(metadata_char_ok(c) for c in v) for v in meta.values())
+    assert all(1 <= len(k) <= 128 and all(metadata_char_ok(c) for c in k) for k in meta)

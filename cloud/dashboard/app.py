@@ -10,13 +10,21 @@ HTML + ``app.js`` that poll the JSON API below; charts are uPlot, served from
 
 JSON API::
 
-    GET  /api/fleet                       gateways, turbines, components, loss, deployment per device
+    GET  /api/fleet                       gateways (state, errors, turbines, components, loss, deployment
+                                          per device) + summary (counts by state, open anomalies, the
+                                          deployment in progress); ?state=&q=&offset=&limit= for one page
     GET  /api/turbines/{id}/scores        ?since=<epoch s>&limit=<1..20000>
     GET  /api/anomalies                   ?since=&limit=&thing=
-    GET  /api/registry                    model versions, status, metrics
+    GET  /api/registry                    one row per model version (models.model_row) + what the fleet runs
+    GET  /api/registry/{version}/compare  that version beside the fleet's model: metric deltas, thresholds
     GET  /api/deployments                 latest deployment per target + per-device outcome
-    POST /api/registry/{version}/approve  Authorization: Bearer <token>
+    POST /api/registry/{version}/approve  Authorization: Bearer <token>; JSON {"reason": "..."}
     POST /api/registry/{version}/reject   Authorization: Bearer <token>; JSON {"reason": "..."}
+
+Decisions need a reason (1-500 characters) and apply to versions pending approval
+only (409 otherwise).  The actor recorded with them is the name of the token used
+(``create_app(tokens={"alice": "<token>", ...})``; a single ``token`` is named
+``token_name``), never a name the request claims.
 
     GET  /login                           a form; POST /login (form field ``token``) sets the
                                           session cookie; POST /logout clears it
@@ -45,6 +53,9 @@ import json
 import math
 import re
 import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from html import escape
 from urllib.parse import parse_qs
 from datetime import date, datetime
@@ -52,6 +63,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -60,10 +72,15 @@ from starlette.staticfiles import StaticFiles
 
 from windfleet.cloud.ingest import THING_RE, TURBINE_RE, TelemetryStore
 
+from . import fleetview, models
+
 STATIC = Path(__file__).parent / "static"
 VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")
 MAX_LIMIT = 20_000
 MAX_REASON = 500
+MAX_PAGE = 500  # gateways per /api/fleet page
+CACHE_S = 3.0  # per-device deployment lookups and the fleet's model, shared by every poll this long
+LOOKUP_THREADS = 8  # concurrent per-device deployment lookups (boto3 clients are thread-safe)
 MAX_BODY = 4096  # approve/reject and /login bodies; refused (413) before they are read past this
 COOKIE = "windfleet_session"
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
@@ -213,24 +230,63 @@ def _latest(items: list[dict], *keys: str) -> dict | None:
     return max(items, key=key) if items else None
 
 
+def session_of(token: str) -> str:
+    """The session cookie's value for ``token``: derived from it, so a stolen cookie is not the token."""
+    return hmac.new(token.encode(), b"windfleet-dashboard-session", hashlib.sha256).hexdigest()
+
+
 class Dashboard:
     """The request handlers; ``create_app`` wires them into Starlette."""
 
     def __init__(self, store: TelemetryStore, registry: Any = None, greengrass: Any = None,
-                 token: str | None = None, poll_ms: int = 2000):
+                 token: str | None = None, poll_ms: int = 2000, *, token_name: str = "dashboard",
+                 tokens: dict[str, str] | None = None,
+                 offline_after_s: float = fleetview.DEFAULT_OFFLINE_AFTER_S):
         self.store, self.registry, self.greengrass = store, registry, greengrass
-        self.token = token or secrets.token_urlsafe(24)
-        self.poll_ms = poll_ms
+        self.poll_ms, self.offline_after_s = poll_ms, offline_after_s
+        # token -> the actor name recorded with the decisions it authorises
+        self.actors: dict[str, str] = {t: name for name, t in (tokens or {}).items()}
+        if token or not self.actors:
+            self.token = token or secrets.token_urlsafe(24)
+            self.actors[self.token] = token_name
+        else:
+            self.token = next(iter(self.actors))
+        self.sessions = {session_of(t): name for t, name in self.actors.items()}
+        self._cache: dict[str, tuple[float, Any]] = {}
+        self._cache_lock = threading.Lock()
 
-        # the cookie carries a value derived from the token, so a stolen cookie is not the token
-        self.session = hmac.new(self.token.encode(), b"windfleet-dashboard-session", hashlib.sha256).hexdigest()
+    def cached(self, key: str, compute: Callable[[], Any], ttl: float = CACHE_S) -> Any:
+        """``compute()``, shared by the requests of the next ``ttl`` seconds (polls of many pages)."""
+        now = time.monotonic()
+        with self._cache_lock:
+            hit = self._cache.get(key)
+            if hit and now - hit[0] < ttl:
+                return hit[1]
+        value = compute()
+        with self._cache_lock:
+            self._cache[key] = (time.monotonic(), value)
+        return value
+
+    def forget(self) -> None:
+        with self._cache_lock:
+            self._cache.clear()
 
     # ------------------------------------------------------------ auth
+    @staticmethod
+    def _match(candidate: str | None, table: dict[str, str]) -> str | None:
+        """The name of the entry equal to ``candidate``; every entry is compared in constant time."""
+        found = None
+        if candidate:
+            for secret, name in table.items():
+                if hmac.compare_digest(candidate.encode(), secret.encode()):
+                    found = name
+        return found
+
     def _token_ok(self, candidate: str | None) -> bool:
-        return bool(candidate) and hmac.compare_digest(candidate.encode(), self.token.encode())
+        return self._match(candidate, self.actors) is not None
 
     def _session_ok(self, candidate: str | None) -> bool:
-        return bool(candidate) and hmac.compare_digest(candidate.encode(), self.session.encode())
+        return self._match(candidate, self.sessions) is not None
 
     @staticmethod
     def _bearer(headers: Any) -> str | None:
@@ -249,8 +305,10 @@ class Dashboard:
     def read_allowed(self, request: Request) -> bool:
         return self.is_local(request) or self.credentials_ok(request)
 
-    def action_allowed(self, request: Request) -> bool:
-        return self._token_ok(self._bearer(request.headers))  # header only: never the cookie, never "local"
+    def actor(self, request: Request) -> str | None:
+        """Who is deciding: the name of the bearer token, None without a valid one.  The header
+        only: never the cookie, never "local"."""
+        return self._match(self._bearer(request.headers), self.actors)
 
     # ------------------------------------------------------------ pages
     def _page(self, name: str, params: dict[str, str]) -> HTMLResponse:
@@ -290,7 +348,7 @@ class Dashboard:
         if not self._token_ok(token):
             return login_page(401, "Wrong token.")
         response = RedirectResponse("/", status_code=303)
-        response.set_cookie(COOKIE, self.session, httponly=True, samesite="strict", path="/",
+        response.set_cookie(COOKIE, session_of(token), httponly=True, samesite="strict", path="/",
                             secure=request.url.scheme == "https")
         return response
 
@@ -301,24 +359,47 @@ class Dashboard:
 
     # ------------------------------------------------------------ API: reads
     def deployments_by_device(self, things: list[str]) -> dict[str, Any]:
+        """Each device's latest effective deployment.  One call per device (the service has no
+        bulk read), made :data:`LOOKUP_THREADS` at a time: on AWS each is a round trip."""
         if self.greengrass is None:
             return {}
-        out: dict[str, Any] = {}
-        for thing in things:
+
+        def one(thing: str) -> Any:
             try:
                 resp = self.greengrass.list_effective_deployments(coreDeviceThingName=thing)
-                latest = _latest(resp.get("effectiveDeployments", []), "modifiedTimestamp", "creationTimestamp")
-                out[thing] = jsonable(latest)
+                return jsonable(_latest(resp.get("effectiveDeployments", []), "modifiedTimestamp", "creationTimestamp"))
             except Exception as exc:  # noqa: BLE001 - a device the service does not know yet
-                out[thing] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
-        return out
+                return {"error": f"{type(exc).__name__}: {exc}"[:200]}
+
+        if len(things) < 2:
+            return {thing: one(thing) for thing in things}
+        with ThreadPoolExecutor(max_workers=min(LOOKUP_THREADS, len(things))) as pool:
+            return dict(zip(things, pool.map(one, things)))
+
+    def fleet_view(self) -> dict:
+        """The annotated fleet (every gateway), per-device deployments cached for :data:`CACHE_S`."""
+        fleet = self.store.fleet()
+        things = [g["thing"] for g in fleet["gateways"]]
+        per_device = self.cached("deployments:" + ",".join(things), lambda: self.deployments_by_device(things))
+        fleet = fleetview.annotate(fleet, per_device, self.offline_after_s)
+        fleet["deployments_available"] = self.greengrass is not None
+        return fleet
 
     async def api_fleet(self, request: Request) -> Response:
-        fleet = self.store.fleet()
-        deployments = self.deployments_by_device([g["thing"] for g in fleet["gateways"]])
-        for gateway in fleet["gateways"]:
-            gateway["deployment"] = deployments.get(gateway["thing"])
-        fleet["deployments_available"] = self.greengrass is not None
+        q = request.query_params
+        state = q.get("state") or None
+        if state is not None and state not in fleetview.STATES:
+            raise BadRequest(f"state must be one of {', '.join(fleetview.STATES)}")
+        query = q.get("q") or None
+        if query is not None and len(query) > 128:
+            raise BadRequest("q is at most 128 characters")
+        offset = q.get("offset", "0")
+        limit = q.get("limit")
+        if not offset.isdigit() or (limit is not None and (not limit.isdigit() or not 1 <= int(limit) <= MAX_PAGE)):
+            raise BadRequest(f"offset must be an integer >= 0 and limit one in 1..{MAX_PAGE}")
+        # store and deployment-service reads block: off the event loop, so other requests go on
+        fleet = fleetview.page(await run_in_threadpool(self.fleet_view), state, query, int(offset),
+                               int(limit) if limit else None)
         return _json(fleet)
 
     async def api_scores(self, request: Request) -> Response:
@@ -337,13 +418,54 @@ class Dashboard:
         items = self.store.anomalies(_query_float(request, "since"), _query_limit(request, 200), thing)
         return _json({"anomalies": items, "logs": self.store.logs(limit=50)})
 
+    def _entries(self) -> list[dict]:
+        return registry_entries(self.registry)
+
+    def fleet_model(self, entries: list[dict]) -> dict:
+        return self.cached("fleet-model", lambda: models.fleet_model(self.registry, self.greengrass, self.store,
+                                                                     entries))
+
     async def api_registry(self, request: Request) -> Response:
         if self.registry is None:
             return _json({"available": False, "versions": []})
+        return _json(await run_in_threadpool(self.registry_view))
+
+    def registry_view(self) -> dict:
         try:
-            return _json({"available": True, "versions": registry_entries(self.registry)})
+            entries = self._entries()
+            rows = models.registry_rows(self.registry, entries)
         except Exception as exc:  # noqa: BLE001 - show it, do not 500 the page
-            return _json({"available": True, "versions": [], "error": f"{type(exc).__name__}: {exc}"[:300]})
+            return {"available": True, "versions": [], "error": f"{type(exc).__name__}: {exc}"[:300]}
+        try:
+            fleet = self.fleet_model(entries)
+        except Exception as exc:  # noqa: BLE001 - the versions still show
+            fleet = {"source": None, "detail": f"cannot tell what the fleet runs: {type(exc).__name__}: {exc}"[:300]}
+        running = (fleet.get("row") or {}).get("version")
+        for row in rows:
+            row["running"] = running is not None and row["version"] == running
+        return {"available": True, "versions": rows,
+                "fleet": {k: v for k, v in fleet.items() if k != "row"} | {"version": running}}
+
+    async def api_compare(self, request: Request) -> Response:
+        version = request.path_params["version"]
+        if not VERSION_RE.match(version):
+            return _error(400, "bad version")
+        if self.registry is None:
+            return _error(503, "no model registry configured")
+        view = await run_in_threadpool(self.compare_view, version)
+        return _error(404, f"unknown version {version}") if view is None else _json(view)
+
+    def compare_view(self, version: str) -> dict | None:
+        entries = self._entries()
+        entry = next((e for e in entries if e["version"] == version), None)
+        if entry is None:
+            return None
+        candidate = models.registry_rows(self.registry, [entry])[0]
+        fleet = self.fleet_model(entries)
+        return {"candidate": candidate, "deployed": fleet.get("row"),
+                "fleet": {k: v for k, v in fleet.items() if k != "row"},
+                **models.compare(candidate, fleet.get("row")),
+                "canary": models.canary_view(self.registry, self.store, version)}
 
     async def api_deployments(self, request: Request) -> Response:
         if self.greengrass is None:
@@ -361,39 +483,46 @@ class Dashboard:
 
     # ------------------------------------------------------------ API: writes
     async def api_decide(self, request: Request) -> Response:
-        if not self.action_allowed(request):
+        actor = self.actor(request)
+        if actor is None:
             return _error(401, "approve/reject need the dashboard token as 'Authorization: Bearer <token>'")
         version, action = request.path_params["version"], request.path_params["action"]
         if not VERSION_RE.match(version):
             return _error(400, "bad version")
         if self.registry is None:
             return _error(503, "no model registry configured")
-        reason = ""
         try:
-            body = await read_capped(request)  # approve's body is ignored, but capped all the same
+            body = await read_capped(request)
         except BodyTooLarge:
             return _error(413, f"body too large (at most {MAX_BODY} bytes)")
-        if action == "reject":
-            if body:
-                try:
-                    reason = json.loads(body).get("reason", "")
-                except (ValueError, AttributeError):
-                    return _error(400, "body must be a JSON object")
-            if not isinstance(reason, str) or len(reason) > MAX_REASON:
-                return _error(400, f"reason must be a string of at most {MAX_REASON} characters")
-            reason = reason or "rejected from the dashboard"
         try:
-            if action == "approve":
-                result = self.registry.approve(version)
-            else:
-                result = self.registry.reject(version, reason)
+            reason = json.loads(body or b"{}").get("reason", "")
+        except (ValueError, AttributeError):
+            return _error(400, 'body must be a JSON object: {"reason": "..."}')
+        if not isinstance(reason, str) or len(reason) > MAX_REASON:
+            return _error(400, f"reason must be a string of at most {MAX_REASON} characters")
+        reason = " ".join(reason.split())  # one line: it is shown in tables and stored as metadata
+        if not reason:
+            return _error(400, f"a reason is required to {action} (it is recorded with your name and the time)")
+        try:
+            entry = next((e for e in await run_in_threadpool(self._entries) if e["version"] == version), None)
+        except Exception as exc:  # noqa: BLE001
+            return _error(409, f"{type(exc).__name__}: {exc}"[:300])
+        if entry is not None and entry["status"] != "PendingManualApproval":
+            return _error(409, f"version {version} is {entry['status']}: only a version pending approval can be "
+                          "approved or rejected")
+        try:
+            decide = self.registry.approve if action == "approve" else self.registry.reject
+            result = await run_in_threadpool(decide, version, reason, actor=actor)
         except (KeyError, LookupError) as exc:
             return _error(404, f"unknown version {version}: {exc}")
         except Exception as exc:  # noqa: BLE001
             if type(exc).__name__ == "RegistryError" and str(exc).startswith("no model package version"):
                 return _error(404, str(exc)[:300])  # the CLOUD registry's "unknown version"
             return _error(409, f"{type(exc).__name__}: {exc}"[:300])  # the registry's own one-line reason
-        return _json({"version": version, "action": action, "result": result})
+        finally:
+            self.forget()  # the fleet's model and deployments change now
+        return _json({"version": version, "action": action, "actor": actor, "reason": reason, "result": result})
 
 
 LOGIN_HTML = """<!doctype html>
@@ -478,12 +607,17 @@ class SecurityHeaders:
 
 
 def create_app(store: TelemetryStore, registry: Any = None, greengrass: Any = None,
-               token: str | None = None, *, poll_ms: int = 2000) -> Starlette:
-    """Build the dashboard app.  ``registry`` has ``list()/approve(v)/reject(v, reason)``;
-    ``greengrass`` is a boto3-shaped greengrassv2 client (``list_deployments``,
-    ``list_effective_deployments``).  Either may be None (the pages say so).
-    ``app.state.token`` holds the token (generated when not given)."""
-    dash = Dashboard(store, registry, greengrass, token, poll_ms)
+               token: str | None = None, *, poll_ms: int = 2000, token_name: str = "dashboard",
+               tokens: dict[str, str] | None = None,
+               offline_after_s: float = fleetview.DEFAULT_OFFLINE_AFTER_S) -> Starlette:
+    """Build the dashboard app.  ``registry`` has ``list()``, ``approve(v, reason, actor=)``,
+    ``reject(v, reason, actor=)`` and optionally ``card(entry)``/``evaluation(entry)``/
+    ``artifact_size(entry)`` (:class:`windfleet.cloud.registry.Registry`); ``greengrass`` is a
+    boto3-shaped greengrassv2 client.  Either may be None (the pages say so).
+    ``tokens`` maps actor names to tokens; ``token`` (generated when neither is given) is
+    named ``token_name``.  ``app.state.token`` holds the first token."""
+    dash = Dashboard(store, registry, greengrass, token, poll_ms, token_name=token_name, tokens=tokens,
+                     offline_after_s=offline_after_s)
 
     def guarded(handler: Callable) -> Callable:
         async def wrapper(request: Request) -> Response:
@@ -513,6 +647,7 @@ def create_app(store: TelemetryStore, registry: Any = None, greengrass: Any = No
         Route("/api/anomalies", guarded(dash.api_anomalies)),
         Route("/api/registry", guarded(dash.api_registry)),
         Route("/api/deployments", guarded(dash.api_deployments)),
+        Route("/api/registry/{version}/compare", guarded(dash.api_compare)),
         Route("/api/registry/{version}/{action:str}", decide, methods=["POST"]),
         Route("/favicon.ico", lambda request: Response(status_code=204)),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),

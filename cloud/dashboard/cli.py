@@ -9,6 +9,7 @@ shows a live fleet.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import shutil
 import socket
@@ -121,6 +122,35 @@ def _remove_new(paths: list[Path]) -> None:
             pass
 
 
+def load_tokens(path: Path) -> dict[str, str]:
+    """A tokens file: a JSON object ``{"<actor name>": "<token>", ...}``, readable by its owner
+    only (like an SSH key); one-line ``click.ClickException`` otherwise."""
+    from windfleet.cloud.registry import check_actor
+
+    try:
+        mode = path.stat().st_mode
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise click.ClickException(f"cannot read --tokens-file {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise click.ClickException(f"--tokens-file {path} is not JSON: {exc}") from None
+    if mode & 0o077:
+        raise click.ClickException(f"--tokens-file {path} is readable by others: chmod 600 {path}")
+    if not isinstance(data, dict) or not data:
+        raise click.ClickException(f'--tokens-file {path} must be a JSON object {{"<name>": "<token>", ...}}')
+    for name, token in data.items():
+        try:
+            check_actor(name)
+        except ValueError as exc:
+            raise click.ClickException(f"--tokens-file {path}: {exc}") from None
+        if not isinstance(token, str) or len(token) < 16 or any(c.isspace() for c in token):
+            raise click.ClickException(f"--tokens-file {path}: the token of {name!r} must be a string of at least "
+                                       "16 characters without spaces")
+    if len(set(data.values())) != len(data):
+        raise click.ClickException(f"--tokens-file {path}: two names share a token")
+    return data
+
+
 def register(group: click.Group) -> None:
     @group.command("dashboard")
     @click.option("--port", "-p", default=8050, show_default=True, type=click.IntRange(0, 65535))
@@ -137,17 +167,32 @@ def register(group: click.Group) -> None:
     @click.option("--no-ingest", is_flag=True, help="Serve the store only; do not subscribe to telemetry.")
     @click.option("--token", envvar="WINDFLEET_DASHBOARD_TOKEN", default=None,
                   help="Token for approve/reject (default: random, printed at start).")
+    @click.option("--token-name", envvar="WINDFLEET_DASHBOARD_TOKEN_NAME", default=None, metavar="NAME",
+                  help="Who --token belongs to: recorded as the actor of its approvals and rejections "
+                       "[default: the login name].")
+    @click.option("--tokens-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                  help='JSON {"<name>": "<token>", ...} (mode 600): one token per engineer, each decision '
+                       "recorded under its token's name.")
     def dashboard(port: int, host: str, home: Path | None, store: Path | None, broker: str | None,
-                  broker_dir: Path | None, no_ingest: bool, token: str | None) -> None:
+                  broker_dir: Path | None, no_ingest: bool, token: str | None, token_name: str | None,
+                  tokens_file: Path | None) -> None:
         """Serve the operator dashboard (fleet, turbines, anomalies, registry).
 
         Reads need no token only from this machine with a localhost/127.0.0.1/[::1]
-        Host; everything else needs the token; approve/reject always do."""
+        Host; everything else needs the token; approve/reject always do, and record the
+        token's name with the reason and the time."""
         import uvicorn
 
+        from windfleet.cloud.cli import default_actor
         from windfleet.cloud.dashboard.app import create_app
+        from windfleet.cloud.registry import check_actor
 
         # everything that can be refused is refused before a file is created
+        tokens = load_tokens(tokens_file) if tokens_file else None
+        try:
+            token_name = check_actor(token_name or default_actor())
+        except ValueError as exc:
+            raise click.ClickException(f"--token-name: {exc}") from None
         target_arg = parse_broker(broker) if broker else None
         sock = _listen(host, port)
         home = (home or default_home()).absolute()
@@ -178,7 +223,8 @@ def register(group: click.Group) -> None:
             raise
         log = jsonlog.setup("windfleet.dashboard")
         loopback = _is_loopback(host)
-        app = create_app(telemetry, registry=registry, greengrass=greengrass, token=token)
+        app = create_app(telemetry, registry=registry, greengrass=greengrass, token=token,
+                         token_name=token_name, tokens=tokens)
         service = None
         if target:
             service = IngestService(telemetry, *target, client_id=f"windfleet-dashboard-ingest").start(
@@ -191,7 +237,11 @@ def register(group: click.Group) -> None:
             started.wait()
             bound = server.servers[0].sockets[0].getsockname()[1] if server.servers else port
             click.echo(f"windfleet dashboard: http://{host if ':' not in host else f'[{host}]'}:{bound}/")
-            click.echo(f"token (approve/reject): {app.state.token}")
+            if tokens and not token:
+                click.echo(f"tokens (approve/reject): {len(tokens)} from {tokens_file} ({', '.join(tokens)})")
+            else:
+                click.echo(f"token (approve/reject): {app.state.token}")
+                click.echo(f"decisions with it are recorded as: {token_name}")
             jsonlog.event(log, "dashboard started", host=host, port=bound, store=str(telemetry.path),
                           ingest=f"{target[0]}:{target[1]}" if target else None,
                           registry=registry is not None, deployments=greengrass is not None)

@@ -5,12 +5,19 @@ Model package groups and versioned model packages with ``ModelApprovalStatus``
 ``CustomerMetadataProperties`` and ``ModelMetrics``.  ARNs look like the
 service's (``arn:aws:sagemaker:local:000000000000:model-package/<group>/<N>``);
 unknown packages and groups raise ``ValidationException`` as SageMaker does.
+
+``CustomerMetadataProperties`` are checked as the service checks them (at most 50
+entries; keys 1-128 and values 1-256 characters of letters, digits, spaces and
+``_.:/=+-@``), so what the local store accepts AWS accepts too;
+``update_model_package`` merges them and removes ``CustomerMetadataPropertiesToRemove``,
+as SageMaker does.  The approval decisions live there (:mod:`windfleet.cloud.registry`).
 """
 
 from __future__ import annotations
 
 import json
 import time
+import unicodedata
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,6 +28,24 @@ from .store import Store
 ACCOUNT = "000000000000"
 REGION = "local"
 APPROVAL_STATUSES = ("PendingManualApproval", "Approved", "Rejected")
+MAX_METADATA_ENTRIES = 50
+
+
+def _metadata_text_ok(text: Any, limit: int) -> bool:
+    return (isinstance(text, str) and 1 <= len(text) <= limit
+            and all(c in "_.:/=+-@" or unicodedata.category(c)[0] in "LZN" for c in text))
+
+
+def check_metadata(metadata: dict, operation: str) -> None:
+    """SageMaker's constraints on ``CustomerMetadataProperties`` (ValidationException)."""
+    if len(metadata) > MAX_METADATA_ENTRIES:
+        raise client_error("ValidationException", f"CustomerMetadataProperties holds {len(metadata)} entries; "
+                           f"at most {MAX_METADATA_ENTRIES}", operation)
+    for key, value in metadata.items():
+        if not _metadata_text_ok(key, 128) or not _metadata_text_ok(value, 256):
+            raise client_error("ValidationException", f"CustomerMetadataProperties entry {key!r}: {value!r} fails "
+                               "the pattern [\\p{L}\\p{Z}\\p{N}_.:/=+\\-@]* (keys 1-128, values 1-256 chars)",
+                               operation)
 
 
 def _ts(t: float) -> datetime:
@@ -94,6 +119,7 @@ class LocalSageMaker:
         if ModelApprovalStatus not in APPROVAL_STATUSES:
             raise client_error("ValidationException", f"bad ModelApprovalStatus {ModelApprovalStatus!r}",
                                "CreateModelPackage")
+        check_metadata(CustomerMetadataProperties or {}, "CreateModelPackage")
         now = time.time()
         with self.store.tx() as db:
             if not db.execute("SELECT 1 FROM model_package_groups WHERE name=?", (ModelPackageGroupName,)).fetchone():
@@ -160,8 +186,12 @@ class LocalSageMaker:
 
     def update_model_package(self, ModelPackageArn: str, ModelApprovalStatus: str | None = None,
                              ApprovalDescription: str | None = None,
-                             CustomerMetadataProperties: dict | None = None, **_: Any) -> dict:
+                             CustomerMetadataProperties: dict | None = None,
+                             CustomerMetadataPropertiesToRemove: list[str] | None = None, **_: Any) -> dict:
         group, version = self._parse_package(ModelPackageArn, "UpdateModelPackage")
+        if ApprovalDescription is not None and len(ApprovalDescription) > 1024:
+            raise client_error("ValidationException", "ApprovalDescription is longer than 1024 characters",
+                               "UpdateModelPackage")
         if ModelApprovalStatus is not None and ModelApprovalStatus not in APPROVAL_STATUSES:
             raise client_error("ValidationException", f"bad ModelApprovalStatus {ModelApprovalStatus!r}",
                                "UpdateModelPackage")
@@ -171,7 +201,13 @@ class LocalSageMaker:
                 raise client_error("ValidationException", f"Model package {ModelPackageArn} not found",
                                    "UpdateModelPackage")
             metadata = json.loads(row["metadata"])
+            check_metadata(CustomerMetadataProperties or {}, "UpdateModelPackage")
             metadata.update(CustomerMetadataProperties or {})
+            for key in CustomerMetadataPropertiesToRemove or []:
+                metadata.pop(key, None)
+            if len(metadata) > MAX_METADATA_ENTRIES:
+                raise client_error("ValidationException", f"the package would hold {len(metadata)} "
+                                   f"CustomerMetadataProperties; at most {MAX_METADATA_ENTRIES}", "UpdateModelPackage")
             db.execute("UPDATE model_packages SET approval=?, approval_description=?, metadata=?, modified=? "
                        "WHERE grp=? AND version=?",
                        (ModelApprovalStatus or row["approval"],

@@ -64,6 +64,25 @@
     }
     return body;
   }
+  // one line of a (possibly multi-line, path-laden) error, the full text on demand
+  function oneLine(text, max) {
+    const first = String(text || "").split(/\r?\n/).map((l) => l.trim()).find((l) => l) || "";
+    const limit = max || 120;
+    return first.length > limit ? first.slice(0, limit - 1) + "…" : first;
+  }
+  const openDetails = new Set();  // <details> the user opened survive the next poll's re-render
+  function errorDetails(key, label, text) {
+    const short = (label ? label + ": " : "") + oneLine(text);
+    const full = String(text || "");
+    if (full.trim() === oneLine(text) && full.indexOf("\n") < 0) {
+      return el("div", { class: "error-line", "data-error": key, text: short });
+    }
+    const node = el("details", { class: "error", "data-error": key },
+      el("summary", { text: short }), el("pre", { class: "error-full", text: full }));
+    if (openDetails.has(key)) node.open = true;
+    node.addEventListener("toggle", () => { if (node.open) openDetails.add(key); else openDetails.delete(key); });
+    return node;
+  }
   function setStatus(ok, text) {
     statusEl.textContent = text;
     statusEl.className = "status" + (ok ? "" : " err");
@@ -88,43 +107,107 @@
   }
 
   // ------------------------------------------------------------ fleet overview
-  function deploymentCell(dep, available) {
+  const STATES = ["broken", "offline", "degraded", "healthy"];
+  const STATE_CLASS = { healthy: "ok", degraded: "warn", broken: "bad", offline: "off" };
+  function deploymentCell(dep, available, key) {
     if (!available) return el("span", { class: "muted", text: "no deployment service" });
     if (!dep) return el("span", { class: "muted", text: "none" });
-    if (dep.error) return el("span", { class: "muted", text: dep.error });
+    if (dep.error) return errorDetails(key + ":service", "", dep.error);
     const status = dep.coreDeviceExecutionStatus || dep.deploymentStatus || "?";
     return el("span", {}, badge(status, stateClass(status), { "data-deployment-status": status }), " ",
       el("span", { class: "muted", text: dep.deploymentName || dep.deploymentId || "" }),
-      dep.reason ? el("div", { class: "muted", text: dep.reason }) : null);
+      dep.reason ? errorDetails(key + ":reason", "", dep.reason) : null);
   }
-  function renderOverview(fleet) {
-    const rows = fleet.gateways.map((g) => {
-      const t = g.telemetry || {};
-      const anomalies = g.turbines.reduce((n, x) => n + (x.n_anomalies || 0), 0);
-      return el("tr", { class: "gateway", "data-thing": g.thing },
-        el("td", {}, el("strong", { text: g.thing })),
-        el("td", { class: "model-version", text: g.model_version || "—" }),
-        el("td", { title: fmtTime(g.last_seen), text: fmtAge(g.last_seen_age_s) }),
-        el("td", {}, g.components.map((c) => badge(
-          c.component.replace("com.windfleet.", "") + " " + (c.version || "") + " " + c.state,
-          stateClass(c.state), { title: c.reason || "" }))),
-        el("td", { class: "num" }, `${t.received ?? 0} rcvd`, el("br"),
-          el("span", { class: t.lost ? "badge bad" : "muted", text: `${t.lost ?? 0} lost` }), " ",
-          el("span", { class: "muted", text: `${t.duplicates ?? 0} dup` })),
-        el("td", {}, deploymentCell(g.deployment, fleet.deployments_available)),
-        el("td", { class: "turbines" },
-          el("div", { class: "muted", text: `${g.turbines.length} turbines · ${anomalies} anomalous windows` }),
-          g.turbines.map((x) => el("a", { href: "/turbines/" + encodeURIComponent(x.turbine_id),
-            class: "badge turbine " + (x.anomaly ? "bad" : x.n_anomalies ? "warn" : "ok"), "data-turbine": x.turbine_id,
-            title: `score ${fmtNum(x.last_score)} · model ${x.model_version} · ${x.n_anomalies} anomalous windows`,
-            text: x.turbine_id }))));
+  function renderOverview() {
+    const view = { state: "", q: "", offset: 0, limit: 50 };
+    const summary = el("div", { id: "fleet-summary", class: "summary" });
+    const progress = el("div", { id: "deployment-progress" });
+    const search = el("input", { id: "fleet-search", type: "search", placeholder: "filter gateways by name",
+      autocomplete: "off" });
+    const pager = el("div", { id: "pager", class: "pager" });
+    const info = el("p", { class: "muted", id: "fleet-info" });
+    const tableBox = el("div", { id: "fleet-box" });
+    content.replaceChildren(summary, progress, el("div", { class: "toolbar" }, search, pager), info, tableBox);
+    let timer = null;
+    search.addEventListener("input", () => {
+      clearTimeout(timer);
+      timer = setTimeout(() => { view.q = search.value.trim(); view.offset = 0; refresh(); }, 250);
     });
-    content.replaceChildren(
-      el("p", { class: "muted", text: `${fleet.gateways.length} gateways · ` +
-        `${fleet.gateways.reduce((n, g) => n + g.turbines.length, 0)} turbines · ` +
-        `${(fleet.counters || {}).messages_in || 0} telemetry messages ingested` }),
-      table(["Gateway", "Model version", "Last seen", "Components", "Telemetry", "Deployment", "Turbines"],
-        rows, { id: "fleet" }));
+    function chip(state, n) {
+      const active = view.state === state;
+      return el("button", { class: "chip " + STATE_CLASS[state] + (active ? " active" : ""), "data-state-count": state,
+        title: active ? "show every gateway" : `show only ${state} gateways`,
+        onclick: () => { view.state = active ? "" : state; view.offset = 0; refresh(); } },
+        el("strong", { text: String(n) }), " " + state);
+    }
+    function render(fleet) {
+      const s = fleet.summary;
+      summary.replaceChildren(
+        ...["healthy", "degraded", "broken", "offline"].map((st) => chip(st, s.by_state[st] || 0)),
+        el("span", { class: "chip anomalies" + (s.turbines_open_anomalies ? " bad" : ""), id: "open-anomalies",
+          "data-count": String(s.turbines_open_anomalies),
+          title: "turbines whose latest scored window is anomalous" },
+          el("strong", { text: String(s.turbines_open_anomalies) }),
+          ` of ${s.turbines} turbines with an open anomaly (on ${s.gateways_open_anomalies} gateways)`));
+      const shown = s.deployments.filter((d) => d.in_progress);
+      progress.replaceChildren(...(shown.length ? shown : s.deployments.slice(0, 1)).map((d) => {
+        const counts = Object.entries(d.counts).sort().map(([k, n]) => badge(`${n} ${k}`, stateClass(k)));
+        return el("div", { class: "progress-box" + (d.in_progress ? " active" : ""),
+          "data-deployment": d.deploymentId, "data-done": String(d.done), "data-devices": String(d.devices) },
+          el("strong", { text: (d.in_progress ? "Deployment in progress: " : "Latest deployment: ") +
+            (d.deploymentName || d.deploymentId) }), " ",
+          el("progress", { max: d.devices, value: d.done }), " ",
+          el("span", { text: `${d.done} of ${d.devices} devices done` }), " ", counts);
+      }));
+      const first = fleet.total ? fleet.offset + 1 : 0;
+      const last = fleet.offset + fleet.gateways.length;
+      pager.replaceChildren(
+        el("button", { id: "page-prev", text: "‹ prev", disabled: fleet.offset === 0,
+          onclick: () => { view.offset = Math.max(0, view.offset - view.limit); refresh(); } }),
+        el("span", { id: "page-info", text: `${first}–${last} of ${fleet.total}` +
+          (view.state || view.q ? ` (filtered from ${s.gateways})` : "") }),
+        el("button", { id: "page-next", text: "next ›", disabled: last >= fleet.total,
+          onclick: () => { view.offset += view.limit; refresh(); } }));
+      info.textContent = `${s.gateways} gateways · ${s.turbines} turbines · ` +
+        `${(fleet.counters || {}).messages_in || 0} telemetry messages ingested · most urgent first`;
+      const rows = fleet.gateways.map((g) => {
+        const t = g.telemetry || {};
+        const anomalies = g.turbines.reduce((n, x) => n + (x.n_anomalies || 0), 0);
+        const running = g.components.filter((c) => ["RUNNING", "FINISHED"].includes(String(c.state).toUpperCase()));
+        const others = g.components.filter((c) => !running.includes(c));
+        return el("tr", { class: "gateway state-" + g.state, "data-thing": g.thing, "data-state": g.state },
+          el("td", {}, el("strong", { text: g.thing })),
+          el("td", { class: "state" }, badge(g.state, STATE_CLASS[g.state], { "data-gateway-state": g.state }),
+            g.state_reason ? el("div", { class: "muted", text: oneLine(g.state_reason, 80) }) : null,
+            g.errors.map((e, i) => errorDetails(`${g.thing}:${e.source}:${i}`, e.source, e.text))),
+          el("td", { class: "model-version", text: g.model_version || "—" }),
+          el("td", { title: fmtTime(g.last_seen), text: fmtAge(g.last_seen_age_s) }),
+          el("td", {}, running.length ? badge(`${running.length} running`, "ok", {
+            title: running.map((c) => `${c.component.replace("com.windfleet.", "")} ${c.version || ""}`).join("\n") }) : null,
+            others.map((c) => badge(`${c.component.replace("com.windfleet.", "")} ${c.version || ""} ${c.state}`,
+              stateClass(c.state)))),
+          el("td", { class: "num" }, `${t.received ?? 0} rcvd`, el("br"),
+            el("span", { class: t.lost ? "badge bad" : "muted", text: `${t.lost ?? 0} lost` }), " ",
+            el("span", { class: "muted", text: `${t.duplicates ?? 0} dup` })),
+          el("td", {}, deploymentCell(g.deployment, fleet.deployments_available, g.thing)),
+          el("td", { class: "turbines" },
+            el("div", { class: "muted", text: `${g.turbines.length} turbines · ${g.open_anomalies} open · ` +
+              `${anomalies} anomalous windows` }),
+            g.turbines.map((x) => el("a", { href: "/turbines/" + encodeURIComponent(x.turbine_id),
+              class: "badge turbine " + (x.anomaly ? "bad" : x.n_anomalies ? "warn" : "ok"), "data-turbine": x.turbine_id,
+              title: `score ${fmtNum(x.last_score)} · model ${x.model_version} · ${x.n_anomalies} anomalous windows`,
+              text: x.turbine_id }))));
+      });
+      tableBox.replaceChildren(table(["Gateway", "State", "Model version", "Last seen", "Components", "Telemetry",
+        "Deployment", "Turbines"], rows, { id: "fleet" }));
+    }
+    async function refresh() {
+      const params = new URLSearchParams({ offset: view.offset, limit: view.limit });
+      if (view.state) params.set("state", view.state);
+      if (view.q) params.set("q", view.q);
+      render(await api("/api/fleet?" + params.toString()));
+    }
+    poll(refresh);
   }
 
   // ------------------------------------------------------------ turbine charts
@@ -222,7 +305,7 @@
       el("td", { text: new Date(l.ts * 1000).toLocaleString([], { hour12: false }) }),
       el("td", { text: l.thing }), el("td", { text: l.component || "" }),
       el("td", {}, badge(l.level || "", stateClass(l.level === "ERROR" ? "FAILED" : "")) ),
-      el("td", { text: l.message || "" })));
+      el("td", {}, errorDetails(`log:${l.thing}:${l.ts}`, "", l.message || ""))));
     content.replaceChildren(
       el("p", { class: "muted", text: `${body.anomalies.length} most recent anomalous windows (newest first)` }),
       table(["Time", "Turbine", "Gateway", "Features over threshold", "Score", "Model"], rows, { id: "timeline" }),
@@ -231,69 +314,256 @@
   }
 
   // ------------------------------------------------------------ registry + deployments
+  function fmtBytes(n) {
+    if (n === null || n === undefined) return "—";
+    if (n < 1024) return n + " B";
+    if (n < 1048576) return (n / 1024).toFixed(1) + " KiB";
+    return (n / 1048576).toFixed(1) + " MiB";
+  }
+  function fmtRate(x) { return x === null || x === undefined ? "—" : (100 * x).toFixed(2) + " %"; }
+  function kv(obj, fmt) {
+    if (!obj || !Object.keys(obj).length) return el("span", { class: "muted", text: "—" });
+    return el("span", { class: "kv" }, Object.entries(obj).map(([k, v]) =>
+      el("span", { class: "kv-item", "data-key": k }, el("span", { class: "muted", text: k + " " }), fmt(v))));
+  }
+  function decisionText(d) {
+    return `${d.status} by ${d.actor || "?"} at ${String(d.at || "").replace("T", " ")}` + (d.reason ? `: ${d.reason}` : "");
+  }
+  function historyCell(v) {
+    const list = v.decisions || [];
+    if (!list.length) return el("span", { class: "muted", text: "no decision yet" });
+    const last = list[list.length - 1];
+    return el("a", { href: "#history", class: "last-decision", title: decisionText(last),
+      text: `${last.status} by ${last.actor || "?"}` + (list.length > 1 ? ` (+${list.length - 1})` : "") });
+  }
+  // every decision of every version, newest first: the audit trail, as the registry records it
+  function historyTable(versions) {
+    const rows = [];
+    for (const v of versions) {
+      for (const d of v.decisions || []) rows.push([v, d]);
+    }
+    rows.sort((a, b) => String(b[1].at).localeCompare(String(a[1].at)) || Number(b[0].version) - Number(a[0].version));
+    if (!rows.length) return el("p", { class: "muted", id: "history", text: "No decision recorded yet." });
+    return table(["Time (UTC)", "Model version", "Package", "Decision", "By", "Reason"], rows.map(([v, d]) =>
+      el("tr", { class: "decision-row", "data-version": v.version, "data-actor": d.actor, "data-decision": d.status },
+        el("td", { class: "when", text: String(d.at || "").replace("T", " ").replace("Z", "") }),
+        el("td", { text: v.model_version || "—" }), el("td", { text: v.version }),
+        el("td", {}, badge(d.status, stateClass(d.status))), el("td", {}, el("strong", { text: d.actor || "?" })),
+        el("td", { class: "reason", text: d.reason || "" }))), { id: "history" });
+  }
+  // sortable columns: [header, key for sorting, render]
+  const REGISTRY_COLUMNS = [
+    ["Model version", (v) => v.model_version, (v) => el("strong", { text: v.model_version || "—" })],
+    ["Package", (v) => Number(v.version), (v) => el("span", { class: "package", text: v.version })],
+    ["Status", (v) => v.status, (v) => el("span", {}, badge(v.status || "?", stateClass(v.status), { "data-status": v.status }),
+      v.running ? badge("fleet runs it", "ok", { "data-running": "true" }) : null)],
+    ["F1", (v) => v.f1, (v) => el("span", { class: "num f1", text: fmtNum(v.f1) })],
+    ["False alarms", (v) => v.false_alarm_rate, (v) => el("span", { class: "num far", text: fmtRate(v.false_alarm_rate) })],
+    ["Recall per kind", (v) => v.per_kind_recall ? Math.min(...Object.values(v.per_kind_recall)) : null,
+      (v) => kv(v.per_kind_recall, (x) => fmtNum(x, 2))],
+    ["Baselines F1", (v) => v.baselines_f1 ? Math.max(...Object.values(v.baselines_f1).filter((x) => x !== null)) : null,
+      (v) => kv(v.baselines_f1, (x) => fmtNum(x, 2))],
+    ["Training data", (v) => v.training && v.training.summary, (v) => el("span", { text: (v.training && v.training.summary) || "—" })],
+    ["Features, window / stride", (v) => (v.features || []).length,
+      (v) => el("span", { title: (v.features || []).join(", ") },
+        el("span", { text: v.features ? `${v.features.length}` : "—" }),
+        el("span", { class: "muted", text: `, ${v.window ?? "—"} / ${v.stride ?? "—"}` }))],
+    ["Lineage", (v) => v.lineage, (v) => el("span", { text: v.lineage || "—" })],
+    ["Size", (v) => v.size_bytes, (v) => el("span", { class: "num", text: fmtBytes(v.size_bytes) })],
+    ["sha256", (v) => v.sha256, (v) => el("code", { title: v.sha256 || "", text: v.sha256 ? v.sha256.slice(0, 10) + "…" : "—" })],
+    ["Last decision", (v) => (v.decisions || []).length ? v.decisions[v.decisions.length - 1].at : null, historyCell],
+  ];
   function renderRegistry() {
     const message = el("div", { id: "message" });
     const tokenInput = el("input", { id: "token", type: "password", placeholder: "dashboard token (printed at start)",
       value: sessionStorage.getItem(TOKEN_KEY) || "", autocomplete: "off" });
     tokenInput.addEventListener("change", () => sessionStorage.setItem(TOKEN_KEY, tokenInput.value.trim()));
+    const fleetBox = el("p", { id: "fleet-model", class: "muted" });
+    const decideBox = el("div", { id: "decide-box" });
+    const compareBox = el("div", { id: "compare-box" });
     const registryBox = el("div", { id: "registry-box" });
     const deploymentsBox = el("div", { id: "deployments-box" });
     content.replaceChildren(
       el("div", { class: "tokenbar" }, el("label", { text: "Token", htmlFor: "token" }), tokenInput), message,
-      el("h2", { text: "Model versions" }), registryBox,
+      el("h2", { text: "Model versions" }), fleetBox, decideBox, registryBox, compareBox,
       el("h2", { text: "Deployments" }), deploymentsBox);
+    const sort = { column: 1, dir: -1 };  // newest package first
+    let last = null;
 
-    async function decide(version, action) {
+    async function decide(v, action, reason) {
       const token = tokenInput.value.trim();
       sessionStorage.setItem(TOKEN_KEY, token);
       const headers = { "Content-Type": "application/json" };
       if (token) headers.Authorization = "Bearer " + token;
-      let body = "{}";
-      if (action === "reject") body = JSON.stringify({ reason: "rejected from the dashboard" });
-      const response = await fetch(`/api/registry/${encodeURIComponent(version)}/${action}`,
-        { method: "POST", headers: headers, body: body });
+      const response = await fetch(`/api/registry/${encodeURIComponent(v.version)}/${action}`,
+        { method: "POST", headers: headers, body: JSON.stringify({ reason: reason }) });
       let payload = {};
       try { payload = await response.json(); } catch (e) { payload = {}; }
       message.className = response.ok ? "ok" : "err";
       message.dataset.status = String(response.status);
-      message.textContent = response.ok ? `${action} ${version}: accepted` :
-        `${action} ${version} refused (${response.status}): ${payload.error || response.statusText}`;
+      message.textContent = response.ok ? `${action} ${v.version}: accepted (recorded as ${payload.actor})` :
+        `${action} ${v.version} refused (${response.status}): ${payload.error || response.statusText}`;
+      if (response.ok) decideBox.replaceChildren();
       await refresh();
     }
-    function metricsText(metrics) {
-      if (!metrics || typeof metrics !== "object") return "";
-      const flat = [];
-      (function walk(prefix, obj) {
-        for (const [k, v] of Object.entries(obj)) {
-          if (v && typeof v === "object" && flat.length < 12) walk(prefix + k + ".", v);
-          else if (typeof v === "number") flat.push(`${prefix}${k}=${Number.isInteger(v) ? v : v.toFixed(3)}`);
-          else if (typeof v === "string" && v.length < 40) flat.push(`${prefix}${k}=${v}`);
-        }
-      })("", metrics);
-      return flat.slice(0, 12).join("  ");
+    function openDecision(v, action) {
+      const reason = el("textarea", { id: "reason", rows: 2, maxLength: 500, required: true,
+        placeholder: `why ${action} this version? (recorded with your token's name and the time)` });
+      const confirm = el("button", { id: "decide-confirm", class: action, text: `Confirm ${action}`, disabled: true,
+        onclick: () => decide(v, action, reason.value.trim()) });
+      reason.addEventListener("input", () => { confirm.disabled = !reason.value.trim(); });
+      decideBox.replaceChildren(el("div", { class: "decide", "data-action": action, "data-version": v.version },
+        el("strong", { text: `${action === "approve" ? "Approve" : "Reject"} package ${v.version} (model ${v.model_version || "—"})` }),
+        action === "approve" ? el("span", { class: "muted", text: " — approving rolls it out to the fleet" }) : null,
+        el("label", { htmlFor: "reason", text: "Reason" }), reason,
+        el("div", {}, confirm, " ", el("button", { id: "decide-cancel", text: "Cancel",
+          onclick: () => decideBox.replaceChildren() }))));
+      reason.focus();
     }
+    function sortedRows(versions) {
+      const key = REGISTRY_COLUMNS[sort.column][1];
+      return versions.slice().sort((a, b) => {
+        const x = key(a), y = key(b);
+        if (x === y) return 0;
+        if (x === null || x === undefined) return 1;  // unknowns last, whatever the direction
+        if (y === null || y === undefined) return -1;
+        return (x < y ? -1 : 1) * sort.dir;
+      });
+    }
+    function renderTable(reg) {
+      // the actions sit right after the status, so they never scroll out of sight
+      const heads = REGISTRY_COLUMNS.map(([name], i) => el("th", {
+        class: "sortable", "data-sort": String(i), "aria-sort": i === sort.column ? (sort.dir > 0 ? "ascending" : "descending") : "none",
+        onclick: () => { sort.dir = sort.column === i ? -sort.dir : 1; sort.column = i; renderTable(last); } },
+        name, i === sort.column ? (sort.dir > 0 ? " ▲" : " ▼") : ""));
+      heads.splice(3, 0, el("th", { text: "Actions" }));
+      const head = el("tr", {}, heads);
+      const rows = sortedRows(reg.versions).map((v) => {
+        const cells = REGISTRY_COLUMNS.map(([name, , render]) => el("td", {}, render(v)));
+        cells.splice(3, 0, el("td", { class: "actions" },
+          v.running ? null : el("button", { class: "compare", text: "Compare", title: "side by side with the model the fleet runs",
+            onclick: () => showCompare(v) }),
+          v.actions.map((a) => el("button", { class: a, text: a === "approve" ? "Approve" : "Reject",
+            onclick: () => openDecision(v, a) }))));
+        return el("tr", { class: "version-row" + (v.running ? " running" : ""), "data-version": v.version,
+          "data-model-version": v.model_version || "" }, cells);
+      });
+      registryBox.replaceChildren(reg.error ? el("p", { class: "muted", text: reg.error }) : "",
+        el("div", { class: "scroll" }, el("table", { id: "registry" }, el("thead", {}, head), el("tbody", {}, rows))),
+        el("h2", { text: "Decisions" }), historyTable(reg.versions));
+    }
+
+    // ---- compare with what the fleet runs
+    function barChart(title, labels, series, opts) {
+      const box = el("div", { class: "chart" }, el("h3", { text: title }));
+      const xs = labels.map((_, i) => i);
+      const colors = ["#1f5fa8", "#b9770e"];
+      const plot = new uPlot({
+        width: Math.min(560, Math.max(360, 80 * labels.length)), height: 220,
+        scales: { x: { time: false, range: [-0.5, labels.length - 0.5] }, y: opts.y || {} },
+        axes: [{ splits: () => xs, values: (u, splits) => splits.map((i) => labels[i] ?? ""), size: 50 }, { size: 55 }],
+        series: [{ label: "", value: (u, i) => (i === null || i === undefined ? "" : labels[i] ?? "") }].concat(series.map((s, i) => ({ label: s.label, stroke: colors[i], fill: colors[i] + "99",
+          width: 1, paths: uPlot.paths.bars({ size: [series.length > 1 ? 0.35 : 0.6, 60], align: series.length > 1 ? (i ? 1 : -1) : 0 }),
+          points: { show: false } }))).concat(opts.reference !== undefined ? [{ label: opts.referenceLabel, stroke: "#c0392b",
+          dash: [6, 4], width: 1.5, points: { show: false } }] : []),
+      }, [xs].concat(series.map((s) => s.values)).concat(opts.reference !== undefined ? [xs.map(() => opts.reference)] : []), box);
+      box.dataset.points = String(xs.length);
+      return [box, plot];
+    }
+    function canarySection(k) {
+      const parts = [el("h3", { text: "Shadow statistics (canary)" }), el("p", { class: "muted", text: k.note })];
+      if (k.verdict) parts.push(el("p", {}, badge(k.verdict, k.verdict === "promote" ? "ok" : k.verdict === "abort" ? "bad" : "warn",
+        { "data-verdict": k.verdict }), " ", el("span", { text: k.reason || "" })));
+      if (k.available) {
+        parts.push(table(["Gate", "Rule", "Measured", "Limit", ""], (k.gates || []).map((g) => el("tr", { class: "gate-row", "data-gate": g.gate },
+          el("td", { text: g.gate }), el("td", { text: g.rule }), el("td", { class: "num", text: g.measured ?? "—" }),
+          el("td", { class: "num", text: g.limit ?? "—" }), el("td", {}, badge(g.passed ? "pass" : "fail", g.passed ? "ok" : "bad")))),
+          { id: "canary-gates" }));
+        parts.push(table(["Canary device", "Windows", "Current alarm rate", "Candidate alarm rate", "Agreement", "Errors"],
+          Object.entries(k.devices || {}).map(([t, m]) => el("tr", { class: "canary-device", "data-thing": t },
+            el("td", { text: t }), el("td", { class: "num", text: m ? m.windows : "—" }),
+            el("td", { class: "num", text: m ? fmtRate(m.current_alarm_rate) : "—" }),
+            el("td", { class: "num", text: m ? fmtRate(m.candidate_alarm_rate) : "—" }),
+            el("td", { class: "num", text: m ? fmtNum(m.agreement) : "—" }), el("td", { class: "num", text: m ? m.errors : "—" }))),
+          { id: "canary-devices" }));
+      }
+      return el("section", { id: "canary", class: "canary", "data-available": String(k.available) }, parts);
+    }
+    async function showCompare(v) {
+      compareBox.replaceChildren(el("p", { class: "muted", text: `comparing package ${v.version}…` }));
+      let c;
+      try { c = await api(`/api/registry/${encodeURIComponent(v.version)}/compare`); }
+      catch (e) { compareBox.replaceChildren(el("p", { class: "err", text: "compare failed: " + e.message })); return; }
+      const dep = c.deployed;
+      const depName = dep ? `package ${dep.version ?? "—"} (model ${dep.model_version || "—"})` : "nothing known";
+      const lowerIsBetter = (key) => key === "false_alarm_rate";
+      const fmtMetric = (key, x) => key === "false_alarm_rate" ? fmtRate(x) : fmtNum(x);
+      const metricRows = c.metrics.map((m) => {
+        let cls = "";
+        if (m.delta !== null && m.delta !== 0) cls = (m.delta > 0) !== lowerIsBetter(m.key) ? "better" : "worse";
+        return el("tr", { class: "metric-row", "data-metric": m.key },
+          el("td", { text: m.metric }), el("td", { class: "num", text: fmtMetric(m.key, m.candidate) }),
+          el("td", { class: "num", text: fmtMetric(m.key, m.deployed) }),
+          el("td", { class: "num delta " + cls, text: m.delta === null ? "—" :
+            (m.delta > 0 ? "+" : "") + (m.key === "false_alarm_rate" ? fmtRate(m.delta) : fmtNum(m.delta)) }));
+      });
+      const thresholdRows = c.thresholds.map((t) => el("tr", { class: "threshold-row", "data-feature": t.feature },
+        el("td", { text: t.feature }), el("td", { class: "num", text: fmtNum(t.candidate, 4) }),
+        el("td", { class: "num", text: fmtNum(t.deployed, 4) }),
+        el("td", { class: "num", text: t.ratio === null ? "—" : "×" + fmtNum(t.ratio, 3) })));
+      const charts = el("div", { class: "charts compare-charts" });
+      compareBox.replaceChildren(el("section", { id: "compare", "data-version": v.version },
+        el("h2", { text: `Compare package ${v.version} (model ${v.model_version || "—"}) with what the fleet runs: ${depName}` }),
+        el("p", { class: "muted", id: "fleet-source", text: "How we know: " + (c.fleet.detail || "—") }),
+        el("div", { class: "side" },
+          table(["Metric", `candidate ${v.version}`, "fleet's", "delta"], metricRows, { id: "compare-metrics" }),
+          table(["Feature threshold", `candidate ${v.version}`, "fleet's", "candidate / fleet's"], thresholdRows,
+            { id: "compare-thresholds" })),
+        charts,
+        canarySection(c.canary)));
+      window.wfCharts = {};
+      // F1 and per-kind recall share a 0..1 axis; the baselines are context, not the model
+      const scored = c.metrics.filter((m) => (m.key === "f1" || m.key.startsWith("recall:")) &&
+        (m.candidate !== null || m.deployed !== null));
+      if (scored.length) {
+        const [box, plot] = barChart("F1 and recall: candidate vs fleet's", scored.map((m) => m.key === "f1" ? "F1" : m.metric.replace("recall: ", "")),
+          [{ label: `candidate ${v.version}`, values: scored.map((m) => m.candidate) },
+           { label: "fleet's", values: scored.map((m) => m.deployed) }], { y: { range: [0, 1] } });
+        box.dataset.chart = "metrics";
+        charts.append(box);
+        window.wfCharts.compareMetrics = plot;
+      }
+      const ratios = c.thresholds.filter((t) => t.ratio !== null);
+      if (ratios.length) {
+        const [box, plot] = barChart("Threshold per feature, candidate / fleet's (1 = unchanged)", ratios.map((t) => t.feature),
+          [{ label: "candidate / fleet's", values: ratios.map((t) => t.ratio) }],
+          { y: { range: (u, min, max) => [0, Math.max(1.5, max * 1.1)] }, reference: 1, referenceLabel: "unchanged" });
+        box.dataset.chart = "thresholds";
+        charts.append(box);
+        window.wfCharts.compareThresholds = plot;
+      }
+      compareBox.scrollIntoView({ block: "nearest" });
+    }
+
     async function refresh() {
       const reg = await api("/api/registry");
       if (!reg.available) registryBox.replaceChildren(el("p", { class: "muted", text: "No model registry configured." }));
-      else registryBox.replaceChildren(
-        reg.error ? el("p", { class: "muted", text: reg.error }) : "",
-        table(["Version", "Status", "Created", "Metrics", ""], reg.versions.map((v) =>
-          el("tr", { class: "version-row", "data-version": v.version },
-            el("td", { text: v.version }), el("td", {}, badge(v.status || "?", stateClass(v.status), { "data-status": v.status })),
-            el("td", { text: v.created || "" }), el("td", {}, el("code", { text: metricsText(v.metrics) })),
-            el("td", {},
-              el("button", { class: "approve", text: "Approve", onclick: () => decide(v.version, "approve") }), " ",
-              el("button", { class: "reject", text: "Reject", onclick: () => decide(v.version, "reject") })))),
-        { id: "registry" }));
+      else {
+        last = reg;
+        const f = reg.fleet || {};
+        fleetBox.textContent = f.version ? `The fleet runs package ${f.version} (${f.detail}).` :
+          `The fleet's model: ${f.detail || "unknown"}.`;
+        renderTable(reg);
+      }
       const dep = await api("/api/deployments");
       if (!dep.available) {
         deploymentsBox.replaceChildren(el("p", { class: "muted", text: "No deployment service configured." }));
         return;
       }
       const devices = Object.entries(dep.devices || {}).map(([thing, d]) => el("tr", { class: "device-deployment" },
-        el("td", { text: thing }), el("td", {}, deploymentCell(d, true))));
+        el("td", { text: thing }), el("td", {}, deploymentCell(d, true, "dev:" + thing))));
       deploymentsBox.replaceChildren(
-        dep.error ? el("p", { class: "muted", text: dep.error }) : "",
+        dep.error ? errorDetails("deployments", "", dep.error) : "",
         table(["Deployment", "Target", "Status", "Created"], dep.deployments.map((d) =>
           el("tr", { class: "deployment-row", "data-deployment": d.deploymentId },
             el("td", { text: d.deploymentName || d.deploymentId }), el("td", {}, el("code", { text: d.targetArn || "" })),
@@ -306,7 +576,7 @@
   }
 
   // ------------------------------------------------------------ dispatch
-  if (config.page === "overview") poll(async () => renderOverview(await api("/api/fleet")));
+  if (config.page === "overview") renderOverview();
   else if (config.page === "turbine") renderTurbine();
   else if (config.page === "anomalies") poll(async () => renderAnomalies(await api("/api/anomalies?limit=200")));
   else if (config.page === "registry") renderRegistry();
