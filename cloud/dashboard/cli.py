@@ -49,11 +49,12 @@ def local_cloud(home: Path) -> tuple[Any, Any]:
 
 def parse_broker(broker: str) -> tuple[str, int]:
     """``HOST:PORT`` (``:PORT`` = 127.0.0.1) or a one-line ``click.ClickException``."""
-    host, sep, port = broker.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535 or any(c.isspace() for c in host):
-        raise click.ClickException(f"--broker must be HOST:PORT with a port in 1..65535, not {broker!r}")
-    return host or "127.0.0.1", int(port)
+    from windfleet.hostport import check_hostport
+
+    try:
+        return check_hostport(broker, require_port=True)
+    except ValueError as exc:
+        raise click.ClickException(f"--broker: {exc}") from None
 
 
 def _broker_target(broker: str | None, broker_dir: Path | None) -> tuple[str, int, str | None, str | None] | None:
