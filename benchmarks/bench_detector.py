@@ -1,8 +1,10 @@
 """Detector scoring speed, all measured in one run on the same data and the same model:
 
-(a) ``streaming``: our path -- readings payloads through ``Detector.handle`` (decode,
-    validate, features, per-turbine windows) and ``score_available`` (batched
-    prepare + one onnxruntime call per batch + score payloads), N turbines interleaved;
+(a) ``streaming``: our path -- columnar readings payloads (``payloads.readings_batch``,
+    the simulator's default batch) through ``Detector.handle`` (decode, whole-batch
+    validation, features, per-turbine windows) and ``score_available`` (batched prepare +
+    one onnxruntime call per batch + one score batch message per turbine), N turbines
+    interleaved;
 (b) ``sample_loop``: a re-implementation of the AWS sample's loop -- per turbine a buffer
     of the last 500 readings; for EVERY new reading: quaternion -> Euler row by row, wavelet
     denoise of the whole buffer (db6, up to 5 levels, per feature), z-score, the last
@@ -12,6 +14,11 @@
 
 All in readings/s (a window is scored every STRIDE readings), so
 ``detector_speedup_vs_sample = a / b`` and ``detector_ratio_to_onnxruntime_floor = a / c``.
+
+(a') ``shadow``: (a) again with a canary's candidate (another Conv-AE package) loaded in
+    shadow -- both models score every window, as on a canary gateway -- interleaved with
+    (a) runs: ``shadow_throughput_ratio = a' / a`` (``--shadow-only`` runs just this and
+    updates those keys of the output).
 
 ``--sustained`` (default on) also runs the real detector process (``python -m
 windfleet.components.detector.main``) under windfleet's Greengrass IPC server
@@ -24,6 +31,11 @@ pre-encoded readings with the real ``GreengrassCoreIPCClientV2.publish_to_topic_
 server, the subscriber, the simulator and the publisher run on the other core(s).
 
     .venv/bin/python benchmarks/bench_detector.py [--turbines 100] [--seconds 60] [--model-dir DIR]
+    .venv/bin/python benchmarks/bench_detector.py --profile 15 --no-sustained   # + cProfile of (a)
+    .venv/bin/python benchmarks/bench_detector.py --shadow-only   # (a') only, ~1 min
+
+``detector_process_readings_per_s`` is the saturated real process's figure (scored windows
+received by the subscriber x STRIDE per second).
 
 Writes benchmarks/results/detector.json and prints a table.
 """
@@ -49,11 +61,13 @@ sys.path.insert(0, str(REPO))
 from windfleet import model_contract as mc  # noqa: E402
 from windfleet import payloads, topics  # noqa: E402
 from windfleet.components.detector import Detector, load_model  # noqa: E402
+from windfleet.components.simulator.service import SimConfig  # noqa: E402
 from windfleet.preprocessing import prepare, raw_features, sliding_windows  # noqa: E402
 from windfleet.simulation import Turbine, turbine_seed  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 FIELDS = payloads.SAMPLE_FIELDS + payloads.EXTRA_SAMPLE_FIELDS
+BATCH = SimConfig().batch  # samples per readings message, as the simulator sends them
 
 
 class NullBus:
@@ -79,14 +93,14 @@ class NullBus:
         pass
 
 
-def model_package(arg: str | None) -> Path:
+def model_package(arg: str | None, version: str = "1.0.0", seed: int = 0) -> Path:
     if arg:
         return Path(arg)
     # An untrained Conv-AE of the contract's shape costs exactly what a trained one does.
     # Built in a child process so torch never sits in this process's memory.
     out = Path(tempfile.mkdtemp(prefix="wf-bench-model-")) / "model"
     code = ("import sys; sys.path.insert(0, %r); from tests.test_detector_model import build_model_package; "
-            "build_model_package(%r, '1.0.0')" % (str(REPO), str(out)))
+            "build_model_package(%r, %r, seed=%d)" % (str(REPO), str(out), version, seed))
     subprocess.run([sys.executable, "-W", "ignore", "-c", code], check=True, cwd=REPO)
     return out
 
@@ -96,22 +110,25 @@ def simulate(turbines: int, samples: int) -> list[dict]:
             for i in range(turbines)]
 
 
-def encode_messages(streams: list[dict], batch: int = 10) -> list[tuple[str, bytes]]:
-    """Readings messages in arrival order: every turbine's k-th batch, then the (k+1)-th, ..."""
+def encode_messages(streams: list[dict], batch: int = BATCH, seq0: int = 0) -> list[tuple[str, bytes]]:
+    """Columnar readings messages in arrival order: every turbine's k-th batch, then the (k+1)-th, ..."""
     per = []
     for i, data in enumerate(streams):
         tid = topics.turbine_id("bench", i)
-        cols = [data[f].tolist() for f in FIELDS]
-        rows = [dict(zip(FIELDS, r)) for r in zip(*cols)]
-        per.append([(topics.readings(tid), payloads.encode(payloads.readings(tid, s, rows[s:s + batch])))
-                    for s in range(0, len(rows), batch)])
+        n = len(data["ts"])
+        per.append([(topics.readings(tid), payloads.encode(payloads.readings_batch(
+            tid, seq0 + s, {f: data[f][s:s + batch] for f in FIELDS}))) for s in range(0, n, batch)])
     return [m for k in range(len(per[0])) for m in (p[k] for p in per)]
 
 
 # ---------------------------------------------------------------- (a) our streaming path
-def bench_streaming(model_dir: Path, msgs: list[tuple[str, bytes]], turbines: int, readings: int) -> dict:
+def bench_streaming(model_dir: Path, msgs: list[tuple[str, bytes]], turbines: int, readings: int,
+                    shadow_dir: Path | None = None) -> dict:
+    """(a); with ``shadow_dir`` a canary's candidate scores every batch in shadow beside the model."""
     det = Detector(NullBus(), load_model(model_dir), [topics.turbine_id("bench", i) for i in range(turbines)],
-                   tempfile.mkdtemp(), max_batch=256, queue_size=1_000_000)
+                   tempfile.mkdtemp(), queue_size=1_000_000)  # the detector's default max_batch
+    if shadow_dir is not None:
+        assert det.shadow_candidate(shadow_dir).active
     t0 = time.perf_counter()
     for k, (topic, raw) in enumerate(msgs, 1):
         det.handle(topic, raw)
@@ -123,8 +140,35 @@ def bench_streaming(model_dir: Path, msgs: list[tuple[str, bytes]], turbines: in
     elapsed = time.perf_counter() - t0
     c = det.snapshot()
     assert c["malformed_dropped"] == 0 and c["readings_received"] == readings
-    return {"readings_per_s": readings / elapsed, "seconds": elapsed, "windows": c["windows_scored"],
-            "mean_batch": c["windows_scored"] / c["score_batches"]}
+    out = {"readings_per_s": readings / elapsed, "seconds": elapsed, "windows": c["windows_scored"],
+           "mean_batch": c["windows_scored"] / c["score_batches"]}
+    if shadow_dir is not None:
+        stats = det.shadow.stats()
+        assert stats["windows"] == c["windows_scored"] and stats["errors"] == 0
+        out["shadow_ms_per_window_p50"] = {"current": stats["current"]["infer_ms_p50"],
+                                           "candidate": stats["candidate"]["infer_ms_p50"]}
+    return out
+
+
+# ------------------------------------------------ (a') the same with a candidate in shadow
+def bench_shadow(model_dir: Path, candidate_dir: Path, msgs: list[tuple[str, bytes]], turbines: int,
+                 readings: int, repeat: int) -> dict:
+    """(a) without and with a candidate in shadow, interleaved, best of ``repeat`` each."""
+    plain, shadow = [], []
+    for _ in range(repeat):
+        plain.append(bench_streaming(model_dir, msgs, turbines, readings))
+        shadow.append(bench_streaming(model_dir, msgs, turbines, readings, shadow_dir=candidate_dir))
+    best_plain = max(plain, key=lambda r: r["readings_per_s"])
+    best_shadow = max(shadow, key=lambda r: r["readings_per_s"])
+    return {"without": {**best_plain, "runs": [round(r["readings_per_s"]) for r in plain]},
+            "with": {**best_shadow, "runs": [round(r["readings_per_s"]) for r in shadow]},
+            "shadow_throughput_ratio": best_shadow["readings_per_s"] / best_plain["readings_per_s"]}
+
+
+def print_shadow(shadow: dict) -> None:
+    print(f"{'(a) without a shadow model':40s} {shadow['without']['readings_per_s']:12,.0f}")
+    print(f"{'(a) with a candidate in shadow':40s} {shadow['with']['readings_per_s']:12,.0f}")
+    print(f"shadow_throughput_ratio              {shadow['shadow_throughput_ratio']:8.2f}   (target >= 0.5)")
 
 
 # ---------------------------------------------------------------- (b) the sample's loop
@@ -319,17 +363,22 @@ def bench_sustained(model_dir: Path, turbines: int, seconds: float, saturate_sec
 
     health: list[dict] = []
     unsubscribe_health = server.local_subscribe(topics.health(thing), lambda _t, data: health.append(json.loads(data)))
-    scores: list[tuple[float, float]] = []  # (received at, window ts)
+    # (received at, seconds from the publication of the window's last readings batch to its ts),
+    # one per scored window: the simulator publishes a batch at its first sample's time
+    scores: list[tuple[float, float]] = []
     score_lock = threading.Lock()
 
     def on_score(event) -> None:
         now = time.time()
         try:
-            ts = float(json.loads(bytes(event.binary_message.message))["ts"])
+            body = json.loads(bytes(event.binary_message.message))
+            ends, ts = body["window_end_seq"], body["ts"]
+            ends, ts = (ends, ts) if isinstance(ts, list) else ([ends], [ts])  # a batch, or one window
+            rows = [(now, float(t) - (e % BATCH) / 20.0) for e, t in zip(ends, ts)]
         except Exception:  # noqa: BLE001
-            ts = float("nan")
+            rows = [(now, float("nan"))]
         with score_lock:
-            scores.append((now, ts))
+            scores.extend(rows)
 
     def score_count() -> int:
         with score_lock:
@@ -378,8 +427,7 @@ def bench_sustained(model_dir: Path, turbines: int, seconds: float, saturate_sec
         time.sleep(2.5)
         final = detector_health()[-1]
         with score_lock:
-            # the simulator publishes a batch of 10 samples at its first sample's time: 0.45 s before ``ts``
-            lags = sorted(r - ts + 9 / 20.0 for r, ts in scores[n0:n1] if ts == ts)
+            lags = sorted(r - published for r, published in scores[n0:n1] if published == published)
         out["realtime"] = {
             "offered_readings_per_s": turbines * 20.0,
             "readings_per_s": (h1["readings_scored"] - h0["readings_scored"]) / (t1 - t0),
@@ -393,15 +441,11 @@ def bench_sustained(model_dir: Path, turbines: int, seconds: float, saturate_sec
         }
 
         # 2) saturation: pre-encoded readings as fast as the IPC server takes them
-        streams = simulate(turbines, int(saturate_seconds * 20) + 20)
-        msgs = encode_messages(streams)  # turbine ids are thing "bench"'s
-        # seq continues after the realtime run so nothing is taken for a stream restart
-        base = int(seconds * 20)
-        ready = []
-        for topic, raw in msgs:  # encoded before the clock starts: measure the detector, not us
-            obj = json.loads(raw)
-            obj["seq"] += base
-            ready.append((topic, payloads.encode(obj)))
+        samples = -(-int(saturate_seconds * 20) // BATCH) * BATCH
+        streams = simulate(turbines, samples)
+        # seq continues after the realtime run so nothing is taken for a stream restart; encoded
+        # before the clock starts: measure the detector, not us.  Turbine ids are thing "bench"'s.
+        ready = encode_messages(streams, seq0=int(seconds * 20))
         (tmp / "readings.pickle").write_bytes(pickle.dumps(ready))
         pub = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--publisher-child", str(sock),
                                 server.issue_token(PUBLISHER), str(tmp / "readings.pickle")],
@@ -412,9 +456,9 @@ def bench_sustained(model_dir: Path, turbines: int, seconds: float, saturate_sec
         hc0 = me.cpu_times()
         pub.stdin.write("go\n")
         pub.stdin.flush()
-        # Every readings message continues its turbine's stream, so each one completes a window:
-        # one score message per readings message published.
-        expected_scores = n0 + len(ready)
+        # Every readings message continues its turbine's stream: BATCH / STRIDE windows each.
+        expected_windows = len(ready) * BATCH // mc.STRIDE
+        expected_scores = n0 + expected_windows
         deadline = time.monotonic() + 300
         last_n, last_change = score_count(), (time.monotonic(), proc.cpu_times(), me.cpu_times())
         while last_n < expected_scores and time.monotonic() < deadline \
@@ -435,11 +479,14 @@ def bench_sustained(model_dir: Path, turbines: int, seconds: float, saturate_sec
         span = (window[-1][0] - t0_wall) if window else float("nan")
         out["saturated"] = {
             "readings_per_s": len(window) * mc.STRIDE / span if window else 0.0,
-            "what": "score messages received by a subscribed GreengrassCoreIPCClientV2 x STRIDE, from the "
-                    "publisher's start to the last score",
+            "what": "scored windows received by a subscribed GreengrassCoreIPCClientV2 (in score batches) "
+                    "x STRIDE, from the publisher's start to the last score",
             "seconds": span,
-            "score_messages": len(window),
-            "score_messages_expected": len(ready),
+            "windows_received": len(window),
+            "windows_expected": expected_windows,
+            "readings_messages": len(ready),
+            "samples_per_message": BATCH,
+            "score_messages": h1.get("score_messages", 0) - h0.get("score_messages", 0),
             "readings_offered": turbines * len(streams[0]["ts"]),
             "readings_received_by_detector": h1["readings_received"] - h0["readings_received"],
             "publish": publish,
@@ -486,15 +533,30 @@ def main(argv=None) -> int:
     ap.add_argument("--no-sustained", dest="sustained", action="store_false")
     ap.add_argument("--sustained-seconds", type=float, default=30.0)
     ap.add_argument("--saturate-seconds", type=float, default=60.0, help="simulated seconds per turbine pushed")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N cProfile entries of (a)")
+    ap.add_argument("--candidate-dir", help="the shadow model (default: another untrained Conv-AE)")
+    ap.add_argument("--shadow-only", action="store_true",
+                    help="measure only (a) with/without a shadow model; updates the shadow keys of --out")
     ap.add_argument("--out", default=str(RESULTS / "detector.json"))
     args = ap.parse_args(argv)
 
     model_dir = model_package(args.model_dir)
+    candidate_dir = model_package(args.candidate_dir, "1.0.1", seed=1)
     samples = int(args.seconds * 20)
     streams = simulate(args.turbines, max(samples, SampleLoop.BUFFER + args.sample_readings))
     streams_a = [{k: v[:samples] for k, v in s.items()} for s in streams]
     msgs = encode_messages(streams_a)
     readings = args.turbines * samples
+    if args.shadow_only:
+        shadow = bench_shadow(model_dir, candidate_dir, msgs, args.turbines, readings, args.repeat)
+        print_shadow(shadow)
+        out = Path(args.out)
+        result = json.loads(out.read_text()) if out.is_file() else {}
+        result.update(shadow=shadow, shadow_throughput_ratio=shadow["shadow_throughput_ratio"])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(f"updated {args.out}")
+        return 0
 
     # Shared 2-core machine: interleave (a) and (c) and keep each one's best of --repeat runs,
     # so a neighbour's burst does not decide the ratio.
@@ -502,6 +564,15 @@ def main(argv=None) -> int:
     for _ in range(args.repeat):
         a_runs.append(bench_streaming(model_dir, msgs, args.turbines, readings))
         c_runs.append(bench_floor(model_dir, streams_a, max(1, round(a_runs[0]["mean_batch"]))))
+    if args.profile:
+        import cProfile
+        import io
+        import pstats
+        profiler = cProfile.Profile()
+        profiler.runcall(bench_streaming, model_dir, msgs, args.turbines, readings)
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.profile)
+        print(text.getvalue())
     a = max(a_runs, key=lambda r: r["readings_per_s"])
     c = max(c_runs, key=lambda r: r["readings_per_s"])
     a["runs"] = [round(r["readings_per_s"]) for r in a_runs]
@@ -514,9 +585,12 @@ def main(argv=None) -> int:
         "detector_speedup_vs_sample": a["readings_per_s"] / b["readings_per_s"],
         "detector_ratio_to_onnxruntime_floor": a["readings_per_s"] / c["readings_per_s"],
     }
+    result["shadow"] = bench_shadow(model_dir, candidate_dir, msgs, args.turbines, readings, args.repeat)
+    result["shadow_throughput_ratio"] = result["shadow"]["shadow_throughput_ratio"]
     if args.sustained:
         result["sustained"] = bench_sustained(model_dir, args.turbines, args.sustained_seconds, args.saturate_seconds)
         result["detector_rss_mb"] = result["sustained"]["rss_mb"]
+        result["detector_process_readings_per_s"] = result["sustained"]["saturated"]["readings_per_s"]
 
     rows = [("(a) streaming batched (ours)", a["readings_per_s"], f"mean batch {a['mean_batch']:.0f}"),
             ("(b) sample loop (batch 1 / reading)", b["readings_per_s"], f"{b['readings']} readings"),
@@ -526,6 +600,7 @@ def main(argv=None) -> int:
         print(f"{name:40s} {rate:12,.0f}  {note}")
     print(f"detector_speedup_vs_sample           {result['detector_speedup_vs_sample']:8.1f}x  (target >= 50x)")
     print(f"detector_ratio_to_onnxruntime_floor  {result['detector_ratio_to_onnxruntime_floor']:8.2f}   (target >= 0.5)")
+    print_shadow(result["shadow"])
     if args.sustained:
         s = result["sustained"]
         rt, sat = s["realtime"], s["saturated"]

@@ -1,7 +1,7 @@
 """The headline figures of every benchmark, in one file.
 
 Reads whatever results exist in ``benchmarks/results/`` (``detector.json``, ``fleet.json``,
-``training.json``, ``dashboard.json``, ``ota.json``, ``ipc.json``) and writes
+``training.json``, ``seeds.json``, ``dashboard.json``, ``ota.json``, ``ipc.json``) and writes
 ``benchmarks/results/summary.json``: one value per key (``null`` when its source is
 missing or lacks it) and, under ``sources``, for each key the file it came from, where in
 that file, the file's modification time and the run's own time stamp when it has one
@@ -15,6 +15,10 @@ Keys:
 - ``detector_ratio_to_onnxruntime_floor`` detector.json: our streaming path / onnxruntime alone
 - ``detector_rss_mb``                     detector.json: peak RSS of the real detector process
 - ``detector_saturated_readings_per_s``   detector.json: the real detector process under an IPC server, saturated
+- ``detector_process_readings_per_s``     detector.json: the same figure under the name issue 13 gives it (real
+                                          process, one core, saturated, over Greengrass IPC; goal >= 20,000)
+- ``shadow_throughput_ratio``             detector.json: the streaming path with a canary candidate scoring in
+                                          shadow / without one, same run (goal >= 0.5)
 - ``fleet_readings_per_s``                fleet.json: end-to-end readings/s of the best point with 0 telemetry
                                           lost (among those that keep up, when any does: no backlog building)
 - ``fleet_telemetry_lost``                fleet.json: telemetry messages lost at that point
@@ -24,7 +28,10 @@ Keys:
 - ``rollout_seconds_10_gateways``         ota.json: rollout time of the point with 10 gateways
 - ``swap_readings_lost``                  ota.json: readings lost across a model swap (the worst point)
 - ``training_quick_wall_s``, ``onnxruntime_over_torch_batch_1``   training.json
+- ``training_seeds_meeting_targets``      seeds.json: seeds 0-9 of ``train --quick`` with held-out F1 >= 0.95
+                                          and FAR <= 1 %
 - ``ingest_records_per_s``, ``dashboard_overview_ms``             dashboard.json
+- ``dashboard_overview_200_gateways_ms``  dashboard.json: fleet page (first 50 of 200 gateways) load
 - ``ipc_sync_msgs_per_s``, ``ipc_pipelined_msgs_per_s``           ipc.json: local pub/sub over the nucleus' IPC server
 - ``ipc_pipelined_ratio_to_mosquitto_qos1``                        ipc.json: pipelined IPC / Mosquitto QoS1, same run
 """
@@ -142,6 +149,8 @@ KEYS: list[tuple[str, str, Callable[[dict], tuple[Any, str | None]]]] = [
     ("detector_ratio_to_onnxruntime_floor", "detector.json", _path("detector_ratio_to_onnxruntime_floor")),
     ("detector_rss_mb", "detector.json", _first("detector_rss_mb", "sustained.rss_mb")),
     ("detector_saturated_readings_per_s", "detector.json", _path("sustained.saturated.readings_per_s")),
+    ("detector_process_readings_per_s", "detector.json", _path("sustained.saturated.readings_per_s")),
+    ("shadow_throughput_ratio", "detector.json", _path("shadow_throughput_ratio")),
     ("fleet_readings_per_s", "fleet.json", _fleet("e2e_readings_per_s")),
     ("fleet_telemetry_lost", "fleet.json", _fleet("telemetry_lost")),
     ("fleet_point", "fleet.json", _fleet("point")),
@@ -153,8 +162,10 @@ KEYS: list[tuple[str, str, Callable[[dict], tuple[Any, str | None]]]] = [
     ("swap_readings_lost", "ota.json", _ota_swap_lost),
     ("training_quick_wall_s", "training.json", _path("training.quick.wall_s")),
     ("onnxruntime_over_torch_batch_1", "training.json", _path("scoring.batch_1.ratio_onnxruntime_over_torch")),
+    ("training_seeds_meeting_targets", "seeds.json", _path("training_seeds_meeting_targets")),
     ("ingest_records_per_s", "dashboard.json", _path("ingest.batched_records_per_s")),
     ("dashboard_overview_ms", "dashboard.json", _path("pages_loaded.overview_ms")),
+    ("dashboard_overview_200_gateways_ms", "dashboard.json", _path("pages_200_gateways.overview_ms")),
     ("ipc_sync_msgs_per_s", "ipc.json", _path("results.ipc_sync.messages_per_s")),
     ("ipc_pipelined_msgs_per_s", "ipc.json", _path("results.ipc_pipelined.messages_per_s")),
     ("ipc_pipelined_ratio_to_mosquitto_qos1", "ipc.json", _path("results.ipc_pipelined.ratio_to_mosquitto_qos1")),

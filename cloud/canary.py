@@ -232,6 +232,7 @@ def measured(shadow: Mapping[str, Any]) -> dict:
         "errors": int(shadow.get("errors", 0)),
         "candidate_infer_ms_p99": float((shadow.get("candidate") or {}).get("infer_ms_p99", 0.0)),
         "current_infer_ms_p99": float((shadow.get("current") or {}).get("infer_ms_p99", 0.0)),
+        "error": shadow.get("error") if isinstance(shadow.get("error"), str) else None,  # the device's reason
     }
 
 
@@ -243,6 +244,7 @@ def _pooled(stats: Sequence[Mapping]) -> dict:
                          "infer_ms_p99": max((_sum([s], "current", "infer_ms_p99") for s in stats), default=0.0)}
     pooled["candidate"] = {"alarms": _sum(stats, "candidate", "alarms"),
                            "infer_ms_p99": max((_sum([s], "candidate", "infer_ms_p99") for s in stats), default=0.0)}
+    pooled["error"] = next((s["error"] for s in stats if isinstance(s.get("error"), str)), None)
     return measured(pooled)
 
 
@@ -274,7 +276,8 @@ def gates(m: Mapping[str, Any], config: Mapping[str, Any]) -> list[dict]:
                          "no labelled episodes seen: not applicable"))
     e = int(config["max_errors"])
     out.append(_gate("errors", f"candidate errors <= {e}", m["errors"] <= e, m["errors"], e,
-                     f"{m['errors']} candidate scoring errors (at most {e})"))
+                     f"{m['errors']} candidate scoring errors (at most {e})"
+                     + (f": {m['error'][:200]}" if m["errors"] and m.get("error") else "")))
     p = float(config["max_infer_ms_p99"])
     out.append(_gate("infer_ms_p99", f"candidate inference p99 <= {p:g} ms", m["candidate_infer_ms_p99"] <= p,
                      round(m["candidate_infer_ms_p99"], 3), p,

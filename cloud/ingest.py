@@ -665,6 +665,33 @@ class TelemetryStore:
                 "SELECT * FROM logs WHERE ts > ? ORDER BY ts DESC LIMIT ?", (-1.0 if since is None else since, limit))
         ]
 
+    # ------------------------------------------------------------ canary (cloud/canary.py reads these)
+    def shadow_series(self, since: float | None = None, candidate_version: str | None = None,
+                      thing: str | None = None, limit: int = 5000) -> list[dict]:
+        """Health reports that carry canary shadow statistics (``payloads.shadow_stats``), oldest
+        first: ``[{"thing", "ts", "shadow"}]``; malformed ``shadow`` objects are skipped."""
+        sql = "SELECT thing, ts, json_extract(body, '$.shadow') AS shadow FROM health WHERE ts > ? " \
+              "AND json_type(body, '$.shadow') = 'object'"
+        args: list[Any] = [-1.0 if since is None else since]
+        if thing:
+            sql += " AND thing = ?"
+            args.append(thing)
+        sql += " ORDER BY ts DESC LIMIT ?"
+        args.append(limit)
+        out = []
+        for r in self._conn().execute(sql, args):
+            try:
+                shadow = payloads.validate_shadow(json.loads(r["shadow"]))
+            except (payloads.MalformedPayload, ValueError):
+                continue
+            if candidate_version is None or shadow["candidate_version"] == candidate_version:
+                out.append({"thing": r["thing"], "ts": r["ts"], "shadow": shadow})
+        return out[::-1]
+
+    def latest_shadow(self, since: float | None = None, candidate_version: str | None = None) -> dict[str, dict]:
+        """Per gateway its newest shadow statistics: ``{thing: {"ts", "shadow"}}``."""
+        return {r["thing"]: r for r in self.shadow_series(since, candidate_version)}
+
 
 # ====================================================================== service
 class IngestService:
@@ -986,8 +1013,50 @@ def _acknowledge(iot_data_client: Any, thing: str, seq: int) -> bool:
         return False
 
 
+def _put_shadow_metrics(cloudwatch: Any, message: dict) -> int:
+    """Canary shadow statistics of the message's health records -> CloudWatch metrics, which the
+    scheduled canary evaluation reads back (:mod:`windfleet.cloud.canary`).  A failure is one log
+    line: the logs are written and the next report carries the same cumulative figures."""
+    from . import settings  # noqa: PLC0415 - only messages with shadow statistics need these
+    from .canary import shadow_metric_data  # noqa: PLC0415
+
+    data = []
+    for record in message["records"]:
+        body = record.get("body") if isinstance(record, dict) else None
+        if record.get("type") == "health" and isinstance(body, dict) and "shadow" in body \
+                and body.get("thing") == message["thing"]:
+            try:
+                data += shadow_metric_data(message["thing"], payloads.validate_shadow(body["shadow"]),
+                                           _finite_or(body.get("ts"), None))
+            except payloads.MalformedPayload:
+                continue
+    if not data:
+        return 0
+    try:
+        client = cloudwatch or _default_cloudwatch_client()
+        for i in range(0, len(data), 500):  # PutMetricData takes at most 1000 metrics per call
+            client.put_metric_data(Namespace=settings.CANARY_METRIC_NAMESPACE, MetricData=data[i:i + 500])
+    except Exception as exc:  # noqa: BLE001 - never fail the message for a metric
+        print(json.dumps({"level": "WARNING", "msg": "canary metrics not put", "thing": message["thing"],
+                          "error": f"{type(exc).__name__}: {exc}"[:200]}))
+        return 0
+    return len(data)
+
+
+_cloudwatch_client = None
+
+
+def _default_cloudwatch_client():
+    global _cloudwatch_client
+    if _cloudwatch_client is None:
+        import boto3
+
+        _cloudwatch_client = boto3.client("cloudwatch")
+    return _cloudwatch_client
+
+
 def lambda_handler(event: dict, context: Any, *, logs_client: Any = None, log_group: str | None = None,
-                   iot_data_client: Any = None) -> dict:
+                   iot_data_client: Any = None, cloudwatch_client: Any = None) -> dict:
     """IoT rule action: one telemetry message -> structured CloudWatch Logs events, then an
     acknowledgement to the device on ``windfleet/fleet/{thing}/ack``.
 
@@ -998,8 +1067,10 @@ def lambda_handler(event: dict, context: Any, *, logs_client: Any = None, log_gr
     A malformed message (over :data:`MAX_MESSAGE_BYTES`: ``too_large``) is logged (one
     line) and dropped without raising, so IoT does not retry it forever (and gets no
     ack).  Every stored message is acknowledged, to ``source_thing`` only, a repeated
-    ``seq`` too (the device did not get the first ack).  Returns
-    ``{"written": n, "acked": bool}`` or ``{"dropped": kind}``.
+    ``seq`` too (the device did not get the first ack).  Health records carrying canary
+    ``shadow`` statistics are also put to CloudWatch metrics (:func:`_put_shadow_metrics`).
+    Returns ``{"written": n, "acked": bool}`` (plus ``"metrics": n`` when any were put) or
+    ``{"dropped": kind}``.
     """
     logs = logs_client or _default_logs_client()
     group = log_group or os.environ.get(LOG_GROUP_ENV, DEFAULT_LOG_GROUP)
@@ -1044,8 +1115,9 @@ def lambda_handler(event: dict, context: Any, *, logs_client: Any = None, log_gr
         size += ev_size
     if batch:
         _put(logs, group, stream, batch)
+    metrics = _put_shadow_metrics(cloudwatch_client, message)
     acked = _acknowledge(iot_data_client, source, message["seq"])  # == message["thing"]
-    return {"written": len(events), "acked": acked}
+    return {"written": len(events), "acked": acked, **({"metrics": metrics} if metrics else {})}
 
 
 def dashboard_queries(log_group: str) -> list[tuple[str, str, str]]:

@@ -5,9 +5,10 @@ The devices are real :class:`DeviceRuntime` nuclei polling the local deployment 
 components are small stand-ins (the detector is a sleeping process whose Install lays out the
 venv python the model recipe's self-check calls, as a stand-in that accepts any model), so the
 test checks the Greengrass mechanics: which component versions each device runs.  The
-detector's shadow statistics are SIMULATED here -- health payloads with a ``shadow`` object
-ingested into the local telemetry store -- because the detector's shadow scoring comes later
-(issue 14, part B); the gates read them exactly as they will read the detector's.
+detector's shadow statistics are written here -- health payloads with a ``shadow`` object
+ingested into the local telemetry store -- so that the gates see exact figures.  With the real
+detector: ``tests/test_demo.py`` (real runtimes, simulator and detector scoring two real models
+in shadow; the gates promote one and abort the other) and ``tests/test_detector_shadow.py``.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import pytest
 
 from tests.mqtt_fixtures import wait_until
 from tests.test_dashboard import browser, page, shot  # noqa: F401 - fixtures
-from tests.test_demo import GATEWAYS, _demo, _leftovers
+from tests.test_demo import GATEWAYS, _demo, _leftovers, model_dir  # noqa: F401 - the demo's model
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.browser]
 
@@ -82,16 +82,16 @@ def test_operator_watches_the_fleet_and_approves_a_version(served_fleet, page, m
     assert page.locator("tr.anomaly-row").count() > 0
     shot(page, "fleet-anomalies")
 
-    # the data scientist registers v1.0.4; the operator approves it from the registry page
+    # the data scientist registers v1.0.5; the operator approves it from the registry page
     registry = Registry(Backend.local(home))
-    entry = registry.register(stamp(model_dir, tmp_path / "v4", "1.0.4"))
+    entry = registry.register(stamp(model_dir, tmp_path / "v4", "1.0.5"))
     page.goto(url + "/registry")
     row = f'tr.version-row[data-version="{entry["version"]}"]'
     page.locator(f"{row} button.approve").wait_for()
     version = str(entry["version"])
     page.fill("#token", "")
     page.locator(f"{row} button.approve").click()
-    page.fill("#reason", "v1.0.4 passed review")
+    page.fill("#reason", "v1.0.5 passed review")
     with page.expect_response(lambda r: r.url.endswith(f"/api/registry/{version}/approve")) as refused:
         page.click("#decide-confirm")
     page.wait_for_selector('#message[data-status="401"]')
@@ -115,21 +115,21 @@ def test_operator_watches_the_fleet_and_approves_a_version(served_fleet, page, m
     assert result["deployment"]["status"] == "deployed", result["deployment"]
     assert page.inner_text("#message") == f"approve {version}: accepted (recorded as {body['actor']})"
     assert [(d["actor"], d["reason"]) for d in registry.get(entry["version"])["decisions"]] == [
-        (body["actor"], "v1.0.4 passed review")]
+        (body["actor"], "v1.0.5 passed review")]
     assert registry.get(entry["version"])["status"] == "Approved"
     # the deployment the answer names is the one the deployment service now lists as the latest
     deployments = _get(url + "/api/deployments")["deployments"]
     assert result["deployment"]["deploymentId"] in [d["deploymentId"] for d in deployments]
     shot(page, "fleet-registry")
 
-    # ... and the fleet rolls it out: every gateway reports and scores with 1.0.4
+    # ... and the fleet rolls it out: every gateway reports and scores with 1.0.5
     def on_v4():
         gateways = _get(url + "/api/fleet")["gateways"]
-        return len(gateways) == GATEWAYS and all(g["model_version"] == "1.0.4" for g in gateways)
+        return len(gateways) == GATEWAYS and all(g["model_version"] == "1.0.5" for g in gateways)
 
-    wait_until(on_v4, 120, 1.0, "every gateway on 1.0.4")
+    wait_until(on_v4, 120, 1.0, "every gateway on 1.0.5")
     page.goto(url + "/")
-    page.wait_for_selector('tr.gateway[data-thing="gw01"] td.model-version:text("1.0.4")')
+    page.wait_for_selector('tr.gateway[data-thing="gw01"] td.model-version:text("1.0.5")')
     shot(page, "fleet-overview-after-approval")
 
     # Ctrl-C: the books close and nothing is left running (the page first, or its live updates
@@ -141,5 +141,5 @@ def test_operator_watches_the_fleet_and_approves_a_version(served_fleet, page, m
     report = json.loads((served_fleet["work"] / "report.json").read_text())
     assert report["counters_source"] == "component logs (final totals)"
     assert report["readings_unscored"] == 0 and report["telemetry_lost"] == 0
-    assert set(report["model_version"].values()) == {"1.0.4"}
+    assert set(report["model_version"].values()) == {"1.0.5"}
     assert _leftovers(served_fleet["work"]) == []

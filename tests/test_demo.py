@@ -1,6 +1,6 @@
 """``windfleet demo`` as a user runs it: a real process that starts Mosquitto, the dashboard and
-the device runtimes, rolls a model out, rolls a corrupt one back, reports, and leaves nothing
-running.  Pre-trained packages (``--model-v1/--model-v2``) keep the training stages out of CI time;
+the device runtimes, rolls a model out through a canary, stops a bad one at its canary, rolls a
+corrupt one back, reports, and leaves nothing running.  Pre-trained packages (``--model-v1/--model-v2``) keep the training stages out of CI time;
 training itself is tested in test_training.py.
 """
 
@@ -17,6 +17,8 @@ import pytest
 
 from windfleet.nucleus.fleet import leftover_processes
 
+from tests.test_detector_model import build_model_package
+
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 GATEWAYS, TURBINES = 2, 2
@@ -28,9 +30,16 @@ _leftovers = leftover_processes  # processes of a run still alive (should be non
 def _demo(work: Path, model_dir: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "windfleet.cli", "demo", "--gateways", str(GATEWAYS), "--turbines-per-gateway",
-         str(TURBINES), "--duration", "6", "--anomaly-every", "6", "--model-v1", str(model_dir),
+         str(TURBINES), "--duration", "6", "--anomaly-every", "10", "--model-v1", str(model_dir),
          "--model-v2", str(model_dir), "--work", str(work), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A package whose thresholds sit just above its errors on normal data (few alarms without an
+    anomaly), so that v3 (thresholds x 0.02) alarming on normal data shows in the canary's gates."""
+    return build_model_package(tmp_path_factory.mktemp("m") / "demo-model", "1.0.0", seed=0)
 
 
 def test_demo_runs_the_lifecycle_and_stops_everything(model_dir, tmp_path):
@@ -61,12 +70,22 @@ def test_demo_runs_the_lifecycle_and_stops_everything(model_dir, tmp_path):
     # measured, not written: gaps in every turbine's scores plus windows missing before its first
     assert install["readings_lost"] == 0 and install["seconds"] > 0, install
 
+    # v2 passed its canary (the same weights as v1 here: full agreement); v3 alarms on normal data and
+    # was stopped there: no gateway outside the canary ever reported it installed
+    promoted, aborted = report["canary"]
+    assert (promoted["version"], promoted["verdict"], promoted["devices"]) == ("1.0.2", "promoted", 1), promoted
+    assert promoted["agreement"] == 1.0 and promoted["candidate_alarm_rate"] == promoted["current_alarm_rate"]
+    assert (aborted["version"], aborted["verdict"]) == ("1.0.3", "aborted"), aborted
+    assert aborted["candidate_alarm_rate"] > aborted["current_alarm_rate"] and aborted["reason"]
+    assert aborted["reached_outside_canary"] == [] and promoted["seconds"] > 0
+    assert [r["version"] for r in report["rollouts"]] == ["1.0.1", "1.0.2"]  # only versions the fleet got
+
     (rollback,) = report["rollbacks"]
-    assert rollback["version"] == "1.0.3" and rollback["devices_rolled_back"] == GATEWAYS
+    assert rollback["version"] == "1.0.4" and rollback["devices_rolled_back"] == GATEWAYS
     assert "onnx" in rollback["reason"].lower() and rollback["readings_lost"] == 0
     assert set(report["model_version"].values()) == {"1.0.2"}  # still scoring with v2
 
-    for line in ("Summary", "rollout 1.0.2 (update)", "rollback of 1.0.3", "dashboard: http://127.0.0.1:"):
+    for line in ("Summary", "rollout 1.0.2 (update)", "canary 1.0.3", "rollback of 1.0.4", "dashboard: http://127.0.0.1:"):
         assert line in out
     assert _leftovers(work) == []
 

@@ -89,19 +89,27 @@ class FakeBus(Bus):
 
     def scores(self) -> list[dict]:
         with self._lock:
-            return [b for t, b in self.published if t.endswith("/scores")]
+            batches = [b for t, b in self.published if t.endswith("/scores")]
+        # one message per turbine per scoring batch; the records the forwarder makes of them
+        return [r for b in batches for r in payloads.score_records(payloads.validate_score_batch(b))]
 
 
 def simulate_stream(tid: str, n: int, seed: int = 3) -> dict[str, np.ndarray]:
     return Turbine(tid, turbine_seed(seed, int(tid[-2:])), 20.0, [], 8.0, 1_700_000_000.0).step(n)
 
 
-def messages(tid: str, data: dict, batch: int = 10, start: int = 0, end: int | None = None) -> list[bytes]:
+def messages(tid: str, data: dict, batch: int = 10, start: int = 0, end: int | None = None,
+             version: int = payloads.BATCH_VERSION) -> list[bytes]:
+    """Readings messages: columnar batches (version 2) or one object per sample (version 1)."""
     n = len(data["ts"]) if end is None else end
     out = []
     for s in range(start, n, batch):
-        rows = [{f: float(data[f][i]) for f in FIELDS} for i in range(s, min(s + batch, n))]
-        out.append(payloads.encode(payloads.readings(tid, s, rows)))
+        e = min(s + batch, n)
+        if version == payloads.BATCH_VERSION:
+            out.append(payloads.encode(payloads.readings_batch(tid, s, {f: data[f][s:e] for f in FIELDS})))
+        else:
+            rows = [{f: float(data[f][i]) for f in FIELDS} for i in range(s, e)]
+            out.append(payloads.encode(payloads.readings(tid, s, rows)))
     return out
 
 
@@ -137,9 +145,12 @@ def offline_errors(model_dir: Path, data: dict) -> tuple[np.ndarray, np.ndarray]
 
 
 def test_streaming_scores_match_the_offline_pipeline(model_v1, tmp_path):
+    """Both readings forms at once (an old device and a new one during a rollout)."""
     det, bus = make_detector(model_v1, tmp_path, max_batch=37)  # batches that straddle turbines
     streams = {tid: simulate_stream(tid, 1200) for tid in det.turbines}
-    for batch in zip(*(messages(tid, streams[tid], batch=7) for tid in det.turbines)):  # 7: not a STRIDE multiple
+    forms = dict(zip(det.turbines, (1, payloads.BATCH_VERSION)))
+    for batch in zip(*(messages(tid, streams[tid], batch=7, version=forms[tid])  # 7: not a STRIDE multiple
+                       for tid in det.turbines)):
         for tid, raw in zip(det.turbines, batch):
             bus.deliver(topics.readings(tid), raw)
     drain(det)
@@ -156,23 +167,32 @@ def test_streaming_scores_match_the_offline_pipeline(model_v1, tmp_path):
     c = det.snapshot()
     assert c["readings_received"] == 2 * 1200 and c["malformed_dropped"] == 0
     assert c["windows_scored"] == 2 * len(sliding_windows(np.zeros((1200, 6)))[1])
+    # one score message per turbine per scoring batch, not one per window
+    assert c["score_messages"] == len([t for t, _ in bus.published if t.endswith("/scores")]) < c["windows_scored"] / 2
     assert c["readings_scored"] == 2 * 1200  # every reading lies in some scored window (1200 = 100 + k*10)
 
 
 def bad_payloads(tid: str, good_sample: dict) -> dict[str, list[bytes]]:
     def env(**o):
         return json.dumps({"schema_version": 1, "turbine_id": tid, "seq": 0, "samples": [good_sample], **o}).encode()
+    def env2(**columns):  # the columnar form
+        cols = {**{k: [v, v] for k, v in good_sample.items()}, **columns}
+        return json.dumps({"schema_version": 2, "turbine_id": tid, "seq": 0,
+                           "columns": {k: v for k, v in cols.items() if v is not None}}).encode()
     no_voltage = {k: v for k, v in good_sample.items() if k != "voltage"}
     return {
         "not_json": [b"\xff\x00 not json", b"{\"schema_version\": 1,"],
+        "length_mismatch": [env2(rps=[1.0])],
         "too_large": [b"{" + b" " * (1024 * 1024) + b"}"],
         "schema_version": [env(schema_version=99), json.dumps({"turbine_id": tid}).encode()],
-        "missing_field": [env(samples=[no_voltage]), json.dumps({"schema_version": 1, "turbine_id": tid, "seq": 0}).encode()],
+        "missing_field": [env(samples=[no_voltage]), json.dumps({"schema_version": 1, "turbine_id": tid, "seq": 0}).encode(),
+                          env2(voltage=None)],
         "non_finite": [env().replace(b'"voltage":', b'"voltage": NaN, "x":'),
                        json.dumps({"schema_version": 1, "turbine_id": tid, "seq": 0,
-                                   "samples": [{**good_sample, "rps": float("inf")}]}).encode()],
+                                   "samples": [{**good_sample, "rps": float("inf")}]}).encode(),
+                       env2(rps=[123456.5, 1.0]).replace(b"123456.5", b"1e400")],
         "wrong_type": [env(seq="seven"), env(samples=[{**good_sample, "rps": "fast"}]), env(samples="many"),
-                       env(seq=-1)],
+                       env(seq=-1), env2(rps=[True, 1.0]), env2(rps=[None, 1.0]), env2(rps=[[1.0], 1.0])],
         "not_object": [b"[1, 2, 3]"],
         "turbine_mismatch": [env(turbine_id=f"{THING}-t01")],
     }
@@ -184,7 +204,7 @@ def test_malformed_readings_are_counted_and_dropped_while_scoring_goes_on(model_
     det, bus = make_detector(model_v1, tmp_path, turbines=[tid])
     data = simulate_stream(tid, 600)
     good = messages(tid, data)
-    sample = json.loads(good[0])["samples"][0]
+    sample = payloads.readings_samples(json.loads(good[0]))[0]
     bad = bad_payloads(tid, sample)
     flat = [(kind, raw) for kind, raws in bad.items() for raw in raws]
     for i, raw in enumerate(good):  # a bad message between every two good ones

@@ -62,9 +62,9 @@ def bench(tmp_path, builds):
         def health() -> list[dict]:
             return [h for h in ns.watcher.json(topics.health(THING)) if h["component"] == DET]
 
-        def scores() -> list[dict]:
-            return [payloads.validate_score(json.loads(p)) for t, p, _ in ns.watcher.snapshot()
-                    if t.endswith("/scores")]
+        def scores() -> list[dict]:  # the per-window records of the score batches
+            return [payloads.validate_score(r) for t, p, _ in ns.watcher.snapshot() if t.endswith("/scores")
+                    for r in payloads.score_records(payloads.validate_score_batch(json.loads(p)))]
 
         def wait_state(state: str, after: int = 0, **fields) -> dict:
             def match():
@@ -100,7 +100,7 @@ def assert_not_restarted(bench) -> None:
 def test_malformed_readings_over_ipc_are_counted_while_scoring_goes_on(bench):
     tid = TIDS[0]
     good = messages(tid, simulate_stream(tid, N))
-    sample = json.loads(good[0])["samples"][0]
+    sample = payloads.readings_samples(json.loads(good[0]))[0]
     junk = [
         b"\x00\xffnot json",
         b"{" + b" " * (1024 * 1024) + b"}",  # 1 MB

@@ -353,3 +353,22 @@ def test_delivery_nucleus_trusts_the_nucleus(make):
     wait_until(lambda: fwd.spool.records == 0 and len(bus.score_numbers()) == 5, 5)
     assert not bus.cloud_handlers  # nothing waits for the cloud's word
 
+
+
+def test_a_score_batch_reaches_the_cloud_as_its_per_window_records(make):
+    """The detector's one message per turbine per scoring batch: the cloud gets exactly the
+    version-1 score records it always stored, in order; a bad batch is dropped whole."""
+    bus, fwd = make(batch_records=100)
+    features, thresholds = ["rps", "voltage"], [1.0, 2.0]
+    ends = list(range(99, 99 + 10 * 30, 10))
+    errors = [[0.01 * i, 0.5] for i in range(len(ends))]
+    batch = payloads.score_batch("gw1-t01", "1.0.0", features, thresholds, ends, [1.7e9 + e / 20 for e in ends], errors)
+    bus.deliver(topics.scores("gw1-t01"), payloads.encode(batch))
+    bus.deliver(topics.scores("gw1-t01"), payloads.encode({**batch, "ts": [1.0]}))  # lengths disagree
+    bus.deliver(topics.scores("gw1-t00"), payloads.encode(batch))  # another turbine's topic
+    wait_until(lambda: len(bus.score_numbers()) == len(ends), 10, message="the batch's windows sent")
+    records = [r["body"] for m in bus.telemetry() for r in m["records"] if r["type"] == "score"]
+    assert records == payloads.score_records(batch)
+    assert all(payloads.validate_score(r) and r["schema_version"] == 1 for r in records)
+    assert fwd.malformed_by_kind == {"length_mismatch": 1, "turbine_mismatch": 1}
+    assert fwd.health_counters()["received"] - fwd.health_counters()["malformed_dropped"] >= len(ends)

@@ -74,3 +74,84 @@ def test_optional_score_fields_are_checked_when_present():
     assert kind_of(payloads.validate_score, {**score, "thresholds": [1.0]}) == "wrong_type"
     assert kind_of(payloads.validate_score, {**score, "score": 10**400}) == "out_of_range"
     assert kind_of(payloads.validate_score, {**score, "score": "1"}) == "wrong_type"
+
+
+# ---------------------------------------------------------------- batched, columnar forms (version 2)
+def columns(n: int = 3, **changes) -> dict:
+    cols = {f: [float(i + j) for i in range(n)] for j, f in enumerate(payloads.SAMPLE_FIELDS)}
+    return {"schema_version": 2, "turbine_id": "gw1-t00", "seq": 5, "columns": {**cols, **changes}}
+
+
+def test_columnar_readings_give_the_same_table_as_per_sample_ones():
+    new = payloads.decode(payloads.encode(columns()), payloads.BATCH_VERSIONS)
+    old = readings(seq=5, samples=payloads.readings_samples(new))
+    table = payloads.readings_table(new)
+    assert table.shape == (3, len(payloads.SAMPLE_FIELDS)) and table.dtype == "float64"
+    assert (table == payloads.readings_table(old)).all()
+    assert payloads.validate_readings(new) is new
+    # an older consumer (decode's default: version 1) refuses it by its version, not by a crash
+    assert kind_of(payloads.decode, payloads.encode(new)) == "schema_version"
+
+
+@pytest.mark.parametrize("changes, kind", [
+    ({"rps": [1.0, True, 2.0]}, "wrong_type"),
+    ({"rps": [1.0, None, 2.0]}, "wrong_type"),
+    ({"rps": [1.0, "2", 2.0]}, "wrong_type"),
+    ({"rps": [[1.0], 1.0, 2.0]}, "wrong_type"),
+    ({"rps": []}, "wrong_type"),
+    ({"rps": [1.0, 2.0]}, "length_mismatch"),
+    ({"rps": [1.0, 10**400, 2.0]}, "out_of_range"),
+])
+def test_a_bad_column_is_named_by_kind(changes, kind):
+    assert kind_of(payloads.readings_table, columns(**changes)) == kind
+
+
+def test_whole_batch_checks_cover_the_envelope():
+    no_voltage = columns()
+    del no_voltage["columns"]["voltage"]
+    assert kind_of(payloads.readings_table, no_voltage) == "missing_field"
+    assert kind_of(payloads.readings_table, {**columns(), "columns": [1, 2]}) == "wrong_type"
+    assert kind_of(payloads.readings_table, {**columns(), "seq": -1}) == "wrong_type"
+    assert kind_of(payloads.readings_table, {**columns(), "seq": payloads.MAX_INT - 1}) == "out_of_range"
+    raw = payloads.encode(columns(rps=[1.0, 123456.5, 2.0])).replace(b"123456.5", b"1e400")
+    assert kind_of(payloads.readings_table, payloads.decode(raw, payloads.BATCH_VERSIONS)) == "non_finite"
+    raw = payloads.encode(columns()).replace(b"[1.0,2.0,3.0]", b"[1.0,NaN,3.0]")
+    assert kind_of(payloads.decode, raw, payloads.BATCH_VERSIONS) == "non_finite"
+
+
+def test_a_score_batch_expands_to_exactly_the_per_window_scores():
+    features, thresholds = ["rps", "voltage"], [1.0, 2.0]
+    errors = [[0.5, 3.0], [0.25, 0.5]]
+    batch = payloads.score_batch("gw1-t00", "1.2.0", features, thresholds, [99, 109], [1.5, 2.0], errors)
+    got = payloads.score_records(payloads.validate_score_batch(payloads.decode(payloads.encode(batch), (2,))))
+    assert got == [payloads.score("gw1-t00", ts, "1.2.0", end, dict(zip(features, e)), dict(zip(features, thresholds)))
+                   for end, ts, e in ((99, 1.5, errors[0]), (109, 2.0, errors[1]))]
+    assert [s["anomaly"] for s in got] == [True, False] and got[0]["score"] == 1.5
+    for s in got:
+        payloads.validate_score(s)
+
+
+@pytest.mark.parametrize("changes, kind", [
+    ({"ts": [1.0]}, "length_mismatch"),
+    ({"thresholds": [1.0]}, "length_mismatch"),
+    ({"thresholds": [1.0, 0.0]}, "out_of_range"),
+    ({"window_end_seq": [99, -1]}, "wrong_type"),
+    ({"window_end_seq": [99, 1.5]}, "wrong_type"),
+    ({"feature_errors": [[0.5, 3.0], [0.25]]}, "wrong_type"),
+    ({"feature_errors": [[0.5, 3.0], [0.25, "x"]]}, "wrong_type"),
+    ({"features": ["rps", "rps"]}, "wrong_type"),
+    ({"model_version": None}, "missing_field"),
+])
+def test_a_bad_score_batch_is_named_by_kind(changes, kind):
+    batch = payloads.score_batch("gw1-t00", "1.2.0", ["rps", "voltage"], [1.0, 2.0], [99, 109], [1.5, 2.0],
+                                 [[0.5, 3.0], [0.25, 0.5]])
+    assert kind_of(payloads.validate_score_batch, {**batch, **changes}) == kind
+
+
+def test_encode_refuses_nan_and_decode_matches_the_standard_library():
+    with pytest.raises(ValueError):
+        payloads.encode({"schema_version": 1, "x": float("nan")})
+    obj = {"schema_version": 1, "a": [0.1, 1e22, 5e-324, -0.0, 2**63 - 1], "b": None, "c": "\u00e9"}
+    assert json.loads(payloads.encode(obj)) == obj and payloads.decode(payloads.encode(obj)) == obj
+    big = b'{"schema_version": 1, "turbine_id": "gw1-t00", "seq": ' + b"9" * 30 + b', "samples": []}'
+    assert kind_of(payloads.validate_readings, payloads.decode(big)) == "out_of_range"  # an int, as json reads it

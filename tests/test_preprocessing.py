@@ -85,3 +85,17 @@ def test_short_gaps_interpolated_long_gaps_rejected():
     x[2:12, 1] = np.nan
     with pytest.raises(DataError, match="10 consecutive"):
         clean_gaps(x)
+
+
+def test_prepare_takes_the_models_window_shape(stream):
+    from windfleet.model_contract import grid_shape
+
+    x, stats = stream
+    w100, _ = sliding_windows(x, WINDOW, STRIDE)
+    assert prepare(w100, stats).shape == (len(w100), len(FEATURES), 10, 10)  # the old default
+    assert np.array_equal(prepare(w100, stats), prepare(w100, stats, (10, 10)))
+    w20, _ = sliding_windows(x, 20, 2)
+    assert grid_shape(20) == (4, 5) and prepare(w20, stats).shape == (len(w20), len(FEATURES), 4, 5)
+    assert prepare(w20, stats, (20,)).shape == (len(w20), len(FEATURES), 20)  # a 1-D model
+    with pytest.raises(DataError, match="do not fit"):
+        prepare(w20, stats, (10, 10))

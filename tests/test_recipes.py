@@ -86,6 +86,7 @@ NEEDS = {
                                        (PUBSUB, PUBLISH, topics.health("gw1")), (PUBSUB, PUBLISH, topics.logs("gw1")),
                                        (MQTTPROXY, TO_IOT_CORE, topics.labels("gw1-t03"))],  # ground truth
     "com.windfleet.AnomalyDetector": [(PUBSUB, SUBSCRIBE, topics.readings("gw1-t03")),
+                                      (PUBSUB, SUBSCRIBE, topics.labels("gw1-t03")),  # a canary's recall
                                       (PUBSUB, PUBLISH, topics.scores("gw1-t03")),
                                       (PUBSUB, PUBLISH, topics.health("gw1")), (PUBSUB, PUBLISH, topics.logs("gw1"))],
     "com.windfleet.LogForwarder": [(PUBSUB, SUBSCRIBE, topics.scores("gw1-t03")),

@@ -11,6 +11,7 @@ import pytest
 
 from windfleet import payloads, topics
 from windfleet.components.simulator import run
+from windfleet.components.simulator.service import SimConfig
 from windfleet.simulation import KINDS
 
 from tests.test_detector import FakeBus
@@ -23,7 +24,8 @@ def collect(thing="gw1", **config) -> tuple[FakeBus, dict]:
 
 
 def readings_of(bus: FakeBus, tid: str) -> list[dict]:
-    return [b for t, b in bus.published if t == topics.readings(tid)]
+    """Readings messages of ``tid``, each with its samples as ``"samples"`` whatever its form."""
+    return [{**b, "samples": payloads.readings_samples(b)} for t, b in bus.published if t == topics.readings(tid)]
 
 
 def test_same_configuration_and_thing_repeat_exactly():
@@ -43,6 +45,7 @@ def test_pacing_free_run_publishes_every_sample_once_in_order():
         msgs = readings_of(bus, topics.turbine_id("gw1", i))
         assert [m["seq"] for m in msgs] == list(range(0, 600, 10))
         for m in msgs:
+            assert m["schema_version"] == payloads.BATCH_VERSION and set(m["columns"]) >= set(payloads.SAMPLE_FIELDS)
             payloads.validate_readings(m)
             assert len(m["samples"]) == 10 and m["turbine_id"] == topics.turbine_id("gw1", i)
         ts = np.array([s["ts"] for m in msgs for s in m["samples"]])
@@ -51,6 +54,14 @@ def test_pacing_free_run_publishes_every_sample_once_in_order():
     assert health[-1]["counters"]["readings_published"] == 3 * 600
     assert health[-1]["counters"]["messages_published"] == 3 * 60
     assert bus.states[0][0] == "RUNNING"
+
+
+def test_older_per_sample_form_on_request_carries_the_same_samples():
+    old, _ = collect(turbines=1, duration_s=5, seed=2, readings_version=1)
+    new, _ = collect(turbines=1, duration_s=5, seed=2)
+    raw = [b for t, b in old.published if t == topics.readings("gw1-t00")]
+    assert raw and all(m["schema_version"] == 1 and payloads.validate_readings(m) for m in raw)
+    assert [m["samples"] for m in readings_of(old, "gw1-t00")] == [m["samples"] for m in readings_of(new, "gw1-t00")]
 
 
 def test_streams_sit_in_the_sample_turbines_ranges():
@@ -144,9 +155,10 @@ def test_simulator_process_publishes_over_ipc_under_the_nucleus(tmp_path):
         wait_until(lambda: state_of(root, name) == "FINISHED" and deployment(root).get("status") == "SUCCEEDED",
                    60, message="simulator ran to the end")
         assert rt.components[name].restarts == 0 and "reason" not in rt.components[name].status()
-        assert sum(t.endswith("/readings") for t, _ in got) == 2 * 60  # 30 s * 20 Hz / 10 per message, 2 turbines
+        per = SimConfig().batch  # the default samples per message
+        assert sum(t.endswith("/readings") for t, _ in got) == 2 * 600 // per  # 30 s * 20 Hz, 2 turbines
         seqs = sorted(json.loads(p)["seq"] for t, p in got if t == topics.readings("gw7-t01"))
-        assert seqs == list(range(0, 600, 10))
+        assert seqs == list(range(0, 600, per))
         assert {t for t, _ in got} <= {topics.readings("gw7-t00"), topics.readings("gw7-t01"),
                                        topics.labels("gw7-t00"), topics.labels("gw7-t01"),
                                        topics.health("gw7"), topics.logs("gw7")}

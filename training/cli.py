@@ -32,8 +32,15 @@ def register(group: click.Group) -> None:
     @click.option("--features", default=None, help="CSV feature columns, comma-separated")
     @click.option("--label", default=None, help="CSV label column (non-zero = anomalous row)")
     @click.option("--sep", default=",", show_default=True, help="CSV field separator")
+    @click.option("--window", type=click.IntRange(2, 10000), default=None,
+                  help="CSV: samples per window (default: about rows/15, at most 100)")
+    @click.option("--stride", type=click.IntRange(1, 10000), default=None,
+                  help="CSV: samples between scored windows (default: window/10)")
+    @click.option("--max-far", type=click.FloatRange(0.0, 1.0), default=None,
+                  help="fail, writing no model, when the held-out false-alarm rate exceeds this (default 0.01)")
     @click.option("--no-eval", is_flag=True, help="skip evaluation")
-    def train(out, quick, seed, turbines, hours, epochs, version, csv_path, features, label, sep, no_eval):
+    def train(out, quick, seed, turbines, hours, epochs, version, csv_path, features, label, sep, window, stride,
+              max_far, no_eval):
         """Train the autoencoder and write DIR/model.onnx, DIR/model.json, DIR/evaluation.json."""
         from . import pipeline
         from .csv import parse_features
@@ -47,12 +54,14 @@ def register(group: click.Group) -> None:
                     raise DataError("--csv needs --features a,b,c")
                 card = pipeline.train_csv(csv_path, parse_features(features), out, label=label, sep=sep, seed=seed,
                                           epochs=epochs or (15 if quick else 40), version=version,
-                                          evaluate=not no_eval, log=log)
+                                          evaluate=not no_eval, window=window, stride=stride, log=log,
+                                          max_far=pipeline.MAX_HELD_OUT_FAR if max_far is None else max_far)
             else:
-                if features or label:
-                    raise DataError("--features/--label apply to --csv only")
+                if features or label or window or stride:
+                    raise DataError("--features/--label/--window/--stride apply to --csv only")
                 card = pipeline.train_simulated(out, seed=seed, turbines=turbines, hours=hours, quick=quick,
-                                                epochs=epochs, version=version, evaluate=not no_eval, log=log)
+                                                epochs=epochs, version=version, evaluate=not no_eval, log=log,
+                                                max_far=pipeline.MAX_HELD_OUT_FAR if max_far is None else max_far)
         except (DataError, ModelPackageError, OSError) as exc:
             raise _fail(exc) from None
         summary = {"out": out, "version": card["version"], "features": card["features"],
@@ -75,7 +84,5 @@ def register(group: click.Group) -> None:
             result = score_csv(model_dir, csv_path, out, features=parse_features(features), sep=sep, label=label)
         except (DataError, ModelPackageError, OSError) as exc:
             raise _fail(exc) from None
-        if result is not None:
-            click.echo(json.dumps(result))
-        else:
-            click.echo(f"wrote {out}", err=True)
+        click.echo(f"wrote {out}", err=True)
+        click.echo(json.dumps(result))

@@ -1,7 +1,7 @@
 """Read any numeric CSV into model rows: named feature columns, an optional label column.
 
 Errors are :class:`windfleet.preprocessing.DataError` with a one-line reason:
-missing file, missing or non-numeric column, too few rows, non-finite gaps
+missing file, missing or non-numeric column, a label other than 0/1, too few rows, non-finite gaps
 longer than ``preprocessing.MAX_GAP`` rows (shorter gaps -- empty cells, NaN,
 inf -- are interpolated; see ``preprocessing.clean_gaps``).
 """
@@ -50,8 +50,12 @@ def _float(cell: str, column: str, row: int) -> float:
 
 
 def read(path: str | Path, features: Sequence[str], label: str | None = None, sep: str = ",",
-         min_rows: int = 1) -> Table:
-    """Read ``features`` (and ``label``) columns of a CSV with a header row, in file order."""
+         min_rows: int = 1, gaps: bool = True) -> Table:
+    """Read ``features`` (and ``label``) columns of a CSV with a header row, in file order.
+
+    ``gaps``: interpolate short non-finite gaps (training); ``False`` keeps NaN/inf
+    as they are (scoring drops such rows, as the edge detector drops such readings).
+    Labels must be 0 or 1."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -70,17 +74,20 @@ def read(path: str | Path, features: Sequence[str], label: str | None = None, se
                 hint = " (wrong --sep?)"
             raise DataError(f"{path}: missing column {missing[0]!r}{hint}")
         idx = [header.index(c) for c in wanted]
-        rows = []
+        rows, line_of = [], []
         for lineno, rec in enumerate(reader, start=2):
             if not rec or all(not c.strip() for c in rec):
                 continue
             if len(rec) < len(header):
                 raise DataError(f"{path}: line {lineno} has {len(rec)} fields, the header has {len(header)}")
             rows.append([_float(rec[i], c, lineno) for i, c in zip(idx, wanted)])
+            line_of.append(lineno)
     if len(rows) < min_rows:
         raise DataError(f"{path}: {len(rows)} data rows, at least {min_rows} needed")
     data = np.array(rows, dtype=np.float64).reshape(len(rows), len(wanted))
     x = data[:, : len(features)]
+    if not gaps:
+        return Table(list(features), x, _labels(path, data, label, line_of))
     try:
         x = clean_gaps(x)
     except DataError as exc:  # name the column, not its index
@@ -88,10 +95,16 @@ def read(path: str | Path, features: Sequence[str], label: str | None = None, se
         for j, name in enumerate(features):
             msg = msg.replace(f"feature {j} ", f"column {name!r} ").replace(f"column {j} ", f"column {name!r} ")
         raise DataError(f"{path}: {msg}") from None
+    return Table(list(features), x, _labels(path, data, label, line_of))
+
+
+def _labels(path: Path, data: np.ndarray, label: str | None, line_of: list[int]) -> np.ndarray | None:
     labels = None
     if label:
         lab = data[:, -1]
-        if not np.isfinite(lab).all():
-            raise DataError(f"{path}: label column {label!r} has empty or non-finite values")
-        labels = lab != 0
-    return Table(list(features), x, labels)
+        bad = np.flatnonzero(~np.isin(lab, (0.0, 1.0)))
+        if len(bad):
+            raise DataError(f"{path}: label column {label!r} line {line_of[bad[0]]}: {lab[bad[0]]:g} is not 0 or 1 "
+                            f"({len(bad)} such rows; labels must be 0 = normal, 1 = anomalous)")
+        labels = lab == 1
+    return labels

@@ -8,7 +8,8 @@ Window labels (one rule for training, calibration and evaluation):
   **excluded** from evaluation -- neither a miss nor a false alarm can be
   fairly charged to it -- and from training and calibration.
 
-Labels are strings: ``""`` normal, a kind name, or :data:`EXCLUDED`.
+Labels are strings: ``""`` normal, a kind name, or :data:`EXCLUDED`.  Simulated yaw
+misalignment is labelled by the nacelle's actual misalignment (:func:`physical_labels`).
 Windows never span two turbines or two data segments.
 """
 
@@ -26,6 +27,7 @@ from windfleet.simulation import simulate
 NORMAL = ""
 EXCLUDED = "?"
 ANOMALY_FRACTION = 0.5  # share of a window's samples that must carry a kind
+YAW_MISALIGNED = 0.3  # rad (17 deg): beyond the yaw drive's 0.12 rad deadband, 9 % less rotor speed
 
 
 @dataclass
@@ -74,24 +76,47 @@ def window_labels(sample_labels: np.ndarray, ends: np.ndarray, window: int = WIN
     return out
 
 
-def segment_windows(raw: np.ndarray, labels: np.ndarray, source: int = 0, stride: int = STRIDE) -> Windows:
+def physical_labels(data: dict) -> np.ndarray:
+    """The simulator's per-sample labels, with yaw misalignment labelled where the
+    nacelle IS misaligned rather than where the yaw controller is faulty.
+
+    A yaw fault turns the nacelle away from the wind at the drive's 3 deg/s, and
+    back after the fault clears: for the first seconds of a fault the nacelle is
+    still inside its normal deadband (nothing any sensor could show -- these samples
+    are :data:`EXCLUDED`), and for seconds after it the turbine is still misaligned
+    (a detection there is right, not a false alarm).  Misaligned = more than
+    :data:`YAW_MISALIGNED` rad off the wind.
+    """
+    labels = np.asarray(data["label"], dtype=object).copy()
+    if "misalignment" not in data:
+        return labels
+    off = np.abs(np.asarray(data["misalignment"], dtype=np.float64)) > YAW_MISALIGNED
+    fault = labels == "yaw_misalignment"
+    labels[fault & ~off] = EXCLUDED
+    labels[off & ((labels == NORMAL) | fault)] = "yaw_misalignment"
+    return labels
+
+
+def segment_windows(raw: np.ndarray, labels: np.ndarray, source: int = 0, stride: int = STRIDE,
+                    window: int = WINDOW) -> Windows:
     """One contiguous segment of raw rows + per-sample labels -> :class:`Windows`."""
-    w, ends = sliding_windows(raw, WINDOW, stride)
-    return Windows(w, window_labels(labels, ends), np.full(len(w), source, dtype=np.int64), ends)
+    w, ends = sliding_windows(raw, window, stride)
+    return Windows(w, window_labels(labels, ends, window), np.full(len(w), source, dtype=np.int64), ends)
 
 
 def simulated(seed: int, turbines: int, hours: float, anomalies_per_hour: float = 6.0,
-              prefix: str = "sim", split: tuple[float, ...] = (1.0,), stride: int = STRIDE) -> list[Windows]:
+              prefix: str = "sim", split: tuple[float, ...] = (1.0,), stride: int = STRIDE,
+              mean_wind: float | tuple[float, ...] = 8.0) -> list[Windows]:
     """Simulate a fleet and cut each turbine's stream by time into ``split`` fractions.
 
     Returns one :class:`Windows` per fraction (e.g. ``(0.85, 0.15)`` -> train, val);
     windows never straddle a cut.
     """
     fleet = simulate(turbines=turbines, seconds=hours * 3600.0, seed=seed,
-                     anomalies_per_hour=anomalies_per_hour, prefix=prefix)
+                     anomalies_per_hour=anomalies_per_hour, prefix=prefix, mean_wind=mean_wind)
     parts: list[list[Windows]] = [[] for _ in split]
     for t, data in enumerate(fleet):
-        raw, labels = raw_features(data), np.asarray(data["label"], dtype=object)
+        raw, labels = raw_features(data), physical_labels(data)
         cuts = np.round(np.cumsum((0.0,) + tuple(split)) / sum(split) * len(raw)).astype(int)
         for p in range(len(split)):
             a, b = cuts[p], cuts[p + 1]

@@ -79,32 +79,36 @@ def export_onnx(model: torch.nn.Module, path: str | Path, check: np.ndarray, *, 
     return err
 
 
-def self_test_input(features: int = len(mc.FEATURES)) -> np.ndarray:
-    """``model_contract.self_test_input()``; for a CSV model with another feature count,
-    the same generator's windows of that many features."""
-    if features == len(mc.FEATURES):
-        return mc.self_test_input()
-    return np.random.default_rng(0).standard_normal((4, features, *mc.WINDOW_SHAPE)).astype(np.float32)
+def self_test_input(features: int = len(mc.FEATURES), shape: Sequence[int] = mc.WINDOW_SHAPE) -> np.ndarray:
+    """``model_contract.self_test_input`` for ``features`` x ``shape`` windows."""
+    return mc.self_test_input(features, tuple(shape))
 
 
-def self_test(path: str | Path, features: int = len(mc.FEATURES)) -> dict[str, list[list[float]]]:
+def self_test(path: str | Path, features: int = len(mc.FEATURES),
+              shape: Sequence[int] = mc.WINDOW_SHAPE) -> dict[str, list[list[float]]]:
     """The card's ``self_test``: per-feature errors of the ONNX model on
-    ``model_contract.self_test_input()``, computed with onnxruntime."""
-    x = self_test_input(features)
+    ``model_contract.self_test_input(features, shape)``, computed with onnxruntime."""
+    x = self_test_input(features, shape)
     return {"feature_errors": mc.window_errors(x, onnx_outputs(path, x)).astype(float).tolist()}
 
 
 def model_card(*, onnx_path: str | Path, version: str, features: Sequence[str], statistics: Mapping[str, Any],
                thresholds: Sequence[float], fingerprint: str, metrics: Mapping[str, Any],
-               extra: Mapping[str, Any] | None = None, opset: int = mc.OPSET) -> dict[str, Any]:
-    """The model card (every key of ``model_contract.CARD_KEYS``, plus ``extra``)."""
+               extra: Mapping[str, Any] | None = None, opset: int = mc.OPSET,
+               window: int = mc.WINDOW, stride: int = mc.STRIDE, shape: Sequence[int] | None = None) -> dict[str, Any]:
+    """The model card (every key of ``model_contract.CARD_KEYS``, plus ``extra``).
+
+    ``window``/``stride``/``shape``: the samples per window, the samples between two
+    scored windows and the ONNX input's dims after the feature axis (default: the
+    grid of ``window``) -- the edge detector windows and reshapes readings by them."""
+    shape = tuple(shape) if shape is not None else mc.grid_shape(window)
     card = {
         "schema_version": mc.CARD_SCHEMA_VERSION,
         "version": version,
         "features": list(features),
         "statistics": {k: [float(v) for v in vals] if k != "circular" else [int(v) for v in vals]
                        for k, vals in statistics.items()},
-        "window": {"size": mc.WINDOW, "stride": mc.STRIDE, "shape": [len(features), *mc.WINDOW_SHAPE]},
+        "window": {"size": int(window), "stride": int(stride), "shape": [len(features), *(int(d) for d in shape)]},
         "thresholds": {f: float(t) for f, t in zip(features, thresholds)},
         "opset": opset,
         "input_name": mc.INPUT_NAME,
@@ -114,13 +118,13 @@ def model_card(*, onnx_path: str | Path, version: str, features: Sequence[str], 
         "onnx_sha256": mc.sha256_file(onnx_path),
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "preprocessing": {
-            "wavelet": pp.WAVELET, "level": pp.LEVEL, "mode": "periodization", "threshold": "soft, universal",
+            "wavelet": pp.WAVELET, "level": pp.wavelet_level(int(window)), "mode": "periodization", "threshold": "soft, universal",
             "noise_sigma": "statistics.noise_sigma (z units, fixed at training)",
             "circular_features": [features[i] for i in statistics.get("circular", [pp.YAW] if len(features) == len(mc.FEATURES) else [])],
             "score": "max over features of window error / threshold; alarm when > 1",
             "error": "mean squared error per feature over the window (model_contract.window_errors)",
         },
-        "self_test": self_test(onnx_path, len(features)),
+        "self_test": self_test(onnx_path, len(features), shape),
     }
     card.update(extra or {})
     missing = [k for k in mc.CARD_KEYS if k not in card]

@@ -1,30 +1,55 @@
-"""The convolutional autoencoder of DESIGN.md, with a bottleneck.
+"""The autoencoder: the convolutional autoencoder of DESIGN.md for each window's
+*shape*, plus a small network that predicts each feature's *level* from the others.
 
-Input and output: ``(batch, F, 10, 10)`` -- a window of 100 samples per feature
-reshaped row-major, so a 2x2 kernel sees two neighbouring samples and the two
-samples 10 later (0.5 s at 20 Hz).
+Input and output: ``(batch, F, H, W)`` -- a window of ``H * W`` samples per feature
+reshaped row-major (``(10, 10)`` for the default window of 100), so a 2x2 kernel
+sees two neighbouring samples and the two samples ``W`` later.
 
-The sample's network (Conv2d F->32->64->128, kernel 2, stride 1, then
-ConvTranspose back) has no bottleneck: 128 x 7 x 7 = 6,272 activations for a
-600-value input, so it learns to copy anything -- faults included -- and its
-reconstruction error barely separates them.  We keep its shape (the same
-channels and kernel 2, Conv2d down and ConvTranspose2d up) but
-stride the first and last layers (10 -> 5 -> 4 -> 3 cells) and squeeze the code
-through a 1x1 convolution to ``code`` channels (default 16 x 3 x 3 = 144 numbers),
-so the network must learn what normal turbine windows look like.
+Why two paths.  A plain autoencoder with room for a few numbers per feature learns
+to copy each feature's level, so a fault that only breaks the *relation* between
+features -- a misaligned rotor turning 40 % slower than the wind says it should, a
+sagging voltage, an overspeed -- is reconstructed as faithfully as normal data.
+Here each feature's level (its mean over the window) is predicted -- a mean mu and
+a spread sigma -- only from the *other* features' coarse trajectories (their row
+means), never from itself or from its near-copies (``exclude``: rps is not
+predicted from voltage, which is rps times a constant; see :func:`near_copies`).
+Sigma depends on the operating point (near cut-in the rotor may idle or spin for
+the same wind), so the reconstruction error of a feature = (its shape error) +
+((level - mu) / sigma)^2 measures both "does this feature look like normal data"
+and "is it where the other sensors say it should be", equally strictly in every
+regime.  Features whose level the others cannot tell (``free``: yaw -- a nacelle
+may face any way; roll/pitch -- tower sway's phase; see :func:`unpredictable_levels`)
+keep their own level.
+
+The shape path sees the whole window (the operating point shapes tower sway and
+vibration) but only its output's deviations from their mean are used.  It keeps
+the sample's network shape (Conv2d F->32->64->128, kernel 2,
+ConvTranspose back) with a bottleneck: the first and last layers are strided
+(10 -> 5 -> 4 -> 3 cells) and a 1x1 convolution squeezes the code to ``code``
+channels.  Other grid sizes are padded (replicate) to the next even size of at
+least 6 and cropped back, so any near-square grid works.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
+from torch.nn import functional as fn
+
+LOG_SIGMA_MIN, LOG_SIGMA_MAX = -4.6, 3.0  # a level's spread: 0.01 to 20 standard deviations
+LEVEL_WEIGHT = 0.1  # the level's negative log-likelihood next to the shape's mean squared error
 
 
 class ConvAutoencoder(nn.Module):
-    def __init__(self, features: int = 6, code: int = 16, channels: tuple[int, int, int] = (32, 64, 128)):
+    def __init__(self, features: int = 6, code: int = 16, channels: tuple[int, int, int] = (32, 64, 128),
+                 shape: Sequence[int] = (10, 10), exclude: Sequence[Sequence[int]] | None = None,
+                 free: Sequence[int] = (), hidden: int = 64):
         super().__init__()
         c1, c2, c3 = channels
-        self.features, self.code = features, code
+        self.features, self.code, self.shape = features, code, tuple(int(s) for s in shape)
+        self.padded = tuple(max(6, s + s % 2) for s in self.shape)
         self.encoder = nn.Sequential(
             nn.Conv2d(features, c1, kernel_size=2, stride=2), nn.ReLU(),  # 10 -> 5
             nn.Conv2d(c1, c2, kernel_size=2), nn.ReLU(),  # 5 -> 4
@@ -37,9 +62,115 @@ class ConvAutoencoder(nn.Module):
             nn.ConvTranspose2d(c2, c1, kernel_size=2), nn.ReLU(),  # 4 -> 5
             nn.ConvTranspose2d(c1, features, kernel_size=2, stride=2),  # 5 -> 10
         )
+        # mask[f, g] = 1 when feature g may be used to predict feature f's level
+        mask = 1.0 - torch.eye(features)
+        for f, others in enumerate(exclude or []):
+            for g in others:
+                mask[f, g] = 0.0
+        self.exclude = [[g for g in range(features) if g != f and mask[f, g] == 0] for f in range(features)]
+        self.free = sorted(int(f) for f in free)
+        keep = torch.ones(features)
+        keep[self.free] = 0.0
+        self.register_buffer("mask", mask)
+        self.register_buffer("onehot", torch.eye(features))
+        self.register_buffer("predicted", keep)  # 1 = level predicted, 0 = level kept (free)
+        rows = self.shape[0]
+        self.level = nn.Sequential(nn.Linear(features * rows + features, hidden), nn.ReLU(),
+                                   nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+
+    def _shape_path(self, s: torch.Tensor) -> torch.Tensor:
+        (h, w), (ph, pw) = self.shape, self.padded
+        if (ph, pw) != (h, w):
+            s = fn.pad(s, (0, pw - w, 0, ph - h), mode="replicate")
+        out = self.decoder(self.encoder(s))
+        return out[..., :h, :w]
+
+    def _paths(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(level (B,F,1,1), shape reconstruction (B,F,H,W) with zero mean, predicted level mu
+        and log sigma (B,F) from the other features)."""
+        level = x.mean(dim=(2, 3), keepdim=True)
+        shape = self._shape_path(x)
+        shape = shape - shape.mean(dim=(2, 3), keepdim=True)
+        rows = x.mean(dim=3)  # (B, F, H): each feature's coarse trajectory
+        others = rows.unsqueeze(1) * self.mask[None, :, :, None]  # (B, F_target, F, H)
+        inp = torch.cat([others.flatten(2), self.onehot.expand(x.shape[0], -1, -1)], dim=2)
+        out = self.level(inp)  # (B, F, 2)
+        return level, shape, out[..., 0], torch.clamp(out[..., 1], LOG_SIGMA_MIN, LOG_SIGMA_MAX)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(x))
+        """The "reconstruction": the shape path's output plus, for each predicted
+        feature, its level moved so that (input - output) at the level is the
+        level's residual in units of its predicted spread, ``(level - mu) / sigma``.
+        Its squared error is then as large in a gusty cut-in regime as at steady
+        partial load for windows equally unusual there, so thresholds calibrated on
+        some turbines hold on others (``model_contract.window_errors`` is unchanged)."""
+        level, shape, mu, log_sigma = self._paths(x)
+        lvl = level.flatten(1)
+        moved = lvl - (lvl - mu) * torch.exp(-log_sigma)
+        lvl = moved * self.predicted + lvl * (1 - self.predicted)
+        return shape + lvl[:, :, None, None]
+
+    def losses(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the shape path's mean squared error, the Gaussian negative log-likelihood of
+        the predicted levels): the two paths share no weights, each learns from its own."""
+        level, shape, mu, log_sigma = self._paths(x)
+        shape_mse = ((shape - (x - level)) ** 2).mean()
+        z = (level.flatten(1) - mu) * torch.exp(-log_sigma)
+        nll = ((log_sigma + 0.5 * z * z) * self.predicted).sum() / (self.predicted.sum() * len(x)).clamp(min=1)
+        return shape_mse, nll
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        """Training loss: shape mean squared error + LEVEL_WEIGHT x level negative log-likelihood."""
+        shape_mse, nll = self.losses(x)
+        return shape_mse + LEVEL_WEIGHT * nll
+
+    def path_state(self, path: str) -> dict:
+        """A copy of the weights of one path (``"shape"`` or ``"level"``)."""
+        keep = ("level.",) if path == "level" else ("encoder.", "decoder.")
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if k.startswith(keep)}
 
     def config(self) -> dict:
-        return {"name": "ConvAutoencoder", "features": self.features, "code": self.code}
+        return {"name": "ConvAutoencoder", "features": self.features, "code": self.code, "shape": list(self.shape),
+                "level": {"excluded": self.exclude, "free": self.free}}
+
+
+def near_copies(levels, threshold: float = 0.97) -> list[list[int]]:
+    """For each feature, the later features whose window levels correlate with its
+    own at ``|r| >= threshold`` on normal training windows ``(k, F)``: near-copies
+    (voltage is rps times a constant) that would let the level path copy a fault
+    instead of seeing it.  Only the first of a group is predicted without its
+    copies (so it is checked against the rest of the machine: rps against the
+    wind); the others are predicted from it (checked against each other: a
+    sagging voltage against rps)."""
+    import numpy as np
+
+    lv = np.asarray(levels, dtype=np.float64)
+    std = lv.std(axis=0)
+    ok = std > 1e-9
+    corr = np.zeros((lv.shape[1], lv.shape[1]))
+    if ok.sum() > 1:
+        corr[np.ix_(ok, ok)] = np.corrcoef(lv[:, ok], rowvar=False)
+    return [[g for g in range(lv.shape[1]) if g > f and abs(corr[f, g]) >= threshold] for f in range(lv.shape[1])]
+
+
+def unpredictable_levels(train, val, exclude: Sequence[Sequence[int]], min_r2: float = 0.8) -> list[int]:
+    """Features whose window level a linear fit on the other features' coarse
+    trajectories explains poorly (R^2 < ``min_r2`` on ``val``): a level mostly set by
+    things no other sensor sees (tower sway's phase in a short window, a nacelle's
+    heading) is kept rather than predicted, or its noise would mask the feature's faults."""
+    import numpy as np
+
+    def design(x, f):
+        rows = x.mean(axis=3)  # (k, F, H)
+        keep = [g for g in range(x.shape[1]) if g != f and g not in exclude[f]]
+        return np.concatenate([rows[:, keep].reshape(len(x), -1), np.ones((len(x), 1))], axis=1)
+
+    out = []
+    lt, lv = train.mean(axis=(2, 3)), val.mean(axis=(2, 3))
+    for f in range(train.shape[1]):
+        coef, *_ = np.linalg.lstsq(design(train, f), lt[:, f], rcond=None)
+        resid = lv[:, f] - design(val, f) @ coef
+        var = lv[:, f].var()
+        if var <= 1e-12 or 1.0 - resid.var() / var < min_r2:
+            out.append(f)
+    return out

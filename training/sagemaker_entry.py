@@ -203,13 +203,13 @@ def evaluate(args: argparse.Namespace) -> int:
     import numpy as np
     import onnxruntime as ort
 
-    from windfleet.model_contract import MODEL_FILE, WINDOW_SHAPE, load_card
+    from windfleet.model_contract import MODEL_FILE, load_card
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = unpack_model(Path(args.model), Path(tmp))
         card = load_card(model_dir, verify=True)
         session = ort.InferenceSession(str(model_dir / MODEL_FILE), providers=["CPUExecutionProvider"])
-        x = np.zeros((2, len(card["features"]), *WINDOW_SHAPE), dtype=np.float32)
+        x = np.zeros((2, *card["window"]["shape"]), dtype=np.float32)
         y = session.run(None, {session.get_inputs()[0].name: x})[0]
         if y.shape != x.shape or not np.isfinite(y).all():
             raise SystemExit(f"{MODEL_FILE}: output {y.shape} for input {x.shape}")

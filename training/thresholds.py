@@ -38,12 +38,14 @@ def calibrate(errors: np.ndarray, rate: float = DEFAULT_FALSE_ALARM_RATE, iterat
     """Thresholds ``(F,)`` such that at most ``rate`` of these normal windows alarm.
 
     ``errors``: ``(k, F)`` per-feature errors of held-out normal windows.  With
-    fewer than ``1 / rate`` windows the thresholds fall back to each feature's
-    largest held-out error (the smallest rate these data can vouch for).
+    fewer than ``1 / rate`` windows (a short recording) no quantile at ``rate``
+    exists in the data: see :func:`extrapolate`.
     """
     errors = np.asarray(errors, dtype=np.float64)
     if errors.ndim != 2 or len(errors) == 0:
         raise ValueError("calibrate needs a (windows, features) array of held-out normal errors")
+    if len(errors) * rate < 1:
+        return extrapolate(errors, rate)
     lo, hi = 0.0, float(rate)  # p = 0 -> the maxima, which never alarm on these windows
     if alarms(errors, _at(errors, hi)).mean() <= rate:
         return _at(errors, hi)
@@ -54,3 +56,19 @@ def calibrate(errors: np.ndarray, rate: float = DEFAULT_FALSE_ALARM_RATE, iterat
         else:
             hi = mid
     return _at(errors, lo)
+
+
+def extrapolate(errors: np.ndarray, rate: float = DEFAULT_FALSE_ALARM_RATE) -> np.ndarray:
+    """Thresholds from too few windows to hold a ``rate`` quantile: each feature's
+    errors fitted by a log-normal (reconstruction errors are positive and
+    right-skewed), thresholds at its ``1 - rate / F`` quantile (Bonferroni over the
+    features), and never below the largest error seen.  The largest of a few dozen
+    errors alone is a ~5 % quantile: the next recording would alarm all the time."""
+    from statistics import NormalDist
+
+    errors = np.asarray(errors, dtype=np.float64)
+    z = NormalDist().inv_cdf(1.0 - rate / errors.shape[1])
+    log = np.log(np.maximum(errors, 1e-12))
+    spread = log.std(axis=0, ddof=1) if len(errors) > 1 else np.zeros(errors.shape[1])
+    return np.maximum(np.exp(log.mean(axis=0) + z * spread), errors.max(axis=0))
+

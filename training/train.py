@@ -1,6 +1,6 @@
 """Training loop: Adam on MSE, early stopping on validation loss, seedable.
 
-``fit(train, val)`` takes prepared windows ``(k, F, 10, 10)`` float32 of normal
+``fit(train, val)`` takes prepared windows ``(k, F, H, W)`` float32 of normal
 data and returns the model with the best validation loss restored.
 """
 
@@ -10,6 +10,7 @@ import copy
 import math
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,7 +18,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .model import ConvAutoencoder
+from .model import LEVEL_WEIGHT, ConvAutoencoder, near_copies, unpredictable_levels
+
+
+MIN_BATCHES = 40  # per epoch
 
 
 def set_threads() -> int:
@@ -47,56 +51,72 @@ class History:
                 "epochs": len(self.train_loss), "stopped_early": self.stopped_early}
 
 
-def _loss(model: nn.Module, x: torch.Tensor, batch: int = 4096) -> float:
+def _losses(model: ConvAutoencoder, x: torch.Tensor, batch: int = 4096) -> tuple[float, float]:
+    """Validation (shape mean squared error, level negative log-likelihood)."""
     model.eval()
-    total = 0.0
+    shape, level = 0.0, 0.0
     with torch.no_grad():
         for i in range(0, len(x), batch):
             xb = x[i : i + batch]
-            total += float(((model(xb) - xb) ** 2).sum())
-    return total / max(1, x.numel())
+            s, n = model.losses(xb)
+            shape, level = shape + float(s) * len(xb), level + float(n) * len(xb)
+    return shape / max(1, len(x)), level / max(1, len(x))
 
 
 def fit(train: np.ndarray, val: np.ndarray, *, seed: int = 0, epochs: int = 40, patience: int = 5,
         batch_size: int = 64, lr: float = 3e-3, code: int = 16, progress: bool = True,
-        min_delta: float = 1e-4) -> tuple[ConvAutoencoder, History]:
-    """Train a :class:`ConvAutoencoder` on normal windows; stop when the validation loss
-    has not improved by ``min_delta`` (relative) for ``patience`` epochs."""
+        min_delta: float = 1e-4, free: Sequence[int] = ()) -> tuple[ConvAutoencoder, History]:
+    """Train a :class:`ConvAutoencoder` on normal windows ``(k, F, H, W)``; stop when the
+    validation loss has not improved by ``min_delta`` (relative) for ``patience`` epochs.
+
+    ``free``: features whose level is kept, not predicted (angles such as yaw)."""
     set_threads()
     seed_everything(seed)
     xt, xv = torch.from_numpy(np.ascontiguousarray(train)), torch.from_numpy(np.ascontiguousarray(val))
-    model = ConvAutoencoder(features=train.shape[1], code=code)
+    exclude = near_copies(train.mean(axis=(2, 3)))
+    free = sorted(set(free) | set(unpredictable_levels(train, val, exclude)))
+    model = ConvAutoencoder(features=train.shape[1], code=code, shape=train.shape[2:], exclude=exclude, free=free)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs), eta_min=lr / 20)
     gen = torch.Generator().manual_seed(seed)
-    history, best, best_state, waited = History(), math.inf, None, 0
+    history, waited = History(), 0
+    # each path keeps its own best epoch: the level path's likelihood is noisy from
+    # epoch to epoch and must not decide when the shape path has learnt enough
+    best = {"shape": math.inf, "level": math.inf}
+    states: dict[str, dict] = {}
     bar = tqdm(range(epochs), desc="train", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         model.train()
-        order = torch.randperm(len(xt), generator=gen)
+        # an epoch is at least MIN_BATCHES batches: a short recording's few windows
+        # (a 300-row CSV has ~150) would otherwise get a few dozen steps in all
+        reps = -(-MIN_BATCHES * batch_size // len(xt))
+        order = torch.cat([torch.randperm(len(xt), generator=gen) for _ in range(reps)])
         total = 0.0
-        for i in range(0, len(xt), batch_size):
+        for i in range(0, len(order), batch_size):
             xb = xt[order[i : i + batch_size]]
-            loss = ((model(xb) - xb) ** 2).mean()
+            loss = model.loss(xb)
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(xb)
         sched.step()
-        history.train_loss.append(total / len(xt))
-        v = _loss(model, xv)
-        history.val_loss.append(v)
-        bar.set_postfix(train=f"{history.train_loss[-1]:.4f}", val=f"{v:.4f}")
-        if v < best * (1 - min_delta):
-            best, best_state, waited, history.best_epoch = v, copy.deepcopy(model.state_dict()), 0, epoch
-        else:
-            waited += 1
-            if waited >= patience:
-                history.stopped_early = True
-                break
+        history.train_loss.append(total / len(order))
+        v_shape, v_level = _losses(model, xv)
+        history.val_loss.append(v_shape + LEVEL_WEIGHT * v_level)
+        bar.set_postfix(train=f"{history.train_loss[-1]:.4f}", val=f"{history.val_loss[-1]:.4f}")
+        improved = False
+        for path, v in (("shape", v_shape), ("level", v_level)):
+            if not math.isfinite(best[path]) or v < best[path] - min_delta * abs(best[path]):
+                best[path], states[path], improved = v, model.path_state(path), True
+                if path == "shape":
+                    history.best_epoch = epoch
+        waited = 0 if improved else waited + 1
+        if waited >= patience:
+            history.stopped_early = True
+            break
     bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    for state in states.values():
+        model.load_state_dict(state, strict=False)
     model.eval()
     return model, history
 

@@ -2,8 +2,13 @@
 
 Train v1 -> register -> approve (the group's first deployment) -> broker, ingest
 and dashboard -> a fleet of device runtimes streaming and scoring -> train and
-approve v2 (rollout progress per device) -> approve a deliberately corrupt v3
-(every device fails it and rolls back) -> a summary table and a JSON report.
+approve v2: a canary on one gateway scores it in shadow beside v1, its gates pass,
+it is promoted (rollout progress per device) -> approve v3, v2 with thresholds cut so
+that it alarms on normal data: its canary aborts and no other gateway ever gets it ->
+approve a deliberately corrupt v4 with the canary off (every device fails it and rolls
+back) -> a summary table and a JSON report.  The demo is the canary's scheduler
+(``canary.step`` every second; on AWS an EventBridge schedule), with short observation
+windows (:data:`DEMO_CANARY`).
 
 Everything runs on the local backend (``cloud.backends.Backend.local``) in a
 fresh work directory, with real processes: Mosquitto, one ``windfleet device
@@ -37,6 +42,15 @@ from windfleet import model_contract as mc
 log = logging.getLogger("windfleet.demo")
 
 TERMINAL = {"SUCCEEDED", "COMPLETED", "FAILED", "REJECTED", "CANCELED", "TIMED_OUT"}
+# The demo's canary settings (``windfleet canary configure``): one gateway, a short observation
+# window.  The demo injects an anomaly every 20 s per turbine, so well over half its windows are
+# anomalous and a model that flags everything alarms at most ~1.6x as often as a good one: a
+# tighter alarm-rate factor than the default 2, and agreement >= 0.75 (two good models agree on
+# well over 0.9 of the windows either flags here; v3 on the current model's share).  Recall
+# over a few labelled episodes is coarse: some tolerance.
+DEMO_CANARY = {"enabled": True, "devices": 1, "percent": None, "min_seconds": 10.0, "min_windows": 100,
+               "alarm_rate_factor": 1.25, "alarm_rate_epsilon": 0.02, "min_agreement": 0.75, "recall_tolerance": 0.25}
+BAD_THRESHOLD_FACTOR = 0.02  # v3: v2's thresholds x this -- loads and self-tests, alarms on normal data
 
 
 class DemoError(RuntimeError):
@@ -56,6 +70,7 @@ class DemoOptions:
     model_v1: Path | None = None  # pre-trained packages skip the training stages
     model_v2: Path | None = None
     stage_timeout: float = 240.0
+    canary_timeout: float = 120.0  # seconds a canary may take to reach a verdict
     settle: float = 8.0  # seconds of scoring after the last rollback before the books close
 
 
@@ -109,6 +124,20 @@ def stamp(src: Path, dst: Path, version: str) -> Path:
     return dst
 
 
+def scale_thresholds(src: Path, dst: Path, version: str, factor: float) -> Path:
+    """A plausible-but-bad package: ``src`` with every threshold x ``factor`` in its card (checked
+    by ``model_contract.load_card``; the graph, its sha256 and the self-test are unchanged, so it
+    registers, loads and self-tests like any model: only its behaviour on data gives it away)."""
+    stamp(src, dst, version)
+    card = json.loads((dst / mc.CARD_FILE).read_text())
+    raw = card["thresholds"]
+    card["thresholds"] = ({f: float(v) * factor for f, v in raw.items()} if isinstance(raw, dict)
+                          else [float(v) * factor for v in raw])
+    (dst / mc.CARD_FILE).write_text(json.dumps(card, indent=2))
+    mc.load_card(dst, verify=True)
+    return dst
+
+
 def corrupt(src: Path, dst: Path, version: str) -> Path:
     """A package whose ``model.onnx`` is not a model but whose card carries its sha256:
     only the device's load and self-test can catch it."""
@@ -128,12 +157,13 @@ class Demo:
         self.o = opts
         self.work = opts.work.resolve()
         self.home = self.work / "home"
-        self.c = console or Console(stages=9)
+        self.c = console or Console(stages=10)
         self.things = [f"gw{i:02d}" for i in range(1, opts.gateways + 1)]
         self.roots = {t: self.work / "devices" / t for t in self.things}
         self.procs: dict[str, subprocess.Popen] = {}
         self.rollouts: list[dict] = []
         self.rollbacks: list[dict] = []
+        self.canaries: list[dict] = []
         self.models: dict[str, dict] = {}
         self.dashboard_url = self.token = None
 
@@ -145,8 +175,9 @@ class Demo:
         self.work.mkdir(parents=True, exist_ok=True)
         self.backend = Backend.local(self.home)
         self.registry = Registry(self.backend)
-        from windfleet.cloud import canary  # until the demo has its canary stages (issue 14, part B)
-        canary.save_config(self.backend, {"enabled": False})
+        from windfleet.cloud import canary
+
+        canary.save_config(self.backend, DEMO_CANARY)  # v1, the group's first model, skips it
         t_start = time.time()
         with ExitStack() as self.stack:
             v1 = self._train_v1()
@@ -155,7 +186,8 @@ class Demo:
             self._start_fleet()
             v2 = self._stream_while_training_v2(v1)
             self._approve_v2(v2)
-            self._approve_corrupt_v3(v2)
+            self._approve_bad_v3(v2)
+            self._approve_corrupt_v4(v2)
             self._settle()
             if self.o.serve:
                 self._serve()
@@ -301,13 +333,17 @@ class Demo:
         return out
 
     def _approve_v2(self, v2: Path) -> None:
-        self.c.stage("Registering v2 and approving it: rollout over the air")
+        self.c.stage("Registering v2 and approving it: a canary first, then rollout over the air")
         entry = self.registry.register(v2)
         self.c.info(f"registered package {entry['version']} ({entry['status']}); approving")
-        t0 = time.time()
         dep = self.registry.approve(entry["version"])["deployment"] or {}
-        if dep.get("status") != "deployed":
-            raise DemoError(f"approving v2 did not deploy: {dep}")
+        if dep.get("status") != "canary":
+            raise DemoError(f"approving v2 did not start a canary: {dep}")
+        result = self._canary("1.0.2", dep)
+        if result["verdict"] != "promote":
+            raise DemoError(f"v2's canary aborted: {result['reason']}")
+        t0 = time.time()
+        dep = result["action"]["deployment"]
         outcome = self._watch(dep["deploymentId"], "rolling out v2", t0)
         failed = sorted(t for t, o in outcome.items() if o["status"] != "SUCCEEDED")
         if failed:
@@ -315,23 +351,106 @@ class Demo:
         self._wait_scoring("1.0.2", t0)
         entry = self._rollout_entry("1.0.2", "update", t0, outcome)
         self.rollouts.append(entry)
-        self.c.info(f"every gateway on v1.0.2 {entry['seconds']:.1f} s after approval; "
+        self.c.info(f"every gateway on v1.0.2 {entry['seconds']:.1f} s after promotion; "
                     f"readings lost in the swap: {entry['readings_lost']}")
 
-    def _approve_corrupt_v3(self, v2: Path) -> None:
-        self.c.stage("Approving a deliberately corrupt v3: every device must roll back")
-        v3 = corrupt(v2, self.work / "models" / "v3", "1.0.3")
+    def _approve_bad_v3(self, v2: Path) -> None:
+        self.c.stage(f"Approving v3: v2 with thresholds x {BAD_THRESHOLD_FACTOR:g} (loads, self-tests, alarms on "
+                     "normal data): the canary must stop it")
+        v3 = scale_thresholds(v2, self.work / "models" / "v3", "1.0.3", BAD_THRESHOLD_FACTOR)
         entry = self.registry.register(v3)
+        dep = self.registry.approve(entry["version"])["deployment"] or {}
+        if dep.get("status") != "canary":
+            raise DemoError(f"approving v3 did not start a canary: {dep}")
+        result = self._canary("1.0.3", dep)
+        if result["verdict"] != "abort":
+            raise DemoError(f"v3's canary did not stop it: {result['verdict']} ({result['reason']})")
+        # the canary gateway returns to v2 alone (the candidate withdrawn)
+        from windfleet.cloud.settings import CANARY_COMPONENT, MODEL_COMPONENT
+
+        canary_devices = set(dep["devices"])
+        deadline = time.time() + 60
+        while any(self._installed(t).get(CANARY_COMPONENT) for t in canary_devices):
+            if time.time() > deadline:
+                raise DemoError("the aborted candidate is still installed on the canary gateway")
+            time.sleep(0.5)
+        self._wait_scoring("1.0.2", time.time())
+        info = self.registry.get(entry["version"])
+        self.c.info(f"package {entry['version']} is {info['status']}; model component per gateway: "
+                    + ", ".join(f"{t} runs {self._installed(t).get(MODEL_COMPONENT)}" for t in self.things))
+
+    def _canary(self, version: str, dep: dict) -> dict:
+        """Run the canary's scheduler (``canary.step`` every second) until a verdict; record it,
+        and which component versions every gateway outside the canary reported meanwhile."""
+        from windfleet.cloud import canary
+        from windfleet.cloud.settings import CANARY_COMPONENT, MODEL_COMPONENT
+
+        devices, t0 = list(dep["devices"]), time.time()
+        self.c.info(f"canary: candidate {dep['candidateVersion']} on {', '.join(devices)} "
+                    f"(group {dep['canaryGroup']}); the fleet keeps streaming")
+        outside = [t for t in self.things if t not in devices]
+        reached: set[str] = set()  # gateways outside the canary seen with this candidate installed
+        last_line = time.monotonic()
+        with _progress(self.o.canary_timeout, f"canary {version}", "s") as bar:
+            while True:
+                for t in outside:  # before each step: a promotion reaches them after it, legitimately
+                    installed = self._installed(t)
+                    if dep["candidateVersion"] in (installed.get(CANARY_COMPONENT), installed.get(MODEL_COMPONENT)):
+                        reached.add(t)
+                result = canary.step(self.backend)
+                bar.n = min(time.time() - t0, self.o.canary_timeout)
+                status = (f"candidate alarm rate {result.get('candidate_alarm_rate', 0):.3f}, current "
+                          f"{result.get('current_alarm_rate', 0):.3f}, agreement {result.get('agreement', 0):.3f}, "
+                          f"windows {result.get('pooled', {}).get('windows', 0)}")
+                bar.set_postfix_str(status)
+                if bar.disable and time.monotonic() - last_line >= 5:  # no TTY: a line now and then
+                    self.c.info(f"t+{time.time() - t0:.0f} s: {status}")
+                    last_line = time.monotonic()
+                if result.get("verdict") in ("promote", "abort"):
+                    break
+                if time.time() - t0 > self.o.canary_timeout:
+                    raise DemoError(f"canary {version}: no verdict after {self.o.canary_timeout:.0f} s "
+                                    f"({result.get('reason')})")
+                self._check_runtimes()
+                time.sleep(1.0)
+        entry = {"version": version, "devices": len(devices), "canary_devices": devices,
+                 "seconds": round(time.time() - t0, 2),
+                 "verdict": "promoted" if result["verdict"] == "promote" else "aborted",
+                 "reason": result["reason"], "candidate_alarm_rate": round(result["candidate_alarm_rate"], 4),
+                 "current_alarm_rate": round(result["current_alarm_rate"], 4),
+                 "agreement": round(result["agreement"], 4), "windows": result["pooled"]["windows"],
+                 "gates": {g["gate"]: g["passed"] for g in result["gates"]},
+                 "reached_outside_canary": sorted(reached)}
+        self.canaries.append(entry)
+        self.c.info(f"canary {version} {entry['verdict']} after {entry['seconds']:.0f} s on {entry['windows']} "
+                    f"windows: {_short(entry['reason'], 220)}")
+        return result
+
+    def _installed(self, thing: str) -> dict[str, str]:
+        """Component -> version, as the gateway reports it (its runtime's status.json)."""
+        try:
+            status = json.loads((self.roots[thing] / "status.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return {n: c.get("version") for n, c in (status.get("components") or {}).items()}
+
+    def _approve_corrupt_v4(self, v2: Path) -> None:
+        from windfleet.cloud import canary
+
+        self.c.stage("Approving a deliberately corrupt v4 with the canary off: every device must roll back")
+        canary.save_config(self.backend, {"enabled": False})  # windfleet canary configure --disable
+        v4 = corrupt(v2, self.work / "models" / "v4", "1.0.4")
+        entry = self.registry.register(v4)
         t0 = time.time()
         dep = self.registry.approve(entry["version"])["deployment"] or {}
         if dep.get("status") != "deployed":
-            raise DemoError(f"approving v3 did not reach the devices: {dep}")
-        outcome = self._watch(dep["deploymentId"], "deploying v3", t0)
+            raise DemoError(f"approving v4 did not reach the devices: {dep}")
+        outcome = self._watch(dep["deploymentId"], "deploying v4", t0)
         self._wait_scoring("1.0.2", time.time())  # rolled back: still scoring with v2
         rolled_back = [t for t, o in outcome.items() if o["status"] == "FAILED" and o["model_version"] == "1.0.2"]
         reasons = sorted({o["reason"] for o in outcome.values() if o["reason"]})
         window = self._window_loss(t0 - 2, time.time())
-        self.rollbacks.append({"version": "1.0.3", "devices_rolled_back": len(rolled_back),
+        self.rollbacks.append({"version": "1.0.4", "devices_rolled_back": len(rolled_back),
                                "devices": len(self.things), "reason": reasons[0] if reasons else "",
                                "seconds": round(max(o["seconds"] for o in outcome.values()), 2),
                                "readings_lost": window * mc.STRIDE,
@@ -450,7 +569,7 @@ class Demo:
             "anomalies_injected": det["episodes_labelled"],
             "anomalies_detected": round((det["episode_recall"] or 0) * det["episodes_labelled"]),
             "detection": det,
-            "rollouts": self.rollouts, "rollbacks": self.rollbacks,
+            "rollouts": self.rollouts, "rollbacks": self.rollbacks, "canary": self.canaries,
             "readings_lost_in_swaps": sum(r["readings_lost"] for r in self.rollouts + self.rollbacks),
             "dashboard_store": {"telemetry_received": sum(v["received"] for v in stored.values()),
                                 "telemetry_lost": sum(v["lost"] for v in stored.values())},
@@ -471,6 +590,9 @@ class Demo:
             *[(f"rollout {x['version']} ({x['kind']})",
                f"{x['seconds']:.1f} s, {x['devices_on_version']}/{x['devices']} devices, "
                f"{x['readings_lost']} readings lost") for x in r["rollouts"]],
+            *[(f"canary {x['version']}", f"{x['verdict']} after {x['seconds']:.0f} s on {x['devices']} gateway(s): "
+               f"alarm rate {x['candidate_alarm_rate']:.3f} vs {x['current_alarm_rate']:.3f}, agreement "
+               f"{x['agreement']:.2f}") for x in r["canary"]],
             *[(f"rollback of {x['version']}", f"{x['devices_rolled_back']}/{x['devices']} devices in "
                f"{x['seconds']:.1f} s, {x['readings_lost']} readings lost") for x in r["rollbacks"]],
             ("dashboard store received / lost", f"{r['dashboard_store']['telemetry_received']:,} / "

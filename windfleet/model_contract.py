@@ -103,20 +103,38 @@ def load_card(model_dir: str | Path, verify: bool = True) -> dict[str, Any]:
     return card
 
 
+def grid_shape(window: int) -> tuple[int, int]:
+    """The near-square grid ``(h, w)``, ``h * w == window``, ``h <= w``, that a window of
+    ``window`` samples is reshaped to for the Conv2d autoencoder: ``(10, 10)`` for 100,
+    ``(4, 5)`` for 20, ``(1, 23)`` for a prime."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    h = max(d for d in range(1, int(window**0.5) + 1) if window % d == 0)
+    return h, window // h
+
+
 def window_errors(inputs, reconstructions):
     """Per-window, per-feature reconstruction error: mean squared error over the
-    window's ``WINDOW_SHAPE`` cells.  ``(k, F, 10, 10)`` x2 -> ``(k, F)``.
+    window's cells.  ``(k, F, 10, 10)`` (or ``(k, F, *shape)``) x2 -> ``(k, F)``.
 
     The one definition training (thresholds), evaluation and the edge share.
+    Errors too large for float32 come out as inf (the edge scores such a window
+    anomalous and counts it in ``windows_non_finite``).
     """
-    diff = inputs - reconstructions
-    return (diff * diff).mean(axis=(2, 3))
-
-
-def self_test_input():
-    """The deterministic input whose errors the card's ``self_test`` records at export
-    time; the edge recomputes them before trusting a model (catches a card that
-    belongs to another model, a truncated graph, a runtime that computes differently)."""
     import numpy as np
 
-    return np.random.default_rng(0).standard_normal((4, len(FEATURES), *WINDOW_SHAPE)).astype(np.float32)
+    diff = inputs - reconstructions
+    with np.errstate(over="ignore", invalid="ignore"):
+        return (diff * diff).mean(axis=tuple(range(2, diff.ndim)))
+
+
+def self_test_input(features: int = len(FEATURES), shape: tuple[int, ...] = WINDOW_SHAPE):
+    """The deterministic input whose errors the card's ``self_test`` records at export
+    time; the edge recomputes them before trusting a model (catches a card that
+    belongs to another model, a truncated graph, a runtime that computes differently).
+
+    ``features``/``shape``: the card's ``window["shape"]`` (defaults: the edge's six
+    features, ``(10, 10)``)."""
+    import numpy as np
+
+    return np.random.default_rng(0).standard_normal((4, features, *shape)).astype(np.float32)

@@ -6,17 +6,45 @@ consumers can count drops per kind and log each kind once (rate limited).
 Kinds: ``too_large``, ``not_json`` (not JSON, not UTF-8), ``too_deep`` (nested beyond
 the parser), ``not_object``, ``schema_version``, ``missing_field``, ``wrong_type``,
 ``non_finite`` (NaN, Infinity, 1e400), ``out_of_range`` (an integer beyond a float64,
-or a sequence number beyond ``MAX_INT``).  No other exception escapes ``decode`` (any
-bytes or str) or a validator (any object ``decode`` returns).  Nothing here does I/O.
+or a sequence number beyond ``MAX_INT``), ``length_mismatch`` (columns of a batch that
+differ in length).  No other exception escapes ``decode`` (any bytes or str) or a
+validator (any object ``decode`` returns).  Nothing here does I/O.
+
+Versions: ``schema_version`` 1 is every payload's first form.  Readings and scores also
+have a batched, columnar form, ``schema_version`` 2 (:func:`readings_batch`,
+:func:`score_batch`): one array per field, many samples or windows per message, because
+on the device's IPC bus the cost is per message, not per byte.  Consumers accept both
+forms of readings and scores during a rollout (``decode(raw, versions=...)``); every
+other payload is version 1 only.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# NumPy is imported where readings are tabulated (the detector has it; the forwarder's
+# runtime does not need it).  orjson -- 8x faster parsing and 10x faster writing of number
+# arrays (benchmarks/README.md) -- is in every component's device requirements; a runtime
+# without it (the cloud's Lambda zip) uses the standard library, with the same verdicts.
+try:
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - installed everywhere but in the Lambda zip
+    _orjson = False
+
+
+def _fast_json() -> Any:
+    """The orjson module, or False when it is not installed."""
+    return _orjson
+
 
 SCHEMA_VERSION = 1
+BATCH_VERSION = 2  # columnar readings and score batches
+BATCH_VERSIONS = (SCHEMA_VERSION, BATCH_VERSION)  # what readings / scores consumers accept
 MAX_PAYLOAD_BYTES = 256 * 1024  # larger messages are refused before parsing
 # Sequence numbers and other counters: non-negative integers every JSON consumer reads
 # exactly (JavaScript's Number.MAX_SAFE_INTEGER; well inside SQLite's 64-bit INTEGER).
@@ -40,12 +68,21 @@ class MalformedPayload(ValueError):
 
 
 def encode(payload: dict) -> bytes:
-    # allow_nan=False: NaN is not JSON and other consumers (browsers, Lambda) reject it.
+    """Compact UTF-8 JSON; ValueError for NaN/Infinity (not JSON: browsers and Lambda reject it)."""
+    orjson = _fast_json()
+    if orjson:
+        try:
+            raw = orjson.dumps(payload)
+        except TypeError:  # e.g. an int beyond 64 bits: the standard library's verdict below
+            raw = b"null"
+        if b"null" not in raw:  # orjson writes NaN/Infinity as null: let json.dumps judge those
+            return raw
     return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
 
 
-def decode(raw: bytes | str) -> dict:
-    """Parse a payload and check its envelope; MalformedPayload on any problem."""
+def decode(raw: bytes | str, versions: Sequence[int] = (SCHEMA_VERSION,)) -> dict:
+    """Parse a payload and check its envelope (``schema_version`` in ``versions``);
+    MalformedPayload on any problem."""
     if isinstance(raw, str):
         try:
             raw = raw.encode()
@@ -53,8 +90,39 @@ def decode(raw: bytes | str) -> dict:
             raise MalformedPayload("not_json", f"not UTF-8: {exc.reason}") from None
     if len(raw) > MAX_PAYLOAD_BYTES:
         raise MalformedPayload("too_large", f"{len(raw)} bytes > {MAX_PAYLOAD_BYTES}")
+    obj = None
+    orjson = _fast_json()
+    if orjson:
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass  # the standard library below says what is wrong, in its own words
+    if obj is None or _has_big_float(obj):
+        obj = _std_loads(raw)
+    if not isinstance(obj, dict):
+        raise MalformedPayload("not_object", type(obj).__name__)
+    version = obj.get("schema_version")
+    if type(version) is not int or version not in versions:
+        raise MalformedPayload("schema_version", f"unsupported schema_version {version!r}")
+    return obj
+
+
+_COUNTERS = ("seq", "window_end_seq", "start_seq", "end_seq")
+
+
+def _has_big_float(obj: Any) -> bool:
+    """orjson reads an integer beyond 64 bits as a float; json.loads keeps it an int (which
+    the validators call out of range).  Only a top-level counter is one where that matters."""
+    if isinstance(obj, dict):
+        for key in _COUNTERS:
+            if type(obj.get(key)) is float:
+                return True
+    return False
+
+
+def _std_loads(raw: bytes) -> Any:
     try:
-        obj = json.loads(raw, parse_constant=_reject_constant)
+        return json.loads(raw, parse_constant=_reject_constant)
     except MalformedPayload:
         raise
     except RecursionError:
@@ -63,12 +131,6 @@ def decode(raw: bytes | str) -> dict:
         raise MalformedPayload("too_deep", "JSON nested deeper than the parser allows") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedPayload("not_json", str(exc)[:80]) from None
-    if not isinstance(obj, dict):
-        raise MalformedPayload("not_object", type(obj).__name__)
-    version = obj.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise MalformedPayload("schema_version", f"unsupported schema_version {version!r}")
-    return obj
 
 
 def _reject_constant(name: str) -> Any:
@@ -107,12 +169,94 @@ def _int(obj: dict, field: str) -> int:
 
 # ---------------------------------------------------------------- readings
 def readings(turbine_id: str, seq: int, samples: list[dict]) -> dict:
-    """Simulator -> detector.  ``seq`` numbers the first sample; samples are consecutive."""
+    """Simulator -> detector, version 1 (one object per sample).  ``seq`` numbers the
+    first sample; samples are consecutive."""
     return {"schema_version": SCHEMA_VERSION, "turbine_id": turbine_id, "seq": seq, "samples": samples}
 
 
+def readings_batch(turbine_id: str, seq: int, columns: Mapping[str, Any]) -> dict:
+    """Simulator -> detector, version 2: ``columns`` maps each field (``SAMPLE_FIELDS``,
+    optionally ``EXTRA_SAMPLE_FIELDS``) to an equal-length array, sample ``i`` having
+    sequence number ``seq + i``.  ``{"schema_version": 2, "turbine_id", "seq",
+    "columns": {"ts": [...], "rps": [...], ...}}``."""
+    return {"schema_version": BATCH_VERSION, "turbine_id": turbine_id, "seq": seq,
+            "columns": {k: v.tolist() if hasattr(v, "tolist") else list(v) for k, v in columns.items()}}
+
+
+_NUMBER = {float, int}
+
+
+def readings_table(obj: dict) -> "np.ndarray":
+    """A decoded readings payload (version 1 or 2) -> its samples as ``(n, len(SAMPLE_FIELDS))``
+    float64 in ``SAMPLE_FIELDS`` order; MalformedPayload names what is wrong.
+
+    The whole batch is checked at once with NumPy (types per column, then one array,
+    then one ``isfinite``): this runs for every readings message on the device."""
+    turbine, seq = obj.get("turbine_id"), obj.get("seq")
+    if obj.get("schema_version") == BATCH_VERSION:
+        columns = obj.get("columns")
+        if type(turbine) is not str or not turbine or type(seq) is not int or seq < 0 \
+                or type(columns) is not dict:
+            _str(obj, "turbine_id")
+            _int(obj, "seq")
+            raise MalformedPayload("missing_field" if columns is None else "wrong_type", "columns")
+        cols = []
+        for field in SAMPLE_FIELDS:
+            col = columns.get(field)
+            if type(col) is not list or not col:
+                raise MalformedPayload("missing_field" if col is None else "wrong_type", f"columns.{field}")
+            if not set(map(type, col)) <= _NUMBER:  # bool is not a number here, nor is None
+                raise MalformedPayload("wrong_type", f"columns.{field} holds a non-number")
+            cols.append(col)
+        n = len(cols[0])
+        if len(set(map(len, cols))) != 1:
+            raise MalformedPayload("length_mismatch", "columns differ in length")
+        table = _float_table(cols, "columns").T
+    else:
+        samples = obj.get("samples")
+        if type(turbine) is not str or not turbine or type(seq) is not int or seq < 0 or type(samples) is not list:
+            validate_readings(obj)  # names what is wrong
+        try:
+            rows = [[s[k] for k in SAMPLE_FIELDS] for s in samples]
+        except (KeyError, TypeError, IndexError):
+            rows = None
+        if not samples or rows is None or not {type(v) for row in rows for v in row} <= _NUMBER:
+            validate_readings(obj)  # names what is wrong
+            raise MalformedPayload("wrong_type", "samples")  # pragma: no cover - it always does
+        table = _float_table(rows, "samples")
+        n = len(table)
+    if seq + n - 1 > MAX_INT:  # the last sample's seq becomes a window_end_seq
+        raise MalformedPayload("out_of_range", f"seq of the last sample > {MAX_INT}")
+    return table
+
+
+def _float_table(rows: list, what: str) -> "np.ndarray":
+    import numpy as np
+
+    try:
+        table = np.array(rows, dtype=np.float64)
+    except OverflowError:  # an int beyond float64 (JSON allows 1e400 written as digits)
+        raise MalformedPayload("out_of_range", f"{what} hold a number beyond a 64-bit float") from None
+    if not np.isfinite(table).all():
+        raise MalformedPayload("non_finite", what)
+    return table
+
+
+def readings_samples(obj: dict) -> list[dict]:
+    """A readings payload of either version -> one dict per sample (tools and tests; the
+    detector's hot path uses :func:`readings_table`)."""
+    if obj.get("schema_version") == BATCH_VERSION:
+        columns = obj["columns"]
+        return [dict(zip(columns, row)) for row in zip(*columns.values())]
+    return obj["samples"]
+
+
 def validate_readings(obj: dict) -> dict:
-    """Check a decoded readings payload; returns it with samples' values as floats."""
+    """Check a decoded readings payload (version 1 or 2); returns it (version 1: with
+    samples' values as floats)."""
+    if obj.get("schema_version") == BATCH_VERSION:
+        readings_table(obj)
+        return obj
     _str(obj, "turbine_id")
     seq = _int(obj, "seq")
     samples = obj.get("samples")
@@ -196,6 +340,69 @@ def validate_score(obj: dict) -> dict:
     return obj
 
 
+def score_batch(turbine_id: str, model_version: str, features: Sequence[str], thresholds: Sequence[float],
+                window_end_seq: Sequence[int], ts: Sequence[float], feature_errors: Any) -> dict:
+    """Detector -> forwarder, version 2: the windows of one turbine scored in one batch.
+
+    ``{"schema_version": 2, "turbine_id", "model_version", "features": [F names],
+    "thresholds": [F], "window_end_seq": [k], "ts": [k], "feature_errors": [k x [F]]}``;
+    window ``i`` is what :func:`score` would say about ``window_end_seq[i]`` -- and
+    :func:`score_records` turns the batch into exactly those version-1 records, which is
+    what the forwarder sends and the cloud stores."""
+    errors = feature_errors.tolist() if hasattr(feature_errors, "tolist") else [list(e) for e in feature_errors]
+    return {
+        "schema_version": BATCH_VERSION, "turbine_id": turbine_id, "model_version": model_version,
+        "features": list(features), "thresholds": [float(t) for t in thresholds],
+        "window_end_seq": [int(e) for e in window_end_seq], "ts": [float(t) for t in ts], "feature_errors": errors,
+    }
+
+
+def validate_score_batch(obj: dict) -> dict:
+    """Check a decoded version-2 score batch as a whole (NumPy); returns it."""
+    _str(obj, "turbine_id")
+    _str(obj, "model_version")
+    features = obj.get("features")
+    if type(features) is not list or not features or not all(isinstance(f, str) and f for f in features) \
+            or len(set(features)) != len(features):
+        raise MalformedPayload("missing_field" if features is None else "wrong_type", "features")
+    lists = {}
+    for field in ("thresholds", "window_end_seq", "ts", "feature_errors"):
+        value = obj.get(field)
+        if type(value) is not list or not value:
+            raise MalformedPayload("missing_field" if value is None else "wrong_type", field)
+        lists[field] = value
+    k, n_features = len(lists["window_end_seq"]), len(features)
+    if len(lists["ts"]) != k or len(lists["feature_errors"]) != k or len(lists["thresholds"]) != n_features:
+        raise MalformedPayload("length_mismatch", "window_end_seq, ts, feature_errors, features, thresholds")
+    if not set(map(type, lists["window_end_seq"])) <= {int} or \
+            not all(0 <= e <= MAX_INT for e in lists["window_end_seq"]):
+        raise MalformedPayload("wrong_type", f"window_end_seq must hold integers in 0..{MAX_INT}")
+    rows = lists["feature_errors"]
+    if not all(type(r) is list and len(r) == n_features for r in rows):
+        raise MalformedPayload("wrong_type", "feature_errors must be k rows of one number per feature")
+    for field, values in (("ts", lists["ts"]), ("thresholds", lists["thresholds"]),
+                          ("feature_errors", [v for r in rows for v in r])):
+        if not set(map(type, values)) <= _NUMBER:
+            raise MalformedPayload("wrong_type", f"{field} holds a non-number")
+        try:  # plain Python: a few hundred numbers, and the forwarder's runtime has no NumPy
+            finite = all(map(math.isfinite, values))
+        except OverflowError:  # an int beyond float64
+            raise MalformedPayload("out_of_range", f"{field} holds a number beyond a 64-bit float") from None
+        if not finite:
+            raise MalformedPayload("non_finite", field)
+        if field == "thresholds" and not all(v > 0 for v in values):
+            raise MalformedPayload("out_of_range", "thresholds must be positive")
+    return obj
+
+
+def score_records(batch: dict) -> list[dict]:
+    """A validated score batch -> one version-1 :func:`score` payload per window, in order."""
+    features, thresholds = batch["features"], batch["thresholds"]
+    named_thresholds = dict(zip(features, thresholds))
+    return [score(batch["turbine_id"], ts, batch["model_version"], end, dict(zip(features, errs)), named_thresholds)
+            for end, ts, errs in zip(batch["window_end_seq"], batch["ts"], batch["feature_errors"])]
+
+
 # ---------------------------------------------------------------- health
 # Component states, as Greengrass names them.
 STATES = ("NEW", "INSTALLED", "STARTING", "RUNNING", "STOPPING", "ERRORED", "BROKEN", "FINISHED")
@@ -263,4 +470,59 @@ def validate_telemetry(obj: dict) -> dict:
             raise MalformedPayload("wrong_type", "record type")
         if not isinstance(record.get("body"), dict):
             raise MalformedPayload("wrong_type", "record body")
+    return obj
+
+
+# ---------------------------------------------------------------- canary shadow statistics
+# Carried by the detector's health payload as ``shadow`` while a candidate model is loaded
+# (``health(..., shadow=shadow_stats(...))``); cumulative since the candidate was loaded.
+SHADOW_MODEL_FIELDS = ("alarms", "alarm_rate", "score_p50", "score_p90", "score_p99", "infer_ms_p50",
+                       "infer_ms_p99")
+SHADOW_COUNT_FIELDS = ("windows", "either_flagged", "both_flagged", "labelled_episodes", "current_detected",
+                       "candidate_detected", "errors")
+
+
+def shadow_stats(candidate_version: str, current_version: str, since: float, windows: int,
+                 current: Mapping[str, float], candidate: Mapping[str, float], either_flagged: int,
+                 both_flagged: int, labelled_episodes: int = 0, current_detected: int = 0,
+                 candidate_detected: int = 0, errors: int = 0) -> dict:
+    """Detector -> cloud (inside health): both models on the same ``windows`` since ``since``.
+
+    ``current``/``candidate``: ``alarms`` (windows flagged), ``alarm_rate`` (alarms / windows),
+    ``score_p50/p90/p99`` (window score quantiles), ``infer_ms_p50/p99`` (inference cost per
+    window).  ``agreement`` = both_flagged / either_flagged (1.0 when neither flagged any).
+    ``labelled_episodes``: labelled anomaly episodes seen; ``*_detected``: how many of them each
+    model flagged (recall = detected / episodes).  ``errors``: candidate scoring failures.
+    """
+    return {
+        "candidate_version": candidate_version, "current_version": current_version, "since": since,
+        "windows": windows,
+        "current": {k: current[k] for k in SHADOW_MODEL_FIELDS},
+        "candidate": {k: candidate[k] for k in SHADOW_MODEL_FIELDS},
+        "either_flagged": either_flagged, "both_flagged": both_flagged,
+        "agreement": both_flagged / either_flagged if either_flagged else 1.0,
+        "labelled_episodes": labelled_episodes, "current_detected": current_detected,
+        "candidate_detected": candidate_detected, "errors": errors,
+    }
+
+
+def validate_shadow(obj: Any) -> dict:
+    """A ``shadow`` object as :func:`shadow_stats` makes it; MalformedPayload otherwise."""
+    if not isinstance(obj, dict):
+        raise MalformedPayload("wrong_type", "shadow")
+    _str(obj, "candidate_version")
+    _str(obj, "current_version")
+    _finite(obj.get("since"), "since")
+    for field in SHADOW_COUNT_FIELDS:
+        if _int(obj, field) < 0:
+            raise MalformedPayload("out_of_range", field)
+    for side in ("current", "candidate"):
+        stats = obj.get(side)
+        if not isinstance(stats, dict):
+            raise MalformedPayload("wrong_type", side)
+        for field in SHADOW_MODEL_FIELDS:
+            if _finite(stats.get(field), f"{side}.{field}") < 0:
+                raise MalformedPayload("out_of_range", f"{side}.{field}")
+    if not 0.0 <= _finite(obj.get("agreement"), "agreement") <= 1.0:
+        raise MalformedPayload("out_of_range", "agreement")
     return obj

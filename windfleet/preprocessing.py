@@ -12,7 +12,8 @@ Pipeline for a window of ``WINDOW`` consecutive samples (rows) of raw features:
    thresholds are per feature, fixed at training time from the training data's
    noise level (``noise_sigma``) instead of re-estimated per window, so a fault's
    strong high-frequency content is kept rather than mistaken for noise;
-5. reshape ``(features, WINDOW)`` -> ``(features, 10, 10)``.
+5. reshape ``(features, WINDOW)`` -> ``(features, 10, 10)`` (another window size:
+   ``(features, *model_contract.grid_shape(size))``, or the shape the card names).
 
 Every step works on one window at a time (batched over windows), so a streaming
 consumer that keeps the last ``WINDOW`` samples per turbine gets exactly the
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 import pywt
 
-from .model_contract import FEATURES, STRIDE, WINDOW, WINDOW_SHAPE
+from .model_contract import FEATURES, STRIDE, WINDOW, grid_shape
 
 WAVELET = "db4"
 LEVEL = 2
@@ -113,12 +114,18 @@ def denoise(z: np.ndarray, noise_sigma: Sequence[float]) -> np.ndarray:
 
     Threshold per feature: the universal threshold sigma * sqrt(2 ln window).
     """
-    coeffs = pywt.wavedec(z, WAVELET, level=LEVEL, axis=-1, mode="periodization")
+    coeffs = pywt.wavedec(z, WAVELET, level=wavelet_level(z.shape[-1]), axis=-1, mode="periodization")
     lam = (np.asarray(noise_sigma) * math.sqrt(2 * math.log(z.shape[-1])))[None, :, None]
     for i in range(1, len(coeffs)):
         c = coeffs[i]
         coeffs[i] = np.sign(c) * np.maximum(np.abs(c) - lam, 0.0)
     return pywt.waverec(coeffs, WAVELET, axis=-1, mode="periodization")[..., : z.shape[-1]]
+
+
+def wavelet_level(window: int) -> int:
+    """``LEVEL``, or fewer for short windows (a CSV model's), where deeper levels
+    would be all boundary effect."""
+    return max(1, min(LEVEL, pywt.dwt_max_level(window, WAVELET)))
 
 
 def estimate_noise_sigma(raw_windows: np.ndarray, stats: Mapping[str, Sequence[float]]) -> list[float]:
@@ -167,10 +174,22 @@ def fit_statistics_windows(raw_windows: np.ndarray, circular: Sequence[int] | No
     return stats
 
 
-def prepare(raw_windows: np.ndarray, stats: Mapping[str, Sequence[float]]) -> np.ndarray:
-    """Raw windows ``(k, WINDOW, F)`` -> model input ``(k, F, 10, 10)`` float32."""
-    z = denoise(standardize(raw_windows, stats), stats["noise_sigma"])
-    return z.reshape(len(z), z.shape[1], *WINDOW_SHAPE).astype(np.float32)
+def prepare(raw_windows: np.ndarray, stats: Mapping[str, Sequence[float]],
+            shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Raw windows ``(k, W, F)`` -> model input ``(k, F, *shape)`` float32.
+
+    ``shape``: the model's input dims after the feature axis (``card["window"]["shape"][1:]``);
+    ``None`` -> :func:`model_contract.grid_shape` of ``W`` (``(10, 10)`` for 100).
+    Values too large to standardise come out as inf/NaN, never as an exception: the
+    scorer counts such a window as anomalous (``windows_non_finite``).
+    """
+    raw_windows = np.asarray(raw_windows, dtype=np.float64)
+    shape = tuple(shape) if shape is not None else grid_shape(raw_windows.shape[1])
+    if math.prod(shape) != raw_windows.shape[1]:
+        raise DataError(f"windows of {raw_windows.shape[1]} samples do not fit the model's shape {shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        z = denoise(standardize(raw_windows, stats), stats["noise_sigma"])
+        return z.reshape(len(z), z.shape[1], *shape).astype(np.float32)
 
 
 def clean_gaps(x: np.ndarray, max_gap: int = MAX_GAP) -> np.ndarray:
@@ -203,48 +222,81 @@ def clean_gaps(x: np.ndarray, max_gap: int = MAX_GAP) -> np.ndarray:
 
 
 class StreamWindower:
-    """Per-turbine streaming windows: feed consecutive rows, get a window every STRIDE rows.
+    """Per-turbine streaming windows: feed consecutive rows, get a window every ``stride`` rows.
 
     A contiguous stream emits the windows :func:`sliding_windows` cuts from the same
     rows.  Redelivered rows (``seq`` already seen, e.g. a QoS1 duplicate) are dropped;
     a gap in ``seq`` (lost readings) restarts the window so no window spans missing
-    data.  ``state()``/``from_state()`` let the detector keep its tail across a restart.
+    data.  ``state()``/``from_state()`` let the detector keep its tail across a restart,
+    :meth:`resized` across a model whose window differs.
+
+    Vectorised: a batch of rows costs one concatenate and some index arithmetic, and
+    :meth:`push_block` hands back the rows spanning all the windows it completes (no
+    per-row or per-window Python).
     """
 
-    def __init__(self, window: int = WINDOW, stride: int = STRIDE):
+    def __init__(self, window: int = WINDOW, stride: int = STRIDE, n_features: int = len(FEATURES)):
+        if window < 1 or stride < 1:
+            raise ValueError(f"window {window} and stride {stride} must be positive")
         self.window, self.stride = window, stride
-        self.buf = np.empty((0, len(FEATURES)))
+        self.buf = np.empty((0, n_features))  # the last min(count, window - 1) rows
         self.next_seq: int | None = None
         self.count = 0  # contiguous rows seen since the last (re)start
 
-    def push(self, seq: int, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
-        """Append rows starting at ``seq``; return ``[(window_end_seq, window (WINDOW, F)), ...]``."""
-        rows = np.asarray(rows, dtype=np.float64).reshape(-1, len(FEATURES))
+    def push_block(self, seq: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Append rows starting at ``seq``; return ``(end_seqs (k,), block)`` for the k >= 1
+        windows they complete (window ``j`` is ``block[j * stride : j * stride + window]``),
+        or None when they complete none."""
+        rows = np.asarray(rows, dtype=np.float64).reshape(-1, self.buf.shape[1])
         if self.next_seq is not None and seq < self.next_seq:
             skip = self.next_seq - seq
             if skip >= len(rows):
-                return []
+                return None
             rows, seq = rows[skip:], self.next_seq
         if self.next_seq is not None and seq != self.next_seq:
             self.buf, self.count = self.buf[:0], 0
         self.next_seq = seq + len(rows)
-        buf = np.concatenate([self.buf, rows])
-        base = len(self.buf)
-        out = []
-        for k in range(len(rows)):
-            self.count += 1
-            if self.count >= self.window and (self.count - self.window) % self.stride == 0:
-                end = base + k + 1
-                out.append((seq + k, buf[end - self.window : end]))
-        self.buf = buf[-(self.window - 1):]
-        return out
+        before, held = self.count, len(self.buf)
+        self.count += len(rows)
+        buf = np.concatenate([self.buf, rows]) if held else rows
+        self.buf = buf[len(buf) - min(len(buf), self.window - 1):].copy()
+        # A window ends at the row whose count c (1-based since the restart) has c >= window
+        # and (c - window) % stride == 0; the first such c after ``before``:
+        first = self.window + -(-max(0, before + 1 - self.window) // self.stride) * self.stride
+        if first > self.count:
+            return None
+        k = (self.count - first) // self.stride + 1
+        offset = before - held  # buf[i] holds count offset + i + 1
+        block = buf[first - self.window - offset: first + (k - 1) * self.stride - offset]
+        ends = seq + (first - before - 1) + self.stride * np.arange(k, dtype=np.int64)
+        return ends, block
+
+    def push(self, seq: int, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """Like :meth:`push_block`, one ``(window_end_seq, window (window, F))`` per window."""
+        out = self.push_block(seq, rows)
+        if out is None:
+            return []
+        ends, block = out
+        windows = np.lib.stride_tricks.sliding_window_view(block, self.window, axis=0)[:: self.stride]
+        return [(int(e), w.T) for e, w in zip(ends, windows)]
+
+    def resized(self, window: int, stride: int) -> "StreamWindower":
+        """A windower for another window/stride that carries this one's tail: the stream
+        goes on without a gap; when the new window is longer than the tail, its first
+        window waits for the rows it lacks."""
+        w = type(self)(window, stride, self.buf.shape[1])
+        w.buf = self.buf[len(self.buf) - min(len(self.buf), window - 1):].copy()
+        w.next_seq = self.next_seq
+        w.count = self.count if len(w.buf) >= min(self.count, window - 1) else len(w.buf)
+        return w
 
     def state(self) -> dict:
-        return {"buf": self.buf.tolist(), "next_seq": self.next_seq, "count": self.count}
+        return {"buf": self.buf.tolist(), "next_seq": self.next_seq, "count": self.count,
+                "window": self.window, "stride": self.stride}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any], window: int = WINDOW, stride: int = STRIDE) -> "StreamWindower":
-        w = cls(window, stride)
-        w.buf = np.asarray(state["buf"], dtype=np.float64).reshape(-1, len(FEATURES))
-        w.next_seq, w.count = state["next_seq"], int(state["count"])
-        return w
+        saved = cls(int(state.get("window", WINDOW)), int(state.get("stride", STRIDE)))
+        saved.buf = np.asarray(state["buf"], dtype=np.float64).reshape(-1, len(FEATURES))
+        saved.next_seq, saved.count = state["next_seq"], int(state["count"])
+        return saved if (saved.window, saved.stride) == (window, stride) else saved.resized(window, stride)

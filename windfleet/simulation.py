@@ -24,6 +24,7 @@ voltage ~ 48 mean.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -141,11 +142,12 @@ class Turbine:
     _DRAWS = 11
 
     def step(self, n: int) -> dict[str, np.ndarray]:
-        """Advance n samples.  Returns arrays keyed by sensor name plus ``label`` (kind or "")."""
+        """Advance n samples.  Returns arrays keyed by sensor name plus ``label`` (kind or "")
+        and ``misalignment`` (rad, wind direction - nacelle yaw: ground truth, not a sensor)."""
         dt = 1.0 / self.rate
         noise = self.rng.standard_normal((n, self._DRAWS)).tolist()
         cols = ("ts", "rps", "wind_speed_rps", "voltage", "roll", "pitch", "yaw",
-                "temperature", "vibration", "pitch_angle")
+                "temperature", "vibration", "pitch_angle", "misalignment")
         rows = [[0.0] * len(cols) for _ in range(n)]
         labels = np.empty(n, dtype=object)
         omega = 2 * math.pi * 0.35  # tower first mode
@@ -239,6 +241,7 @@ class Turbine:
             row[6] = math.remainder(self.yaw + 0.003 * z[7], 2 * math.pi)
             row[7], row[8] = self.temperature, vibration
             row[9] = max(0.0, (v - RATED) * 2.2) if v <= CUT_OUT else 90.0
+            row[10] = misalign  # ground truth only (no sensor measures it): see training.data
             if kind == "stuck_sensor":
                 c = _COL[a.channel]
                 row[c] = self._stuck_value.setdefault(a.start, row[c] * (1 - a.severity))
@@ -295,14 +298,20 @@ def simulate(
     anomalies_per_hour: float = 6.0,
     kinds: tuple[str, ...] = KINDS,
     prefix: str = "sim",
+    mean_wind: float | Sequence[float] = 8.0,
 ) -> list[dict[str, np.ndarray]]:
-    """Simulate a fleet offline.  Each item holds the sensor arrays, ``label`` and ``turbine_id``."""
+    """Simulate a fleet offline.  Each item holds the sensor arrays, ``label`` and ``turbine_id``.
+
+    ``mean_wind``: the sites' mean wind (m/s); a sequence gives turbine ``k`` the
+    value ``mean_wind[k % len]`` (a fleet spread over the operating envelope).
+    """
     n = int(seconds * rate)
+    winds = [float(mean_wind)] if isinstance(mean_wind, (int, float)) else [float(v) for v in mean_wind]
     fleet = []
     for k in range(turbines):
         s = turbine_seed(seed, k)
         schedule = random_schedule(np.random.default_rng(s + 1), n, rate, anomalies_per_hour, kinds) if anomalies_per_hour > 0 else []
-        t = Turbine(f"{prefix}-t{k:02d}", s, rate, schedule)
+        t = Turbine(f"{prefix}-t{k:02d}", s, rate, schedule, winds[k % len(winds)])
         data = t.step(n)
         data["turbine_id"] = t.turbine_id
         data["anomalies"] = schedule

@@ -4,7 +4,7 @@ registry and the deployment service.
     app = create_app(TelemetryStore(path), registry=Registry(backend),
                      greengrass=backend.greengrassv2, token="s3cret")
 
-Pages (``/``, ``/turbines/{id}``, ``/anomalies``, ``/registry``) are static
+Pages (``/``, ``/turbines/{id}``, ``/anomalies``, ``/registry``, ``/canary``) are static
 HTML + ``app.js`` that poll the JSON API below; charts are uPlot, served from
 ``/static/vendor`` (no CDN).
 
@@ -20,6 +20,10 @@ JSON API::
     GET  /api/deployments                 latest deployment per target + per-device outcome
     POST /api/registry/{version}/approve  Authorization: Bearer <token>; JSON {"reason": "..."}
     POST /api/registry/{version}/reject   Authorization: Bearer <token>; JSON {"reason": "..."}
+    GET  /api/canary                      the current or last canary: cloud.canary.status (gates, verdict,
+                                          per-device figures) + series (pooled alarm rates, agreement)
+    POST /api/canary/promote              Authorization: Bearer <token>; JSON {"reason": "..."}
+    POST /api/canary/abort                Authorization: Bearer <token>; JSON {"reason": "..."}
 
 Decisions need a reason (1-500 characters) and apply to versions pending approval
 only (409 otherwise).  The actor recorded with them is the name of the token used
@@ -38,7 +42,7 @@ Access (README "Dashboard access"):
   an HMAC of the token, never the token itself) set by POSTing the token to /login.
 * A loopback client naming any other Host without a valid token is a DNS-rebinding
   signature: 403 for everything but /login and /static.
-* approve/reject always need ``Authorization: Bearer <token>``; the cookie does not
+* approve/reject and canary promote/abort always need ``Authorization: Bearer <token>``; the cookie does not
   authorise them, and neither does being local.
 * The token never travels in a URL: ``/login?token=`` is answered 400.  Tokens are
   compared in constant time; request bodies are capped before they are read.
@@ -91,6 +95,7 @@ PAGES = {
     "turbine": "Turbine",
     "anomalies": "Anomaly timeline",
     "registry": "Model registry & deployments",
+    "canary": "Canary",
 }
 
 
@@ -333,6 +338,9 @@ class Dashboard:
     async def registry_page(self, request: Request) -> Response:
         return self._page("registry", {})
 
+    async def canary_page(self, request: Request) -> Response:
+        return self._page("canary", {})
+
     async def login(self, request: Request) -> Response:
         if "token" in request.query_params:
             return login_page(400, "The token never goes in a URL; type it into this form.")
@@ -482,15 +490,9 @@ class Dashboard:
                       "devices": self.deployments_by_device(self.store.things())})
 
     # ------------------------------------------------------------ API: writes
-    async def api_decide(self, request: Request) -> Response:
-        actor = self.actor(request)
-        if actor is None:
-            return _error(401, "approve/reject need the dashboard token as 'Authorization: Bearer <token>'")
-        version, action = request.path_params["version"], request.path_params["action"]
-        if not VERSION_RE.match(version):
-            return _error(400, "bad version")
-        if self.registry is None:
-            return _error(503, "no model registry configured")
+    @staticmethod
+    async def _reason(request: Request, action: str) -> str | Response:
+        """The request body's one-line ``reason`` (required), or the error response."""
         try:
             body = await read_capped(request)
         except BodyTooLarge:
@@ -504,6 +506,55 @@ class Dashboard:
         reason = " ".join(reason.split())  # one line: it is shown in tables and stored as metadata
         if not reason:
             return _error(400, f"a reason is required to {action} (it is recorded with your name and the time)")
+        return reason
+
+    async def api_canary(self, request: Request) -> Response:
+        if self.registry is None or getattr(self.registry, "backend", None) is None:
+            return _error(503, "no model registry configured")
+        try:
+            view = await run_in_threadpool(models.canary_page, self.registry, self.store)
+        except Exception as exc:  # noqa: BLE001 - the page says why
+            return _error(409, f"{type(exc).__name__}: {exc}"[:300])
+        return _json(view)
+
+    async def api_canary_act(self, request: Request) -> Response:
+        """Promote or abort the running canary by hand: the token's name and the reason are
+        recorded in the canary's state (and, for an abort, in the package's approval metadata)."""
+        actor = self.actor(request)
+        action = request.path_params["action"]
+        if actor is None:
+            return _error(401, f"{action} needs the dashboard token as 'Authorization: Bearer <token>'")
+        if self.registry is None or getattr(self.registry, "backend", None) is None:
+            return _error(503, "no model registry configured")
+        reason = await self._reason(request, action)
+        if isinstance(reason, Response):
+            return reason
+        from windfleet.cloud import canary
+
+        act = canary.promote if action == "promote" else canary.abort
+        try:
+            result = await run_in_threadpool(lambda: act(self.registry.backend, reason, actor,
+                                                         group=getattr(self.registry, "group", None)))
+        except canary.CanaryError as exc:
+            return _error(409, str(exc)[:300])
+        except Exception as exc:  # noqa: BLE001
+            return _error(409, f"{type(exc).__name__}: {exc}"[:300])
+        finally:
+            self.forget()
+        return _json({"action": action, "actor": actor, "reason": reason, "result": result})
+
+    async def api_decide(self, request: Request) -> Response:
+        actor = self.actor(request)
+        if actor is None:
+            return _error(401, "approve/reject need the dashboard token as 'Authorization: Bearer <token>'")
+        version, action = request.path_params["version"], request.path_params["action"]
+        if not VERSION_RE.match(version):
+            return _error(400, "bad version")
+        if self.registry is None:
+            return _error(503, "no model registry configured")
+        reason = await self._reason(request, action)
+        if isinstance(reason, Response):
+            return reason
         try:
             entry = next((e for e in await run_in_threadpool(self._entries) if e["version"] == version), None)
         except Exception as exc:  # noqa: BLE001
@@ -635,8 +686,16 @@ def create_app(store: TelemetryStore, registry: Any = None, greengrass: Any = No
             return _error(404, "unknown action (approve or reject)")
         return await dash.api_decide(request)
 
+    async def canary_act(request: Request) -> Response:
+        if request.path_params["action"] not in ("promote", "abort"):
+            return _error(404, "unknown action (promote or abort)")
+        return await dash.api_canary_act(request)
+
     routes = [
         Route("/", guarded(dash.overview)),
+        Route("/canary", guarded(dash.canary_page)),
+        Route("/api/canary", guarded(dash.api_canary)),
+        Route("/api/canary/{action:str}", canary_act, methods=["POST"]),
         Route("/turbines/{turbine_id}", guarded(dash.turbine_page)),
         Route("/anomalies", guarded(dash.anomalies_page)),
         Route("/registry", guarded(dash.registry_page)),

@@ -314,3 +314,35 @@ def canary_view(registry: Any, store: Any, version: str) -> dict:
                         "devices, none has reported shadow statistics"}
     return {**base, "available": True, "gates": status.get("gates") or [], "pooled": status.get("pooled"),
             "note": f"shadow statistics from {len(reported)} of {len(devices)} canary devices"}
+
+
+MAX_SERIES_POINTS = 600  # the canary chart's points (older ones thinned evenly)
+
+
+def canary_page(registry: Any, store: Any) -> dict:
+    """The canary page's data: ``canary.status`` (state, configuration, gates, per-device
+    figures, verdict) of the model package group's current or last canary, plus ``series``:
+    the pooled figures the gates read -- both models' alarm rates and their agreement --
+    after each health report of a canary device, oldest first."""
+    from windfleet.cloud import canary
+
+    backend = getattr(registry, "backend", None)
+    status = canary.status(backend, store=getattr(store, "path", None), group=getattr(registry, "group", None))
+    state = status.get("canary") or {}
+    series: list[dict] = []
+    if state.get("started") and state.get("model_version"):
+        rows = store.shadow_series(since=float(state["started"]) - 1.0, candidate_version=state["model_version"])
+        devices, end = set(state.get("devices") or ()), state.get("finished")
+        latest: dict[str, dict] = {}
+        for row in rows:
+            if row["thing"] not in devices or (end and row["ts"] > float(end) + 1.0):
+                continue
+            latest[row["thing"]] = row["shadow"]
+            pooled = canary._pooled(list(latest.values()))  # noqa: SLF001 - the gates' own pooling
+            series.append({"ts": row["ts"], "windows": pooled["windows"],
+                           "current_alarm_rate": pooled["current_alarm_rate"],
+                           "candidate_alarm_rate": pooled["candidate_alarm_rate"], "agreement": pooled["agreement"]})
+        if len(series) > MAX_SERIES_POINTS:
+            step = len(series) / MAX_SERIES_POINTS
+            series = [series[int(i * step)] for i in range(MAX_SERIES_POINTS - 1)] + [series[-1]]
+    return {**status, "series": series}

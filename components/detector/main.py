@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
                                               "com.windfleet.AnomalyModel); the detector follows its configuration")
     parser.add_argument("--work-dir", default=".", help="kept across restarts: last good model, saved windows")
     parser.add_argument("--turbines", help="count or comma-separated ids; default: configuration turbines")
-    parser.add_argument("--max-batch", type=int, help="windows per onnxruntime call (default 256)")
+    parser.add_argument("--max-batch", type=int, help="windows per onnxruntime call (default 128)")
     parser.add_argument("--queue-size", type=int, help="windows queued before back-pressure/drops (default 1024)")
     parser.add_argument("--health-interval", type=float, help="seconds between health messages (default 10)")
     args = parser.parse_args(argv)

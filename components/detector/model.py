@@ -6,9 +6,12 @@ A model is trusted only after every check passed, in this order:
    file's sha256 matches it (a corrupt or swapped artifact stops here);
 2. the card speaks our preprocessing: the features are ``model_contract.FEATURES``
    in order, statistics and thresholds cover every feature;
-3. onnxruntime loads the graph; its input/output names and shape are the
-   contract's (``(batch, F, 10, 10)``, dynamic batch);
-4. self-test: the errors on ``model_contract.self_test_input()`` match the card's
+   The card's ``window`` (``{"size": W, "stride": S, "shape": [F, *dims]}``, dims
+   multiplying to W) says how the detector cuts and shapes windows for this model; any
+   sane window is accepted, an inconsistent one is rejected with a one-line reason;
+3. onnxruntime loads the graph; its input/output names and shape are the card's
+   (``(batch, F, *dims)``, dynamic batch);
+4. self-test: the errors on ``model_contract.self_test_input()`` (the card's shape) match the card's
    ``self_test.feature_errors`` (rtol 1e-3) -- a card that belongs to another
    model, a truncated graph or a runtime that computes differently fails here.
 
@@ -81,10 +84,55 @@ class LoadedModel:
     def statistics(self) -> dict:
         return self.card["statistics"]
 
+    @property
+    def window(self) -> int:
+        """Samples per window."""
+        return window_geometry(self.card)[0]
+
+    @property
+    def stride(self) -> int:
+        """A window is scored every ``stride`` new samples."""
+        return window_geometry(self.card)[1]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The ONNX input's dims after the feature axis (``(10, 10)`` for the contract's Conv-AE)."""
+        return window_geometry(self.card)[2]
+
     def run(self, x: np.ndarray) -> np.ndarray:
-        """Model input ``(k, F, 10, 10)`` float32 -> per-window, per-feature errors ``(k, F)``."""
+        """Model input ``(k, F, *shape)`` float32 -> per-window, per-feature errors ``(k, F)``."""
         recon = self.session.run([mc.OUTPUT_NAME], {mc.INPUT_NAME: x})[0]
         return mc.window_errors(x, recon)
+
+
+MAX_WINDOW = 100_000  # samples; far beyond any model, small enough that a window fits in memory
+
+
+def window_geometry(card: dict) -> tuple[int, int, tuple[int, ...]]:
+    """``(size, stride, shape)`` from the card's ``window``; ValueError (one line) when it is
+    inconsistent.  Without ``shape`` (older cards; a bare size): ``model_contract.grid_shape``
+    of the size, as ``preprocessing.prepare`` does -- (10, 10) for 100."""
+    window = card["window"]
+    if isinstance(window, dict):
+        size = window.get("size", window.get("length"))
+        stride, shape = window.get("stride", mc.STRIDE), window.get("shape")
+    else:
+        size, stride, shape = window, mc.STRIDE, None
+    if isinstance(size, bool) or not isinstance(size, int) or not 2 <= size <= MAX_WINDOW:
+        raise ValueError(f"window size {size!r} is not an integer in 2..{MAX_WINDOW}")
+    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= size:
+        raise ValueError(f"window stride {stride!r} is not an integer in 1..{size} (the window size)")
+    if shape is None:
+        return size, stride, tuple(mc.grid_shape(size))
+    n_features = len(card.get("features") or ())
+    if not isinstance(shape, list) or not shape or \
+            not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise ValueError(f"window.shape {shape!r} is not [features, dims...] of positive integers")
+    if shape[0] == n_features and int(np.prod(shape[1:])) == size:
+        return size, stride, tuple(shape[1:])
+    if int(np.prod(shape)) == size:  # older cards: the dims alone, e.g. [10, 10]
+        return size, stride, tuple(shape)
+    raise ValueError(f"window.shape {shape} is not [{n_features} features, dims holding {size} samples]")
 
 
 def _card_version(model_dir: Path) -> str:
@@ -124,10 +172,7 @@ def _check_card(card: dict) -> None:
             raise ValueError(f"statistics.{key} holds a non-finite value")
     if any(v <= 0 for v in stats["std"]):
         raise ValueError("statistics.std must be positive")
-    window = card["window"]
-    length = window.get("length", window.get("size", mc.WINDOW)) if isinstance(window, dict) else window
-    if length != mc.WINDOW:
-        raise ValueError(f"window {window!r} is not the contract's {mc.WINDOW} samples")
+    window_geometry(card)
     if card["input_name"] != mc.INPUT_NAME or card["output_name"] != mc.OUTPUT_NAME:
         raise ValueError("input/output names are not the contract's")
 
@@ -139,8 +184,6 @@ def _check_session(session: ort.InferenceSession) -> None:
     if mc.OUTPUT_NAME not in [o.name for o in outputs]:
         raise ValueError(f"graph outputs {[o.name for o in outputs]} lack {mc.OUTPUT_NAME!r}")
     shape = list(inputs[0].shape)
-    if len(shape) != 4 or shape[1:] != [len(mc.FEATURES), *mc.WINDOW_SHAPE]:
-        raise ValueError(f"graph input shape {shape} is not (batch, {len(mc.FEATURES)}, 10, 10)")
     if isinstance(shape[0], int) and shape[0] != -1:
         raise ValueError(f"graph input has a fixed batch of {shape[0]}; the contract needs a dynamic batch")
     if inputs[0].type != "tensor(float)":
@@ -149,7 +192,7 @@ def _check_session(session: ort.InferenceSession) -> None:
 
 def self_test(model: LoadedModel) -> None:
     expected = np.asarray(model.card["self_test"]["feature_errors"], dtype=np.float64)
-    got = model.run(mc.self_test_input())
+    got = model.run(mc.self_test_input(len(mc.FEATURES), model.shape))
     if got.shape != expected.shape:
         raise ValueError(f"self-test shape {got.shape} != card's {expected.shape}")
     if not np.allclose(got, expected, rtol=SELF_TEST_RTOL, atol=SELF_TEST_ATOL):
@@ -171,6 +214,7 @@ def load_model(model_dir: str | Path) -> LoadedModel:
     try:
         _check_card(card)
         thresholds = _thresholds(card)
+        _, _, dims = window_geometry(card)
     except Exception as exc:
         raise ModelRejected(f"card mismatch: {exc}", version) from None
     try:
@@ -178,6 +222,9 @@ def load_model(model_dir: str | Path) -> LoadedModel:
         _check_session(session)
     except Exception as exc:
         raise ModelRejected(f"onnxruntime cannot use the graph: {str(exc).splitlines()[0][:300]}", version) from None
+    graph, want = list(session.get_inputs()[0].shape[1:]), [len(mc.FEATURES), *dims]
+    if graph != want:
+        raise ModelRejected(f"card mismatch: window shape {want} is not the graph's input {graph}", version)
     model = LoadedModel(model_dir, card, session, thresholds, card["onnx_sha256"])
     try:
         self_test(model)

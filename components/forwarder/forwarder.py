@@ -3,7 +3,10 @@
 Flow: the bus hands each message on ``windfleet/turbines/{t}/scores`` (this gateway's
 turbines), ``windfleet/devices/{thing}/health`` and ``.../logs`` to :meth:`Forwarder.handle`,
 which validates it and appends it to the SQLite :class:`~.spool.Spool` (the bus
-acknowledges the message only after that commit).  A sender thread batches the oldest
+acknowledges the message only after that commit).  A score batch (``payloads.score_batch``,
+the detector's one message per turbine per scoring batch) is validated as a whole and
+spooled as its windows' version-1 score records (``payloads.score_records``, one
+transaction): the cloud receives and stores per-window records either way.  A sender thread batches the oldest
 records into ``payloads.telemetry`` messages with a per-device ``seq`` that increases by
 one per message and survives restarts, and publishes them with ``bus.publish_cloud``
 (QoS1) to ``topics.telemetry(thing)``.  While the cloud link is down everything waits in
@@ -148,17 +151,18 @@ class Forwarder:
         """Bus handler: validate and spool one message.  Never raises for bad input."""
         self.counters["received"] += 1
         try:
-            kind, body = self._validate(topic, raw)
+            kind, bodies = self._validate(topic, raw)
         except payloads.MalformedPayload as exc:
             self.counters["malformed_dropped"] += 1
             self.malformed_by_kind[exc.kind] += 1
             self._limited.warn(f"malformed:{exc.kind}", "malformed message dropped", topic=topic,
                                reason=exc.kind, detail=exc.detail[:200], count=self.malformed_by_kind[exc.kind])
             return
+        self.counters["received"] += len(bodies) - 1  # records, as the sender counts them
         try:
-            dropped = self.spool.add(kind, body)
+            dropped = self.spool.add_many(kind, bodies)
         except sqlite3.Error as exc:  # not a full disk (the spool handles that): e.g. a damaged file
-            self.counters["dropped_spool_error"] += 1
+            self.counters["dropped_spool_error"] += len(bodies)
             self._limited.warn("spool_error", "spool write failed: record dropped", error=repr(exc)[:200],
                                dropped_total=self.counters["dropped_spool_error"])
             return
@@ -169,12 +173,24 @@ class Forwarder:
         if self.spool.pending_records >= self.batch_records:
             self._wake.set()
 
-    def _validate(self, topic: str, raw: bytes) -> tuple[str, bytes]:
+    def _validate(self, topic: str, raw: bytes) -> tuple[str, list[bytes]]:
+        """``(record type, [record bodies])`` of a message; MalformedPayload when unusable."""
+        scores = topic.endswith("/scores")
+        if len(raw) > (payloads.MAX_PAYLOAD_BYTES if scores else MAX_RECORD_BYTES):  # a batch holds many records
+            raise payloads.MalformedPayload("too_large", f"{len(raw)} bytes > {MAX_RECORD_BYTES}")
+        obj = payloads.decode(raw, payloads.BATCH_VERSIONS if scores else (payloads.SCHEMA_VERSION,))
+        parts = topic.split("/")
+        if scores and obj["schema_version"] == payloads.BATCH_VERSION:
+            payloads.validate_score_batch(obj)
+            if obj["turbine_id"] != topics.turbine_of(topic):
+                raise payloads.MalformedPayload("turbine_mismatch", f"{obj['turbine_id']} on {topic}")
+            bodies = [payloads.encode(r) for r in payloads.score_records(obj)]
+            if max(map(len, bodies)) > MAX_RECORD_BYTES:
+                raise payloads.MalformedPayload("too_large", f"a score record > {MAX_RECORD_BYTES} bytes")
+            return "score", bodies
         if len(raw) > MAX_RECORD_BYTES:
             raise payloads.MalformedPayload("too_large", f"{len(raw)} bytes > {MAX_RECORD_BYTES}")
-        obj = payloads.decode(raw)
-        parts = topic.split("/")
-        if topic.endswith("/scores"):
+        if scores:
             payloads.validate_score(obj)
             if obj["turbine_id"] != topics.turbine_of(topic):
                 raise payloads.MalformedPayload("turbine_mismatch", f"{obj['turbine_id']} on {topic}")
@@ -188,7 +204,7 @@ class Forwarder:
         else:  # not a topic we subscribed: a broker or configuration mistake
             raise payloads.MalformedPayload("unexpected_topic", "/".join(parts[:4]))
         # Store the bytes received (already proven to be finite JSON) for the batch.
-        return kind, bytes(raw)
+        return kind, [bytes(raw)]
 
     def on_ack(self, topic: str, raw: bytes) -> None:
         """The cloud stored telemetry message ``seq``: the sender may delete it."""

@@ -238,18 +238,26 @@ class Spool:
     def add(self, kind: str, body: bytes, received: float | None = None) -> int:
         """Append one record (committed when this returns); returns how many old records were
         dropped for it.  Never raises for a full disk (see the module docstring)."""
+        return self.add_many(kind, [body], received)
+
+    def add_many(self, kind: str, bodies: list[bytes], received: float | None = None) -> int:
+        """Append records in one transaction (a score batch's windows: one commit, not one
+        per window); as :meth:`add` otherwise."""
+        if not bodies:
+            return 0
         received = time.time() if received is None else received
+        size = sum(len(b) for b in bodies)
         with self._lock:
             # Low on disk, the spool must not grow: unless pages freed by sent messages can take
-            # the record, it replaces the oldest one.
-            low = self._low_on_disk() and not self._free_pages_for(len(body))
+            # the records, they replace the oldest ones.
+            low = self._low_on_disk() and not self._free_pages_for(size)
             try:
-                return self._relieving(lambda relieved: self._add(kind, body, received, replace_oldest=low or relieved))
+                return self._relieving(lambda relieved: self._add(kind, bodies, received, replace_oldest=low or relieved))
             except sqlite3.OperationalError as exc:
                 if not is_disk_error(exc):
                     raise
                 self._rollback()
-                self._count("dropped_disk_full", 1)  # the new record itself
+                self._count("dropped_disk_full", len(bodies))  # the new records themselves
                 return 0
 
     def _relieving(self, write):
@@ -268,17 +276,18 @@ class Spool:
                 if drop:
                     raise
 
-    def _add(self, kind: str, body: bytes, received: float, replace_oldest: bool = False) -> int:
+    def _add(self, kind: str, bodies: list[bytes], received: float, replace_oldest: bool = False) -> int:
         saved = dict(self._dropped)
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            self._db.execute("INSERT INTO records(type, body, received) VALUES(?, ?, ?)", (kind, body, received))
-            self.pending_records += 1
-            self.pending_bytes += len(body)
+            self._db.executemany("INSERT INTO records(type, body, received) VALUES(?, ?, ?)",
+                                 [(kind, body, received) for body in bodies])
+            self.pending_records += len(bodies)
+            self.pending_bytes += sum(len(b) for b in bodies)
             dropped = self._enforce_bounds()
             if replace_oldest and not dropped:
-                # Low on disk: do not grow; the new record takes the oldest one's place.
-                dropped = self._delete_oldest(1, "dropped_disk_full")
+                # Low on disk: do not grow; the new records take the oldest ones' place.
+                dropped = self._delete_oldest(len(bodies), "dropped_disk_full")
             if self._unpersisted or dropped:
                 self._persist_counters()
             self._db.execute("COMMIT")

@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="turbine-simulator", description=__doc__.splitlines()[0])
     parser.add_argument("--turbines", type=int, help="number of turbines (default: configuration, else 1)")
     parser.add_argument("--rate", type=float, help="samples per second per turbine (default 20)")
-    parser.add_argument("--batch", type=int, help="samples per readings message (default 10)")
+    parser.add_argument("--batch", type=int, help="samples per readings message (default 20)")
+    parser.add_argument("--readings-version", type=int, choices=(1, 2),
+                        help="2: columnar batches (default); 1: one object per sample, as older devices")
     parser.add_argument("--seed", type=int, help="base seed (with the thing name)")
     parser.add_argument("--anomalies-per-hour", type=float, help="random anomalies per turbine per hour")
     parser.add_argument("--duration", type=float, dest="duration_s", help="simulated seconds, then exit")
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     bus = connect(COMPONENT)
     return run(bus, stop, turbines=args.turbines, rate=args.rate, batch=args.batch, seed=args.seed,
                anomalies_per_hour=args.anomalies_per_hour, duration_s=args.duration_s, realtime=realtime,
-               start_ts=args.start_ts)
+               start_ts=args.start_ts, readings_version=args.readings_version)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ Configuration (component configuration; ``main.py`` arguments override):
 
 ``turbines``            number of turbines; ids are ``topics.turbine_id(thing, i)``
 ``rate``                samples per second per turbine (20)
-``batch``               samples per readings message (10)
+``batch``               samples per readings message (20: one message a second at 20 Hz)
+``readings_version``    2 (default): columnar batches (``payloads.readings_batch``); 1: one
+                        object per sample (``payloads.readings``), as devices before it sent
 ``seed``                with the thing name, seeds every turbine: a run repeats exactly
 ``anomalies_per_hour``  random anomalies per turbine per hour (0 = none)
 ``anomalies``           explicit list of ``{turbine, kind, start_s, duration_s, severity[, channel]}``
@@ -14,7 +16,7 @@ Configuration (component configuration; ``main.py`` arguments override):
 ``health_interval_s``   seconds between health messages (10)
 ``start_ts``            epoch seconds of sample 0 (default: the start time)
 
-Readings go to ``topics.readings(id)`` (QoS1) as ``payloads.readings`` with ``seq``
+Readings go to ``topics.readings(id)`` (QoS1) as ``payloads.readings_batch`` with ``seq``
 numbering samples from 0; each injected anomaly is announced on ``topics.labels(id)``
 when its first sample is published.  Pacing is against absolute deadlines
 (start + k * batch / rate), so it does not drift; when the process falls behind it
@@ -60,7 +62,8 @@ def _bool(value: Any) -> bool:
 class SimConfig:
     turbines: int = 1
     rate: float = 20.0
-    batch: int = 10
+    batch: int = 20
+    readings_version: int = payloads.BATCH_VERSION
     seed: int = 0
     anomalies_per_hour: float = 0.0
     anomalies: list[dict] = field(default_factory=list)
@@ -77,6 +80,7 @@ class SimConfig:
         try:
             c = cls(**{k: v for k, v in merged.items() if k in known})
             c.turbines, c.batch, c.seed = int(c.turbines), int(c.batch), int(c.seed)
+            c.readings_version = int(c.readings_version)
             c.rate, c.anomalies_per_hour = float(c.rate), float(c.anomalies_per_hour)
             c.realtime = _bool(c.realtime)
             c.duration_s = None if c.duration_s in (None, "", 0) else float(c.duration_s)
@@ -87,6 +91,8 @@ class SimConfig:
             raise ConfigError(f"bad simulator configuration: {exc}") from None
         if c.turbines < 1 or c.batch < 1 or c.rate <= 0:
             raise ConfigError("turbines and batch must be >= 1 and rate > 0")
+        if c.readings_version not in payloads.BATCH_VERSIONS:
+            raise ConfigError(f"readings_version must be one of {payloads.BATCH_VERSIONS}")
         if not isinstance(c.anomalies, list):
             raise ConfigError("anomalies must be a list")
         return c
@@ -185,10 +191,12 @@ class Simulator:
                     if not self.bus.publish_cloud(topics.labels(turbine.turbine_id), payloads.encode(label), qos=1):
                         self.counters["publish_errors"] += 1
             data = turbine.step(n)
-            columns = [data[f].tolist() for f in FIELDS]
-            samples = [dict(zip(FIELDS, row)) for row in zip(*columns)]
-            if self._publish(topics.readings(turbine.turbine_id), payloads.readings(turbine.turbine_id, start, samples),
-                             "messages_published"):
+            if self.config.readings_version == payloads.BATCH_VERSION:
+                body = payloads.readings_batch(turbine.turbine_id, start, {f: data[f] for f in FIELDS})
+            else:
+                columns = [data[f].tolist() for f in FIELDS]
+                body = payloads.readings(turbine.turbine_id, start, [dict(zip(FIELDS, row)) for row in zip(*columns)])
+            if self._publish(topics.readings(turbine.turbine_id), body, "messages_published"):
                 self.counters["readings_published"] += n
         self.seq += n
 

@@ -575,9 +575,126 @@
     poll(refresh);
   }
 
+  // ------------------------------------------------------------ canary
+  // The current (or last) canary: both models' alarm rates and their agreement over time (the
+  // pooled figures the gates read), the gates with their limits, the verdict, and Promote /
+  // Abort by hand (Bearer token + a reason, recorded with the token's name).
+  function renderCanary() {
+    const message = el("div", { id: "message" });
+    const tokenInput = el("input", { id: "token", type: "password", placeholder: "dashboard token (printed at start)",
+      value: sessionStorage.getItem(TOKEN_KEY) || "", autocomplete: "off" });
+    tokenInput.addEventListener("change", () => sessionStorage.setItem(TOKEN_KEY, tokenInput.value.trim()));
+    const summary = el("div", { id: "canary-summary" });
+    const actBox = el("div", { id: "canary-actions" });
+    const decideBox = el("div", { id: "decide-box" });
+    const chartBox = el("div", { class: "chart", id: "canary-chart" }, el("h3", { text: "Alarm rates and agreement (pooled over the canary devices)" }));
+    const gatesBox = el("div", { id: "canary-gates-box" });
+    const devicesBox = el("div", { id: "canary-devices-box" });
+    content.replaceChildren(
+      el("div", { class: "tokenbar" }, el("label", { text: "Token", htmlFor: "token" }), tokenInput), message,
+      summary, actBox, decideBox, chartBox, el("h2", { text: "Gates" }), gatesBox,
+      el("h2", { text: "Canary devices" }), devicesBox);
+    let chart = null;
+
+    async function act(action, reason) {
+      const token = tokenInput.value.trim();
+      sessionStorage.setItem(TOKEN_KEY, token);
+      const headers = { "Content-Type": "application/json" };
+      if (token) headers.Authorization = "Bearer " + token;
+      const response = await fetch(`/api/canary/${action}`,
+        { method: "POST", headers: headers, body: JSON.stringify({ reason: reason }) });
+      let payload = {};
+      try { payload = await response.json(); } catch (e) { payload = {}; }
+      message.className = response.ok ? "ok" : "err";
+      message.dataset.status = String(response.status);
+      message.textContent = response.ok ? `${action}: done (recorded as ${payload.actor})` :
+        `${action} refused (${response.status}): ${payload.error || response.statusText}`;
+      if (response.ok) decideBox.replaceChildren();
+      await refresh();
+    }
+    function openDecision(action, version) {
+      const reason = el("textarea", { id: "reason", rows: 2, maxLength: 500, required: true,
+        placeholder: `why ${action} this canary? (recorded with your token's name and the time)` });
+      const confirm = el("button", { id: "decide-confirm", class: action === "promote" ? "approve" : "reject",
+        text: `Confirm ${action}`, disabled: true, onclick: () => act(action, reason.value.trim()) });
+      reason.addEventListener("input", () => { confirm.disabled = !reason.value.trim(); });
+      decideBox.replaceChildren(el("div", { class: "decide", "data-action": action },
+        el("strong", { text: action === "promote" ? `Promote model ${version} to the whole fleet` :
+          `Abort the canary of model ${version} (its package is marked Rejected)` }),
+        el("label", { htmlFor: "reason", text: "Reason" }), reason,
+        el("div", {}, confirm, " ", el("button", { id: "decide-cancel", text: "Cancel",
+          onclick: () => decideBox.replaceChildren() }))));
+      reason.focus();
+    }
+    function drawChart(view) {
+      const series = view.series || [];
+      const cfg = view.config || {};
+      const k = Number(cfg.alarm_rate_factor), eps = Number(cfg.alarm_rate_epsilon), a = Number(cfg.min_agreement);
+      const data = [series.map((p) => p.ts), series.map((p) => p.current_alarm_rate),
+        series.map((p) => p.candidate_alarm_rate), series.map((p) => Math.min(1, k * p.current_alarm_rate + eps)),
+        series.map((p) => p.agreement), series.map(() => a)];
+      chartBox.dataset.points = String(series.length);
+      if (!chart) {
+        const width = Math.max(480, Math.min(1100, content.clientWidth - 30));
+        chart = new uPlot({
+          width: width, height: 260, scales: { x: { time: true }, y: { range: [0, 1.05] } },
+          series: [{},
+            { label: "current alarm rate", stroke: "#2471a3", width: 2 },
+            { label: "candidate alarm rate", stroke: "#d35400", width: 2 },
+            { label: "alarm-rate limit (k × current + ε)", stroke: "#d35400", width: 1, dash: [6, 4] },
+            { label: "agreement", stroke: "#1e8449", width: 2 },
+            { label: "minimum agreement", stroke: "#1e8449", width: 1, dash: [6, 4] }],
+          axes: [{}, { size: 50 }],
+        }, data, chartBox);
+        window.wfCharts = { canary: chart };
+      } else {
+        chart.setData(data);
+      }
+    }
+    async function refresh() {
+      const view = await api("/api/canary");
+      const state = view.canary || {};
+      const running = state.status === "running";
+      const verdict = running ? view.verdict : state.status;
+      const cls = verdict === "promote" || verdict === "promoted" ? "ok" : verdict === "abort" || verdict === "aborted" ? "bad" : "warn";
+      if (!state.status) {
+        summary.replaceChildren(el("p", { class: "muted", text: "No canary has run for this model package group." }));
+      } else {
+        summary.replaceChildren(
+          el("p", {}, el("strong", { text: `Model ${state.model_version} (package ${state.package_version}, component ${state.component_version})` }),
+            " on ", el("span", { text: (state.devices || []).join(", ") }), el("span", { class: "muted", text: ` · group ${state.thing_group}` })),
+          el("p", {}, badge(verdict || "?", cls, { id: "canary-verdict", "data-verdict": verdict || "" }), " ",
+            el("span", { id: "canary-reason", text: running ? (view.reason || "") : (state.reason || "") }),
+            running ? null : el("span", { class: "muted", text: ` · by ${state.actor || "?"} at ${fmtTime(state.finished)}` })));
+      }
+      actBox.replaceChildren(
+        el("button", { id: "canary-promote", class: "approve", text: "Promote", disabled: !running,
+          onclick: () => openDecision("promote", state.model_version) }), " ",
+        el("button", { id: "canary-abort", class: "reject", text: "Abort", disabled: !running,
+          onclick: () => openDecision("abort", state.model_version) }),
+        el("span", { class: "muted", text: running ? " Promote or abort by hand (needs the token); otherwise the gates decide." :
+          " No canary is running." }));
+      drawChart(view);
+      gatesBox.replaceChildren(view.gates ? table(["Gate", "Rule", "Measured", "Limit", ""], view.gates.map((g) =>
+        el("tr", { class: "gate-row", "data-gate": g.gate, "data-passed": String(g.passed) },
+          el("td", { text: g.gate }), el("td", { text: g.rule }), el("td", { class: "num", text: g.measured ?? "—" }),
+          el("td", { class: "num", text: g.limit ?? "—" }), el("td", {}, badge(g.passed ? "pass" : "fail", g.passed ? "ok" : "bad")))),
+        { id: "canary-gates" }) : el("p", { class: "muted", text: "Gates are evaluated while a canary runs." }));
+      devicesBox.replaceChildren(table(["Device", "Windows", "Current alarm rate", "Candidate alarm rate", "Agreement", "Errors"],
+        Object.entries(view.devices || {}).map(([t, m]) => el("tr", { class: "canary-device", "data-thing": t },
+          el("td", { text: t }), el("td", { class: "num", text: m ? m.windows : "—" }),
+          el("td", { class: "num", text: m ? fmtRate(m.current_alarm_rate) : "—" }),
+          el("td", { class: "num", text: m ? fmtRate(m.candidate_alarm_rate) : "—" }),
+          el("td", { class: "num", text: m ? fmtNum(m.agreement) : "—" }), el("td", { class: "num", text: m ? m.errors : "—" }))),
+        { id: "canary-devices" }));
+    }
+    poll(refresh);
+  }
+
   // ------------------------------------------------------------ dispatch
   if (config.page === "overview") renderOverview();
   else if (config.page === "turbine") renderTurbine();
   else if (config.page === "anomalies") poll(async () => renderAnomalies(await api("/api/anomalies?limit=200")));
   else if (config.page === "registry") renderRegistry();
+  else if (config.page === "canary") renderCanary();
 })();
