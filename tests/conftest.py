@@ -37,6 +37,19 @@ def fuzz_examples_of(config) -> int:
     return int(value) if value else FUZZ_EXAMPLES_DEFAULT
 
 
+# The longest modules (about a minute or more each), started first: scripts/test runs two
+# xdist workers that take whole modules (--dist loadfile), and a long module picked up last
+# would leave one worker idle while the other finishes it.
+LONG_MODULES = ("test_quality", "test_demo", "test_dashboard_fleet", "test_ingest_fuzz", "test_faults",
+                "test_deploy_e2e", "test_csv_short", "test_score", "test_sagemaker", "test_install",
+                "test_detector_fuzz", "test_fleet", "test_detector")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: order within a module kept
+
+
 @pytest.fixture(scope="session")
 def fuzz_examples(request) -> int:
     """Fuzzed payloads per fuzz test (see the module docstring)."""

@@ -1,7 +1,7 @@
 """Model loading for the detector: what is trusted and what is refused.
 
 Also home of :func:`build_model_package`, a small untrained Conv-AE exported like
-training does (torch.onnx.export, opset 17, dynamic batch, one self-contained
+training does (torch.onnx.export, opset mc.OPSET, dynamic batch, one self-contained
 file) with a complete card, so the detector tests do not depend on a training
 run.  The other detector test files import it from here.
 """

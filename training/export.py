@@ -61,11 +61,16 @@ def export_onnx(model: torch.nn.Module, path: str | Path, check: np.ndarray, *, 
     with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):  # chatty exporter
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        logging.getLogger("onnxscript").setLevel(logging.ERROR)
         torch.onnx.export(
             model, (dummy,), str(path), opset_version=opset,
             input_names=[mc.INPUT_NAME], output_names=[mc.OUTPUT_NAME],
             dynamic_shapes={"x": {0: batch}}, external_data=False,
         )
+    written = _opset_of(path)
+    if written != opset:  # the card must say what the file is
+        path.unlink(missing_ok=True)
+        raise ExportError(f"exported graph has opset {written}, not the contract's {opset}")
     try:
         with torch.no_grad():
             expected = model(torch.from_numpy(np.ascontiguousarray(check, dtype=np.float32))).numpy()
@@ -77,6 +82,13 @@ def export_onnx(model: torch.nn.Module, path: str | Path, check: np.ndarray, *, 
         path.unlink(missing_ok=True)
         raise ExportError(f"ONNX parity check failed: max abs error {err:.3g} > {atol:g} on {len(check)} windows")
     return err
+
+
+def _opset_of(path: Path) -> int | None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def self_test_input(features: int = len(mc.FEATURES), shape: Sequence[int] = mc.WINDOW_SHAPE) -> np.ndarray:

@@ -21,7 +21,9 @@ WINDOW_SHAPE = (10, 10)  # a window reshaped for the Conv2d autoencoder
 STRIDE = 10  # a window is scored every STRIDE new samples
 INPUT_NAME = "windows"
 OUTPUT_NAME = "reconstruction"
-OPSET = 17
+# ONNX opset of the exported graph: 18 (the model's ReduceMean takes its axes as an input, which
+# opset 17 cannot express); the devices' onnxruntime>=1.18 runs opsets up to 21.
+OPSET = 18
 MODEL_FILE = "model.onnx"
 CARD_FILE = "model.json"
 CARD_SCHEMA_VERSION = 1
