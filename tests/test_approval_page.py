@@ -26,10 +26,10 @@ from windfleet.cloud.ingest import TelemetryStore
 from windfleet.cloud.registry import Registry
 from windfleet.cloud.testing import fake_build, fake_model_dir
 
+from tests.browser_fixtures import chromium, watched_page
+
 ARTIFACTS = Path(__file__).parent / "artifacts"
 ALICE, BOB = "alice-token-0123456789", "bob-token-0123456789"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 BROKEN_ERROR = ("onnxruntime.capi.onnxruntime_pybind11_state.InvalidProtobuf: [ONNXRuntimeError] : 7 : "
                 "INVALID_PROTOBUF : Load model from /tmp/tmpa1b2c3/packages/artifacts/com.windfleet.AnomalyModel/"
                 "1.0.2/model.onnx failed:Protobuf parsing failed.\nTraceback (most recent call last):\n"
@@ -137,25 +137,14 @@ def scene(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    import playwright.sync_api as sync_api
-
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
+    with chromium() as b:
+        yield b
 
 
 @pytest.fixture
 def page(browser):
-    context = browser.new_context(viewport={"width": 1600, "height": 1000})
-    pg = context.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda exc: errors.append(str(exc)))
-    pg.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-    yield pg
-    context.close()
+    with watched_page(browser, 1600) as (pg, errors, _):
+        yield pg
     assert [e for e in errors if "401" not in e and "400" not in e] == []
 
 

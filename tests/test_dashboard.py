@@ -24,6 +24,7 @@ from windfleet.cloud.dashboard.app import create_app
 from windfleet.cloud.dashboard.synth import THRESHOLDS, Episode, fleet_messages
 from windfleet.cloud.ingest import IngestService, TelemetryStore
 
+from tests.browser_fixtures import chromium, watched_page
 from tests.mqtt_fixtures import wait_until
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -31,8 +32,6 @@ TOKEN = "test-token-0123456789"
 VERSIONS = {"gw1": "1.0.3", "gw2": "1.0.2"}
 # what the local Registry says when asked to approve a version an empty home does not have
 APPROVE_UNKNOWN_ERROR = "no model package version '1' in group windfleet-anomaly (known: none)"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 # DNS rebinding without a DNS server: Chromium resolves these names to loopback, as a
 # rebinding attacker's name would resolve once it flips
 REBIND_ARGS = ["--host-resolver-rules=MAP evil.example 127.0.0.1"]
@@ -342,28 +341,14 @@ def test_on_0_0_0_0_a_non_loopback_client_always_needs_the_token(remote):
 # ---------------------------------------------------------------- browser
 @pytest.fixture(scope="module")
 def browser():
-    import playwright.sync_api as sync_api  # installed by scripts/setup: missing is a failure
-    if not Path("/usr/bin/chromium").exists():
-        pytest.skip("Debian chromium not installed")
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS + REBIND_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
+    with chromium(REBIND_ARGS) as b:
+        yield b
 
 
 @pytest.fixture
 def page(browser):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    pg = context.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda exc: errors.append(str(exc)))
-    pg.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-    requests: list[str] = []
-    pg.on("request", lambda req: requests.append(req.url))
-    yield pg
-    context.close()
+    with watched_page(browser) as (pg, errors, requests):
+        yield pg
     # no script error, and nothing fetched from anywhere but the dashboard (no CDN)
     assert [e for e in errors if "401" not in e and "Unauthorized" not in e] == []
     assert all(u.startswith("http://127.0.0.1:") for u in requests), requests
