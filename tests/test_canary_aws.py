@@ -13,13 +13,14 @@ from typing import Callable
 
 import pytest
 from botocore.stub import ANY, Stubber
-from moto import mock_aws
 
 from windfleet import payloads
 from windfleet.cloud import approval, canary, ingest, provision, settings
 from windfleet.cloud.backends import Backend
 from windfleet.cloud.registry import Registry, approval_event, set_approval
 from windfleet.cloud.testing import fake_model_dir
+
+from tests.aws_fixtures import moto_backend
 
 REGION = "eu-west-1"
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -29,12 +30,8 @@ SUITE = {settings.DETECTOR: {"componentVersion": "1.0.0"}, MODEL: {"componentVer
 
 @pytest.fixture
 def aws(monkeypatch):
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "t",
-                 "AWS_DEFAULT_REGION": REGION}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    with mock_aws():
-        yield Backend.aws(region=REGION, bucket="wf-canary", thing_group="turbines", model_group="wf-models")
+    with moto_backend(monkeypatch, REGION, bucket="wf-canary", thing_group="turbines", model_group="wf-models") as backend:
+        yield backend
 
 
 def _arns(b: Backend) -> tuple[str, str, Callable[[str, str], str]]:

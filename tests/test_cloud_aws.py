@@ -10,23 +10,19 @@ import sys
 import zipfile
 
 import pytest
-from moto import mock_aws
 
 from windfleet.cloud import approval, provision, settings
-from windfleet.cloud.backends import Backend
 from windfleet.cloud.registry import approval_event
+
+from tests.aws_fixtures import moto_backend
 
 REGION = "eu-west-1"
 
 
 @pytest.fixture
 def aws(monkeypatch):
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "t",
-                 "AWS_DEFAULT_REGION": REGION}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    with mock_aws():
-        yield Backend.aws(region=REGION, bucket="wf-test-artifacts", thing_group="turbines", model_group="wf-models")
+    with moto_backend(monkeypatch, REGION, bucket="wf-test-artifacts", thing_group="turbines", model_group="wf-models") as backend:
+        yield backend
 
 
 def test_provision_creates_everything_and_is_idempotent(aws):

@@ -44,6 +44,8 @@ from windfleet.cloud.backends import Backend
 from windfleet.cloud.registry import Registry, approval_event, set_approval
 from windfleet.cloud.testing import fake_model_dir
 
+from tests.aws_fixtures import moto_backend
+
 REGION = "eu-west-1"
 BUCKET, THING_GROUP, MODEL_GROUP = "wf-iam-artifacts", "turbines", "wf-models"
 
@@ -732,12 +734,8 @@ def test_the_policies_are_the_provisioners_role_policies(world):
 
 @pytest.fixture
 def aws(monkeypatch):
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "t",
-                 "AWS_DEFAULT_REGION": REGION}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    with mock_aws():
-        yield Backend.aws(region=REGION, bucket=BUCKET, thing_group=THING_GROUP, model_group=MODEL_GROUP)
+    with moto_backend(monkeypatch, REGION, bucket=BUCKET, thing_group=THING_GROUP, model_group=MODEL_GROUP) as backend:
+        yield backend
 
 
 def _our_roles(b: Backend) -> list[str]:

@@ -15,6 +15,8 @@ from windfleet.cloud.testing import fake_build, fake_model_dir
 from windfleet.cloud import deployer
 from windfleet.model_contract import ModelPackageError
 
+from tests.aws_fixtures import fake_aws_env
+
 
 @pytest.fixture
 def local(tmp_path):
@@ -25,10 +27,7 @@ def local(tmp_path):
 
 @pytest.fixture
 def aws_env(monkeypatch):
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "t",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    fake_aws_env(monkeypatch, "us-east-1")
     with mock_aws():
         yield
 
