@@ -32,7 +32,6 @@ import sqlite3
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -41,9 +40,10 @@ from windfleet.cloud.dashboard.app import create_app
 from windfleet.cloud.dashboard.synth import Episode, fleet_messages
 from windfleet.cloud.ingest import TelemetryStore
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.browser_fixtures import Served, chromium  # noqa: E402 - the repository root is on the path only now
+
 RESULTS = Path(__file__).parent / "results" / "dashboard.json"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 
 
 def one_core() -> str:
@@ -112,23 +112,6 @@ def bench_ingest(tmp: Path, messages: list[bytes]) -> dict:
     out["raw_rows_per_s"] = len(rows) / out["raw_s"]
     out["ratio_store_vs_raw_rows"] = out["batched_records_per_s"] / out["raw_rows_per_s"]
     return out
-
-
-class Served:
-    def __init__(self, app):
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                    access_log=False))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 def measure_pages(browser, url: str, turbine: str | None, repeats: int) -> dict:
@@ -224,16 +207,13 @@ def main() -> int:
         results["generate_s"] = time.perf_counter() - t0
         results["ingest"] = bench_ingest(tmp, messages)
 
-        from playwright.sync_api import sync_playwright
-
         full = TelemetryStore(tmp / "batched.sqlite")
         empty = TelemetryStore(tmp / "empty.sqlite")
         results["store_bytes"] = (tmp / "batched.sqlite").stat().st_size
         t0 = time.perf_counter()
         store200, gg200 = fleet_of_200(tmp)
         results["fleet_200_setup_s"] = time.perf_counter() - t0
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        with chromium() as browser:
             try:
                 for name, store, turbine in (("empty", empty, None), ("loaded", full, "gw00-t01")):
                     served = Served(create_app(store, token="bench"))
@@ -252,7 +232,6 @@ def main() -> int:
                 finally:
                     served.close()
             finally:
-                browser.close()
                 store200.close()
         full.close()
         empty.close()

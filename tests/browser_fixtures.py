@@ -1,9 +1,12 @@
-"""Headless Chromium for the dashboard tests: Debian's ``/usr/bin/chromium`` (installed by
-``scripts/setup``) driven by Playwright for Python -- never ``playwright install``.  A missing
-browser fails the test: a skip would hide a set-up bug."""
+"""For the dashboard tests and benchmark: the app on a real uvicorn server (:class:`Served`) and
+headless Chromium -- Debian's ``/usr/bin/chromium`` (installed by ``scripts/setup``) driven by
+Playwright for Python, never ``playwright install``.  A missing browser fails the test: a skip
+would hide a set-up bug."""
 
 from __future__ import annotations
 
+import threading
+import time
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -40,3 +43,26 @@ def watched_page(browser, width: int = 1400, height: int = 1000) -> Iterator[tup
         yield page, errors, requests
     finally:
         context.close()
+
+
+class Served:
+    """An app on a real uvicorn server on a free loopback port, in a thread."""
+
+    def __init__(self, app, host: str = "127.0.0.1"):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=0, log_level="warning",
+                                                    access_log=False))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("dashboard server did not start")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

@@ -9,7 +9,6 @@ served by uvicorn with two named tokens."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,7 +25,7 @@ from windfleet.cloud.ingest import TelemetryStore
 from windfleet.cloud.registry import Registry
 from windfleet.cloud.testing import fake_build, fake_model_dir
 
-from tests.browser_fixtures import chromium, watched_page
+from tests.browser_fixtures import Served, chromium, watched_page
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 ALICE, BOB = "alice-token-0123456789", "bob-token-0123456789"
@@ -56,25 +55,6 @@ def rich_model_dir(path: Path, version: str, f1: float, far: float, recall: dict
         "overall": card["metrics"]["autoencoder"],
         "per_kind": {k: {"recall": r, "f1": r - 0.01} for k, r in recall.items()}}}}))
     return d
-
-
-class Served:
-    def __init__(self, app):
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                    access_log=False))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "dashboard did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 def call(url: str, method: str = "GET", token: str | None = None, body: dict | None = None):

@@ -17,7 +17,8 @@ from windfleet.cloud.ingest import TelemetryStore
 from windfleet.cloud.registry import Registry
 from windfleet.cloud.testing import fake_build, fake_model_dir
 
-from tests.test_approval_page import ARTIFACTS, Served, browser, call, page  # noqa: F401 - fixtures
+from tests.browser_fixtures import Served
+from tests.test_approval_page import ARTIFACTS, browser, call, page  # noqa: F401 - fixtures
 
 ALICE = "alice-token-0123456789"
 

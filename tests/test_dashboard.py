@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,7 +23,7 @@ from windfleet.cloud.dashboard.app import create_app
 from windfleet.cloud.dashboard.synth import THRESHOLDS, Episode, fleet_messages
 from windfleet.cloud.ingest import IngestService, TelemetryStore
 
-from tests.browser_fixtures import chromium, watched_page
+from tests.browser_fixtures import Served, chromium, watched_page
 from tests.mqtt_fixtures import wait_until
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -98,29 +97,6 @@ class FakeRegistry:
 
 
 # ---------------------------------------------------------------- servers
-class Served:
-    """An app on a real uvicorn server on a free loopback port, in a thread."""
-
-    def __init__(self, app, host: str = "127.0.0.1"):
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=0, log_level="warning",
-                                                    access_log=False))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("dashboard server did not start")
-            time.sleep(0.02)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
 def request(url: str, method: str = "GET", headers: dict | None = None, body: bytes | None = None):
     req = urllib.request.Request(url, method=method, headers=headers or {}, data=body)
     try:
