@@ -640,17 +640,20 @@ class TelemetryStore:
             "anomalous": {f: [f in a for _, _, a in parsed] for f in features},
         }
 
-    def anomalies(self, since: float | None = None, limit: int = 200, thing: str | None = None) -> list[dict]:
-        """Anomalous windows, newest first."""
-        sql = ("SELECT thing, turbine_id, ts, model_version, score, detail FROM scores WHERE anomaly = 1 AND ts > ?")
-        args: list[Any] = [-1.0 if since is None else since]
+    def _newest(self, query: str, since: float | None, thing: str | None, limit: int) -> sqlite3.Cursor:
+        """``query`` (a SELECT with a WHERE) narrowed to rows after ``since`` (and of ``thing``),
+        newest first, at most ``limit``."""
+        sql, args = f"{query} AND ts > ?", [-1.0 if since is None else since]
         if thing:
             sql += " AND thing = ?"
             args.append(thing)
-        sql += " ORDER BY ts DESC LIMIT ?"
-        args.append(limit)
+        return self._conn().execute(sql + " ORDER BY ts DESC LIMIT ?", [*args, limit])
+
+    def anomalies(self, since: float | None = None, limit: int = 200, thing: str | None = None) -> list[dict]:
+        """Anomalous windows, newest first."""
         out = []
-        for r in self._conn().execute(sql, args):
+        for r in self._newest("SELECT thing, turbine_id, ts, model_version, score, detail FROM scores "
+                              "WHERE anomaly = 1", since, thing, limit):
             errors, thresholds, anomalous = json.loads(r["detail"])
             out.append({"thing": r["thing"], "turbine_id": r["turbine_id"], "ts": r["ts"],
                         "model_version": r["model_version"], "score": r["score"], "anomalous_features": anomalous,
@@ -670,16 +673,9 @@ class TelemetryStore:
                       thing: str | None = None, limit: int = 5000) -> list[dict]:
         """Health reports that carry canary shadow statistics (``payloads.shadow_stats``), oldest
         first: ``[{"thing", "ts", "shadow"}]``; malformed ``shadow`` objects are skipped."""
-        sql = "SELECT thing, ts, json_extract(body, '$.shadow') AS shadow FROM health WHERE ts > ? " \
-              "AND json_type(body, '$.shadow') = 'object'"
-        args: list[Any] = [-1.0 if since is None else since]
-        if thing:
-            sql += " AND thing = ?"
-            args.append(thing)
-        sql += " ORDER BY ts DESC LIMIT ?"
-        args.append(limit)
         out = []
-        for r in self._conn().execute(sql, args):
+        for r in self._newest("SELECT thing, ts, json_extract(body, '$.shadow') AS shadow FROM health "
+                              "WHERE json_type(body, '$.shadow') = 'object'", since, thing, limit):
             try:
                 shadow = payloads.validate_shadow(json.loads(r["shadow"]))
             except (payloads.MalformedPayload, ValueError):
