@@ -36,12 +36,6 @@ try:
 except ImportError:  # pragma: no cover - installed everywhere but in the Lambda zip
     _orjson = False
 
-
-def _fast_json() -> Any:
-    """The orjson module, or False when it is not installed."""
-    return _orjson
-
-
 SCHEMA_VERSION = 1
 BATCH_VERSION = 2  # columnar readings and score batches
 BATCH_VERSIONS = (SCHEMA_VERSION, BATCH_VERSION)  # what readings / scores consumers accept
@@ -69,7 +63,7 @@ class MalformedPayload(ValueError):
 
 def encode(payload: dict) -> bytes:
     """Compact UTF-8 JSON; ValueError for NaN/Infinity (not JSON: browsers and Lambda reject it)."""
-    orjson = _fast_json()
+    orjson = _orjson
     if orjson:
         try:
             raw = orjson.dumps(payload)
@@ -91,7 +85,7 @@ def decode(raw: bytes | str, versions: Sequence[int] = (SCHEMA_VERSION,)) -> dic
     if len(raw) > MAX_PAYLOAD_BYTES:
         raise MalformedPayload("too_large", f"{len(raw)} bytes > {MAX_PAYLOAD_BYTES}")
     obj = None
-    orjson = _fast_json()
+    orjson = _orjson
     if orjson:
         try:
             obj = orjson.loads(raw)
