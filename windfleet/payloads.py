@@ -49,7 +49,7 @@ SAMPLE_FIELDS = ("ts", "rps", "wind_speed_rps", "voltage", "qw", "qx", "qy", "qz
 # Extra channels the simulator also sends; optional for consumers.
 EXTRA_SAMPLE_FIELDS = ("temperature", "vibration", "pitch_angle")
 
-RECORD_TYPES = ("score", "health", "log")
+RECORD_TYPES = ("score", "health", "log", "drift")
 
 
 class MalformedPayload(ValueError):
@@ -519,4 +519,106 @@ def validate_shadow(obj: Any) -> dict:
                 raise MalformedPayload("out_of_range", f"{side}.{field}")
     if not 0.0 <= _finite(obj.get("agreement"), "agreement") <= 1.0:
         raise MalformedPayload("out_of_range", "agreement")
+    return obj
+
+
+# ---------------------------------------------------------------- drift
+DRIFT_METHODS = ("psi",)
+
+
+def drift(turbine_id: str, model_version: str, ts: float, samples: int, score: Mapping[str, float],
+          thresholds: Mapping[str, float], method: str = "psi") -> dict:
+    """Detector -> forwarder -> cloud (telemetry record type ``drift``): one turbine's inputs
+    against the training data of the model it runs.
+
+    ``score``: per feature, the drift measure (``method``; PSI over the card's bins) of the
+    turbine's last ``samples`` readings against the card's reference; ``thresholds``: the
+    card's per-feature limits; ``drifted``: the features above their limit (a non-empty list
+    is the "retrain suggested" signal)."""
+    return {
+        "schema_version": SCHEMA_VERSION, "turbine_id": turbine_id, "model_version": model_version, "ts": ts,
+        "method": method, "samples": int(samples),
+        "score": {f: float(v) for f, v in score.items()},
+        "thresholds": {f: float(thresholds[f]) for f in score},
+        "drifted": [f for f, v in score.items() if v > thresholds[f]],
+    }
+
+
+def validate_drift(obj: dict) -> dict:
+    _str(obj, "turbine_id")
+    _str(obj, "model_version")
+    _finite(obj.get("ts"), "ts")
+    if obj.get("method") not in DRIFT_METHODS:
+        raise MalformedPayload("wrong_type", f"method {obj.get('method')!r}")
+    if _int(obj, "samples") < 0:
+        raise MalformedPayload("out_of_range", "samples")
+    score, thresholds = obj.get("score"), obj.get("thresholds")
+    if not isinstance(score, dict) or not score or not isinstance(thresholds, dict) or set(thresholds) != set(score):
+        raise MalformedPayload("wrong_type", "score and thresholds must name the same features")
+    for name in score:
+        if _finite(score[name], f"score.{name}") < 0 or _finite(thresholds[name], f"thresholds.{name}") <= 0:
+            raise MalformedPayload("out_of_range", name)
+    drifted = obj.get("drifted")
+    if type(drifted) is not list or not set(drifted) <= set(score):
+        raise MalformedPayload("wrong_type", "drifted")
+    return obj
+
+
+# ---------------------------------------------------------------- capture (windows kept for retraining)
+CAPTURE_REASONS = ("flagged", "sampled")
+
+
+def capture(thing: str, turbine_id: str, model_version: str, ts: float, window_end_seq: int,
+            features: Sequence[str], rows: Any, feature_errors: Sequence[float], thresholds: Sequence[float],
+            reason: str, label: int | None = None) -> dict:
+    """Detector -> forwarder -> S3: one raw window the detector kept.
+
+    ``rows``: the window's model inputs before standardisation, ``window`` rows of one
+    value per feature (what ``preprocessing.raw_features`` gave the model), so a later
+    training run can compute its own statistics.  ``reason``: ``flagged`` (the model
+    alarmed: every such window is kept) or ``sampled`` (a random fraction of normal ones).
+    ``label``: ground truth where the device knows it (1 inside a labelled anomaly episode,
+    0 outside while labels are being received), else None."""
+    rows = rows.tolist() if hasattr(rows, "tolist") else [list(r) for r in rows]
+    errors = [float(e) for e in feature_errors]
+    limits = [float(t) for t in thresholds]
+    score_ = max(e / t for e, t in zip(errors, limits))
+    return {
+        "schema_version": SCHEMA_VERSION, "thing": thing, "turbine_id": turbine_id, "model_version": model_version,
+        "ts": ts, "window_end_seq": int(window_end_seq), "features": list(features), "rows": rows,
+        "feature_errors": errors, "thresholds": limits, "score": score_, "anomaly": score_ > 1.0,
+        "reason": reason, "label": label,
+    }
+
+
+def validate_capture(obj: dict) -> dict:
+    """Check a decoded capture record (plain Python: the forwarder has no NumPy); returns it."""
+    _str(obj, "thing")
+    _str(obj, "turbine_id")
+    _str(obj, "model_version")
+    _finite(obj.get("ts"), "ts")
+    _int(obj, "window_end_seq")
+    if obj.get("reason") not in CAPTURE_REASONS:
+        raise MalformedPayload("wrong_type", f"reason {obj.get('reason')!r}")
+    if obj.get("label") not in (None, 0, 1) or isinstance(obj.get("label"), bool):
+        raise MalformedPayload("wrong_type", "label must be 0, 1 or null")
+    features = obj.get("features")
+    if type(features) is not list or not features or not all(isinstance(f, str) and f for f in features):
+        raise MalformedPayload("missing_field" if features is None else "wrong_type", "features")
+    rows, n = obj.get("rows"), len(features)
+    if type(rows) is not list or not rows or not all(type(r) is list and len(r) == n for r in rows):
+        raise MalformedPayload("wrong_type", "rows must be a list of rows of one number per feature")
+    for field, values in (("rows", [v for r in rows for v in r]), ("feature_errors", obj.get("feature_errors")),
+                          ("thresholds", obj.get("thresholds"))):
+        if type(values) is not list or len(values) < n or not set(map(type, values)) <= _NUMBER:
+            raise MalformedPayload("wrong_type", field)
+        try:
+            finite = all(map(math.isfinite, values))
+        except OverflowError:
+            raise MalformedPayload("out_of_range", f"{field} holds a number beyond a 64-bit float") from None
+        if not finite:
+            raise MalformedPayload("non_finite", field)
+    if len(obj["feature_errors"]) != n or len(obj["thresholds"]) != n:
+        raise MalformedPayload("length_mismatch", "feature_errors, thresholds, features")
+    _finite(obj.get("score"), "score")
     return obj

@@ -39,6 +39,16 @@ def scores(turbine_id: str) -> str:
     return f"{PREFIX}/turbines/{turbine_id}/scores"
 
 
+def drift(turbine_id: str) -> str:
+    """Detector -> forwarder: how far a turbine's inputs have moved from the model's training data."""
+    return f"{PREFIX}/turbines/{turbine_id}/drift"
+
+
+def capture(thing: str) -> str:
+    """Detector -> forwarder: sampled raw windows, uploaded in batches to S3 for retraining."""
+    return f"{PREFIX}/devices/{thing}/capture"
+
+
 def health(thing: str) -> str:
     """Each component -> forwarder (and the local runtime): state and counters."""
     return f"{PREFIX}/devices/{thing}/health"
