@@ -241,11 +241,11 @@ def test_reject_refuses_an_oversized_body_before_reading_it(live):
     head = (f"POST /api/registry/3/reject HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\n"
             "Content-Type: application/json\r\n")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        # Only 12 of the announced 50 MB are ever sent: a reply at all proves the server did not
+        # wait for the body (if it did, the socket's timeout fails the read instead).
         s.sendall((head + "Content-Length: 50000000\r\n\r\n").encode() + b'{"reason": "')
-        t0 = time.monotonic()
         reply = _read_reply(s)
     assert reply.startswith(b"HTTP/1.1 413") and b"at most 4096 bytes" in reply, reply[:200]
-    assert time.monotonic() - t0 < 5
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # no length: counted as it streams
         s.sendall((head + "Transfer-Encoding: chunked\r\n\r\n").encode() + b"1388\r\n" + b"x" * 5000 + b"\r\n")
         reply = _read_reply(s)  # the terminating chunk is never sent

@@ -155,3 +155,66 @@ def test_encode_refuses_nan_and_decode_matches_the_standard_library():
     assert json.loads(payloads.encode(obj)) == obj and payloads.decode(payloads.encode(obj)) == obj
     big = b'{"schema_version": 1, "turbine_id": "gw1-t00", "seq": ' + b"9" * 30 + b', "samples": []}'
     assert kind_of(payloads.validate_readings, payloads.decode(big)) == "out_of_range"  # an int, as json reads it
+
+
+def _verdict(raw, validate, versions=(1,)):
+    """What a consumer concludes from ``raw``: the validated object, or the drop's kind."""
+    try:
+        return validate(payloads.decode(raw, versions))
+    except payloads.MalformedPayload as exc:
+        return exc.kind
+
+
+_BATCH = payloads.readings_batch("gw1-t00", 7, {f: [1.0, 2.0] for f in payloads.SAMPLE_FIELDS})
+FALLBACK_CORPUS = [
+    (payloads.encode(_BATCH), payloads.validate_readings),
+    (payloads.encode({**_BATCH, "seq": -1}), payloads.validate_readings),
+    (b'{"schema_version": 2, "turbine_id": "gw1-t00", "seq": ' + b"9" * 30 + b', "columns": {}}',
+     payloads.validate_readings),
+    (b'{"schema_version": 1, "turbine_id": "gw1-t00", "seq": 1, "samples": [{"ts": NaN}]}',
+     payloads.validate_readings),
+    (b'{"schema_version": 1, "turbine_id": "gw1-t00", "seq": 1, "samples": [{"ts": 1e400}]}',
+     payloads.validate_readings),
+    (b"[" * 5000 + b"]" * 5000, payloads.validate_readings),
+    (b"\xff\xfe{}", payloads.validate_readings),
+    (b'{"schema_version": 1', payloads.validate_readings),
+    (b'"just a string"', payloads.validate_readings),
+    (b'{"schema_version": "1"}', payloads.validate_readings),
+    (payloads.encode(payloads.drift("gw1-t00", "1.0.1", 1.5, 600, {"rps": 0.4}, {"rps": 0.2})),
+     payloads.validate_drift),
+    (payloads.encode(payloads.capture("gw1", "gw1-t00", "1.0.1", 1.5, 99, ["rps"], [[1.0]] * 3, [0.5], [1.0],
+                                      "sampled", 0)), payloads.validate_capture),
+]
+
+
+@pytest.mark.parametrize("raw, validate", FALLBACK_CORPUS)
+def test_the_standard_library_fallback_reaches_the_same_verdicts_as_orjson(monkeypatch, raw, validate):
+    """The cloud's Lambda zip has no orjson: ``decode`` then parses with ``json``, and every
+    message must get the same verdict (accepted as the same object, or dropped for the same kind)."""
+    assert payloads._orjson, "orjson is a device requirement and installed by scripts/setup"
+    fast = _verdict(raw, validate, payloads.BATCH_VERSIONS)
+    monkeypatch.setattr(payloads, "_orjson", False)
+    assert _verdict(raw, validate, payloads.BATCH_VERSIONS) == fast
+
+
+@pytest.mark.parametrize("changes, kind", [
+    ({"method": "ks"}, "wrong_type"), ({"samples": -1}, "wrong_type"), ({"score": {"rps": -0.1}}, "out_of_range"),
+    ({"thresholds": {"voltage": 0.2}}, "wrong_type"), ({"thresholds": {"rps": 0.0}}, "out_of_range"),
+    ({"drifted": ["voltage"]}, "wrong_type"), ({"score": {"rps": float("inf")}}, "non_finite"),
+])
+def test_a_bad_drift_record_is_named_by_kind(changes, kind):
+    record = payloads.drift("gw1-t00", "1.0.1", 1.5, 600, {"rps": 0.4}, {"rps": 0.2})
+    assert record["drifted"] == ["rps"] and payloads.validate_drift(record) is record
+    assert kind_of(payloads.validate_drift, {**record, **changes}) == kind
+
+
+@pytest.mark.parametrize("changes, kind", [
+    ({"reason": "because"}, "wrong_type"), ({"label": 2}, "wrong_type"), ({"label": True}, "wrong_type"),
+    ({"rows": [[1.0, 2.0]] * 3}, "wrong_type"), ({"rows": [[float("nan")]] * 3}, "non_finite"),
+    ({"feature_errors": [0.5, 0.5]}, "length_mismatch"), ({"features": []}, "wrong_type"),
+    ({"rows": [[10**400]] * 3}, "out_of_range"),
+])
+def test_a_bad_capture_record_is_named_by_kind(changes, kind):
+    record = payloads.capture("gw1", "gw1-t00", "1.0.1", 1.5, 99, ["rps"], [[1.0]] * 3, [2.0], [1.0], "flagged", 1)
+    assert record["anomaly"] and record["score"] == 2.0 and payloads.validate_capture(record) is record
+    assert kind_of(payloads.validate_capture, {**record, **changes}) == kind

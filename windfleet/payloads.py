@@ -550,8 +550,7 @@ def validate_drift(obj: dict) -> dict:
     _finite(obj.get("ts"), "ts")
     if obj.get("method") not in DRIFT_METHODS:
         raise MalformedPayload("wrong_type", f"method {obj.get('method')!r}")
-    if _int(obj, "samples") < 0:
-        raise MalformedPayload("out_of_range", "samples")
+    _int(obj, "samples")
     score, thresholds = obj.get("score"), obj.get("thresholds")
     if not isinstance(score, dict) or not score or not isinstance(thresholds, dict) or set(thresholds) != set(score):
         raise MalformedPayload("wrong_type", "score and thresholds must name the same features")
