@@ -66,7 +66,8 @@ METRICS: dict[str, tuple[str, ...]] = {
     "CandidateDetected": ("candidate_detected",), "Errors": ("errors",),
     "CurrentInferMsP99": ("current", "infer_ms_p99"), "CandidateInferMsP99": ("candidate", "infer_ms_p99"),
     "CurrentAlarmRate": ("current", "alarm_rate"), "CandidateAlarmRate": ("candidate", "alarm_rate"),
-    "Agreement": ("agreement",),
+    "Agreement": ("agreement",), "CleanWindows": ("clean_windows",),
+    "CurrentFalseAlarms": ("current", "false_alarms"), "CandidateFalseAlarms": ("candidate", "false_alarms"),
 }
 METRIC_PERIOD = 60
 
@@ -221,11 +222,15 @@ def measured(shadow: Mapping[str, Any]) -> dict:
     windows = float(shadow.get("windows", 0))
     either = float(shadow.get("either_flagged", 0))
     episodes = float(shadow.get("labelled_episodes", 0))
+    clean = float(shadow.get("clean_windows", 0) or 0)
     return {
         "windows": int(windows),
         "current_alarm_rate": _rate(_sum([shadow], "current", "alarms"), windows),
         "candidate_alarm_rate": _rate(_sum([shadow], "candidate", "alarms"), windows),
         "agreement": _rate(float(shadow.get("both_flagged", 0)), either, 1.0),
+        "clean_windows": int(clean),
+        "current_false_alarm_rate": _rate(_sum([shadow], "current", "false_alarms"), clean) if clean else None,
+        "candidate_false_alarm_rate": _rate(_sum([shadow], "candidate", "false_alarms"), clean) if clean else None,
         "labelled_episodes": int(episodes),
         "current_recall": _rate(float(shadow.get("current_detected", 0)), episodes) if episodes else None,
         "candidate_recall": _rate(float(shadow.get("candidate_detected", 0)), episodes) if episodes else None,
@@ -239,10 +244,11 @@ def measured(shadow: Mapping[str, Any]) -> dict:
 def _pooled(stats: Sequence[Mapping]) -> dict:
     """The canary devices' figures added up (rates over all their windows; p99: the worst device)."""
     pooled = {k: _sum(stats, k) for k in ("windows", "either_flagged", "both_flagged", "labelled_episodes",
-                                           "current_detected", "candidate_detected", "errors")}
-    pooled["current"] = {"alarms": _sum(stats, "current", "alarms"),
+                                           "current_detected", "candidate_detected", "errors", "clean_windows")}
+    pooled["current"] = {"alarms": _sum(stats, "current", "alarms"), "false_alarms": _sum(stats, "current", "false_alarms"),
                          "infer_ms_p99": max((_sum([s], "current", "infer_ms_p99") for s in stats), default=0.0)}
     pooled["candidate"] = {"alarms": _sum(stats, "candidate", "alarms"),
+                           "false_alarms": _sum(stats, "candidate", "false_alarms"),
                            "infer_ms_p99": max((_sum([s], "candidate", "infer_ms_p99") for s in stats), default=0.0)}
     pooled["error"] = next((s["error"] for s in stats if isinstance(s.get("error"), str)), None)
     return measured(pooled)
@@ -261,6 +267,17 @@ def gates(m: Mapping[str, Any], config: Mapping[str, Any]) -> list[dict]:
                  m["candidate_alarm_rate"] <= limit, round(m["candidate_alarm_rate"], 6), round(limit, 6),
                  f"candidate alarm rate {m['candidate_alarm_rate']:.4f} vs limit {limit:.4f} "
                  f"({k:g} x current {m['current_alarm_rate']:.4f} + {eps:g})")]
+    k, eps = float(config["false_alarm_factor"]), float(config["false_alarm_epsilon"])
+    rule = f"candidate false-alarm rate <= {k:g} x current + {eps:g} (windows outside labelled episodes)"
+    if m["clean_windows"]:
+        limit = k * m["current_false_alarm_rate"] + eps
+        out.append(_gate("false_alarm_rate", rule, m["candidate_false_alarm_rate"] <= limit,
+                         round(m["candidate_false_alarm_rate"], 6), round(limit, 6),
+                         f"candidate false-alarm rate {m['candidate_false_alarm_rate']:.4f} vs limit {limit:.4f} "
+                         f"on {m['clean_windows']} windows outside labelled episodes"))
+    else:
+        out.append(_gate("false_alarm_rate", rule, True, None, None,
+                         "no labels received: not applicable (the alarm-rate and agreement gates still apply)"))
     a = float(config["min_agreement"])
     out.append(_gate("agreement", f"agreement >= {a:g}", m["agreement"] >= a, round(m["agreement"], 6), a,
                      f"agreement {m['agreement']:.3f} vs minimum {a:g}"))
@@ -332,7 +349,9 @@ def shadow_metric_data(thing: str, shadow: Mapping[str, Any], ts: float | None =
     for name, path in METRICS.items():
         value: Any = shadow
         for p in path:
-            value = value[p]
+            value = value.get(p) if isinstance(value, Mapping) else None
+        if value is None:  # a figure an older detector does not report
+            continue
         out.append({"MetricName": name, "Dimensions": dims, "Timestamp": when, "Value": float(value),
                     "Unit": "Count" if name not in ("CurrentInferMsP99", "CandidateInferMsP99") else "Milliseconds"})
     return out

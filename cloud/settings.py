@@ -40,7 +40,8 @@ Canary (``CANARY_*``, :mod:`.canary`)
     (``min_seconds`` since the canary started and ``min_windows`` scored per
     device) and the gates (candidate alarm rate <= ``alarm_rate_factor`` x
     current + ``alarm_rate_epsilon``; ``min_agreement``; recall not below the
-    current model's minus ``recall_tolerance``; ``max_errors``; candidate
+    current model's minus ``recall_tolerance``; false-alarm rate outside labelled
+    episodes <= ``false_alarm_factor`` x current + ``false_alarm_epsilon``; ``max_errors``; candidate
     inference p99 <= ``max_infer_ms_p99``).  ``CANARY_SCHEDULE`` is how often the
     AWS Lambda evaluates.
 
@@ -118,6 +119,10 @@ CANARY_DEFAULTS = {
     "min_windows": 500,          # ... and this many windows scored by both models on every canary device
     "alarm_rate_factor": 2.0,    # candidate alarm rate <= k x current + epsilon
     "alarm_rate_epsilon": 0.01,
+    # false-alarm rate on windows outside labelled episodes (where turbines publish labels):
+    # candidate <= k x current + epsilon
+    "false_alarm_factor": 1.5,
+    "false_alarm_epsilon": 0.005,
     "min_agreement": 0.5,        # flagged by both / flagged by either (1.0 when neither flags)
     "recall_tolerance": 0.0,     # candidate recall on labelled episodes >= current's - tolerance
     "max_errors": 0,             # candidate scoring errors

@@ -200,6 +200,27 @@ def test_gates_wait_then_promote_or_abort_with_the_measured_reason():
     assert out["verdict"] == "abort" and "candidate recall 0.250 vs current 0.750 on 4" in out["reason"]
 
 
+def test_a_model_that_flags_everything_passes_the_alarm_rate_gate_where_anomalies_are_frequent_but_not_the_false_alarm_gate():
+    """The demo's fleet is anomalous most of the time: a current model alarming on 65 % of
+    windows lets a candidate that flags all of them through ``alarm rate <= 2 x current``; the
+    false-alarm rate on windows outside labelled episodes does not."""
+    flags_all = shadow("2", "1", 1000, 650, 1000, 650)
+    flags_all.update(clean_windows=300)
+    flags_all["current"]["false_alarms"], flags_all["candidate"]["false_alarms"] = 6, 300
+    out = canary.evaluate({"a": flags_all}, ["a"], CONFIG, 120)
+    gates = {g["gate"]: g for g in out["gates"]}
+    assert gates["alarm_rate"]["passed"] and gates["recall"]["passed"]
+    assert not gates["false_alarm_rate"]["passed"] and gates["false_alarm_rate"]["measured"] == 1.0
+    assert out["verdict"] == "abort" and "candidate false-alarm rate 1.0000 vs limit 0.0350 on 300" in out["reason"]
+    better = shadow("2", "1", 1000, 650, 600, 600)
+    better.update(clean_windows=300)
+    better["current"]["false_alarms"], better["candidate"]["false_alarms"] = 6, 1
+    assert canary.evaluate({"a": better}, ["a"], CONFIG, 120)["verdict"] == "promote"
+    # no labels (a real fleet): not applicable, the other gates decide
+    unlabelled = canary.evaluate({"a": shadow("2", "1", 500, 5, 6, 5)}, ["a"], CONFIG, 120)
+    assert next(g for g in unlabelled["gates"] if g["gate"] == "false_alarm_rate")["measured"] is None
+
+
 def test_canary_size_by_count_or_percent():
     assert canary.canary_size(10, {"devices": 2}) == 2
     assert canary.canary_size(10, {"devices": 2, "percent": 25}) == 3
@@ -216,6 +237,11 @@ def test_shadow_contract_validates_and_round_trips_through_metrics():
             payloads.validate_shadow(bad)
     data = canary.shadow_metric_data("gw-1", stats, time.time())
     assert {d["MetricName"] for d in data} == set(canary.METRICS)
+    old = {k: v for k, v in stats.items() if k != "clean_windows"}  # a detector from before the false-alarm gate
+    old["current"] = {k: v for k, v in stats["current"].items() if k != "false_alarms"}
+    assert payloads.validate_shadow(old) is old
+    assert {d["MetricName"] for d in canary.shadow_metric_data("gw-1", old)} == \
+        set(canary.METRICS) - {"CleanWindows", "CurrentFalseAlarms"}
     assert all(d["Dimensions"] == [{"Name": "Thing", "Value": "gw-1"}, {"Name": "CandidateVersion", "Value": "2.0.0"}]
                for d in data)
 

@@ -67,6 +67,9 @@ def test_candidate_scores_in_shadow_and_only_current_publishes(model_dir, tmp_pa
     # it flags every window: agreement is the share of windows the current model flags
     assert shadow["agreement"] == pytest.approx(shadow["current"]["alarm_rate"]) and shadow["errors"] == 0
     assert shadow["labelled_episodes"] == 1 and shadow["candidate_detected"] == 1
+    # windows overlapping no labelled episode: every one is a false alarm of the candidate
+    assert 0 < shadow["clean_windows"] < shadow["windows"]
+    assert shadow["candidate"]["false_alarms"] == shadow["clean_windows"] > shadow["current"]["false_alarms"]
     assert shadow["candidate"]["score_p50"] > 100 * shadow["current"]["score_p50"]
     assert shadow["candidate"]["infer_ms_p99"] > 0 and shadow["current"]["infer_ms_p99"] > 0
     # the cloud's gates read it as a failed canary, with the measured reason

@@ -474,12 +474,15 @@ SHADOW_MODEL_FIELDS = ("alarms", "alarm_rate", "score_p50", "score_p90", "score_
                        "infer_ms_p99")
 SHADOW_COUNT_FIELDS = ("windows", "either_flagged", "both_flagged", "labelled_episodes", "current_detected",
                        "candidate_detected", "errors")
+# Added with the false-alarm gate: optional, so a detector from before it still reports.
+SHADOW_OPTIONAL_COUNTS = ("clean_windows",)
 
 
 def shadow_stats(candidate_version: str, current_version: str, since: float, windows: int,
                  current: Mapping[str, float], candidate: Mapping[str, float], either_flagged: int,
                  both_flagged: int, labelled_episodes: int = 0, current_detected: int = 0,
-                 candidate_detected: int = 0, errors: int = 0) -> dict:
+                 candidate_detected: int = 0, errors: int = 0, clean_windows: int = 0,
+                 current_false_alarms: int = 0, candidate_false_alarms: int = 0) -> dict:
     """Detector -> cloud (inside health): both models on the same ``windows`` since ``since``.
 
     ``current``/``candidate``: ``alarms`` (windows flagged), ``alarm_rate`` (alarms / windows),
@@ -487,16 +490,20 @@ def shadow_stats(candidate_version: str, current_version: str, since: float, win
     window).  ``agreement`` = both_flagged / either_flagged (1.0 when neither flagged any).
     ``labelled_episodes``: labelled anomaly episodes seen; ``*_detected``: how many of them each
     model flagged (recall = detected / episodes).  ``errors``: candidate scoring failures.
+    ``clean_windows``: windows of turbines that publish labels, overlapping no labelled episode;
+    ``current/candidate.false_alarms``: how many of them each model flagged (the false-alarm
+    rate the canary gates on: unlike the alarm rate it does not reward a model that flags
+    everything where anomalies are frequent).
     """
     return {
         "candidate_version": candidate_version, "current_version": current_version, "since": since,
         "windows": windows,
-        "current": {k: current[k] for k in SHADOW_MODEL_FIELDS},
-        "candidate": {k: candidate[k] for k in SHADOW_MODEL_FIELDS},
+        "current": {**{k: current[k] for k in SHADOW_MODEL_FIELDS}, "false_alarms": current_false_alarms},
+        "candidate": {**{k: candidate[k] for k in SHADOW_MODEL_FIELDS}, "false_alarms": candidate_false_alarms},
         "either_flagged": either_flagged, "both_flagged": both_flagged,
         "agreement": both_flagged / either_flagged if either_flagged else 1.0,
         "labelled_episodes": labelled_episodes, "current_detected": current_detected,
-        "candidate_detected": candidate_detected, "errors": errors,
+        "candidate_detected": candidate_detected, "errors": errors, "clean_windows": clean_windows,
     }
 
 
@@ -507,14 +514,14 @@ def validate_shadow(obj: Any) -> dict:
     _str(obj, "candidate_version")
     _str(obj, "current_version")
     _finite(obj.get("since"), "since")
-    for field in SHADOW_COUNT_FIELDS:
+    for field in SHADOW_COUNT_FIELDS + tuple(f for f in SHADOW_OPTIONAL_COUNTS if f in obj):
         if _int(obj, field) < 0:
             raise MalformedPayload("out_of_range", field)
     for side in ("current", "candidate"):
         stats = obj.get(side)
         if not isinstance(stats, dict):
             raise MalformedPayload("wrong_type", side)
-        for field in SHADOW_MODEL_FIELDS:
+        for field in SHADOW_MODEL_FIELDS + (("false_alarms",) if "false_alarms" in stats else ()):
             if _finite(stats.get(field), f"{side}.{field}") < 0:
                 raise MalformedPayload("out_of_range", f"{side}.{field}")
     if not 0.0 <= _finite(obj.get("agreement"), "agreement") <= 1.0:

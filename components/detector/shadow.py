@@ -115,6 +115,7 @@ class Shadow:
         self.last_error: str | None = refused
         self.current, self.cand = _Side(), _Side()
         self.labelled = self.current_detected = self.candidate_detected = 0
+        self.clean = self.current_false = self.candidate_false = 0  # windows outside labelled episodes
         self._episodes: dict[str, collections.deque[_Episode]] = {}
         self._lock = threading.Lock()
         if candidate is not None:
@@ -171,14 +172,19 @@ class Shadow:
                 self._match_episodes(parts, cur_flag, cand_flag, window)
 
     def _match_episodes(self, parts, cur_flag, cand_flag, window) -> None:
+        """Count detected episodes, and the windows of labelled turbines (ones whose simulator or
+        operator publishes labels) that overlap none: there a flag is a false alarm.  A label is
+        published before the readings of its first sample, so it is known when they are scored."""
         offset = 0
         for turbine, ends in parts:
             n = len(ends)
             episodes = self._episodes.get(turbine)
-            if episodes:
+            if episodes is not None:
+                inside = np.zeros(n, dtype=bool)
                 for ep in list(episodes):
                     # a window ending at e covers samples e - window + 1 .. e
                     overlap = (ends >= ep.start) & (ends - window + 1 < ep.end)
+                    inside |= overlap
                     if overlap.any():
                         if not ep.counted:
                             ep.counted, self.labelled = True, self.labelled + 1
@@ -188,6 +194,10 @@ class Shadow:
                             ep.candidate, self.candidate_detected = True, self.candidate_detected + 1
                     if ends[-1] - window + 1 >= ep.end:  # windows are past it: settled
                         episodes.remove(ep)
+                clean = ~inside
+                self.clean += int(clean.sum())
+                self.current_false += int(cur_flag[offset:offset + n][clean].sum())
+                self.candidate_false += int(cand_flag[offset:offset + n][clean].sum())
             offset += n
 
     def stats(self) -> dict:
@@ -196,7 +206,8 @@ class Shadow:
             out = payloads.shadow_stats(
                 self.candidate_version, self.current_version, self.since, self.windows,
                 self.current.stats(self.windows), self.cand.stats(self.windows), self.either, self.both,
-                self.labelled, self.current_detected, self.candidate_detected, self.errors)
+                self.labelled, self.current_detected, self.candidate_detected, self.errors,
+                self.clean, self.current_false, self.candidate_false)
         if self.last_error:
             out["error"] = self.last_error
         return out
