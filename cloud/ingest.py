@@ -2,7 +2,7 @@
 
 Two back ends, one record model:
 
-* **local** — :class:`TelemetryStore` keeps scores, anomalies, health and logs in
+* **local** — :class:`TelemetryStore` keeps scores, anomalies, drift, health and logs in
   SQLite (WAL) with retention, deduplicates messages by ``(thing, seq)`` and counts
   loss per device from sequence gaps (a late arrival fills its gap, so loss is a
   figure, not a guess).  :class:`IngestService` / :func:`run_ingest` feed it from
@@ -119,6 +119,18 @@ CREATE TABLE IF NOT EXISTS logs (
 );
 CREATE INDEX IF NOT EXISTS logs_ts ON logs (ts);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS drift (
+    id INTEGER PRIMARY KEY, thing TEXT NOT NULL, turbine_id TEXT NOT NULL, model_version TEXT NOT NULL,
+    ts REAL NOT NULL, samples INTEGER NOT NULL, method TEXT NOT NULL, n_drifted INTEGER NOT NULL,
+    detail TEXT NOT NULL,  -- JSON [score, thresholds, drifted] (payloads.drift)
+    UNIQUE (turbine_id, model_version, ts)
+);
+CREATE INDEX IF NOT EXISTS drift_turbine_ts ON drift (turbine_id, ts);
+CREATE INDEX IF NOT EXISTS drift_ts ON drift (ts);
+CREATE TABLE IF NOT EXISTS turbine_drift (  -- each turbine's newest drift record: what "drifted now" reads
+    turbine_id TEXT PRIMARY KEY, thing TEXT NOT NULL, model_version TEXT NOT NULL, ts REAL NOT NULL,
+    n_drifted INTEGER NOT NULL, detail TEXT NOT NULL
+);
 """
 
 
@@ -360,6 +372,8 @@ class TelemetryStore:
                     self._score(conn, thing, record["body"], batch)
                 elif kind == "health":
                     self._health(conn, thing, record["body"], batch)
+                elif kind == "drift":
+                    self._drift(conn, thing, record["body"], batch)
                 else:
                     self._log(conn, thing, record["body"], ts or now)
                 batch.add(f"records:{kind}")
@@ -467,6 +481,32 @@ class TelemetryStore:
             batch.version(thing, model_version, ts)
 
     @staticmethod
+    def _drift(conn: sqlite3.Connection, thing: str, body: dict, batch: _Batch) -> None:
+        payloads.validate_drift(body)
+        turbine = body["turbine_id"]
+        if not TURBINE_RE.match(turbine) or topics.gateway_of(turbine) != thing:
+            raise _Foreign("foreign_turbine", turbine[:40])
+        ts, version = float(body["ts"]), body["model_version"]
+        detail = json.dumps([body["score"], body["thresholds"], body["drifted"]], separators=(",", ":"))
+        n_drifted = len(set(body["drifted"]))
+        cur = conn.execute(
+            "INSERT OR IGNORE INTO drift (thing, turbine_id, model_version, ts, samples, method, n_drifted, detail)"
+            " VALUES (?,?,?,?,?,?,?,?)",
+            (thing, turbine, version, ts, body["samples"], body["method"], n_drifted, detail),
+        )
+        if cur.rowcount == 0:  # the same record re-sent inside another message
+            batch.add("duplicate_records")
+            return
+        conn.execute(
+            """INSERT INTO turbine_drift (turbine_id, thing, model_version, ts, n_drifted, detail)
+               VALUES (?,?,?,?,?,?)
+               ON CONFLICT (turbine_id) DO UPDATE SET thing=excluded.thing, model_version=excluded.model_version,
+                   ts=excluded.ts, n_drifted=excluded.n_drifted, detail=excluded.detail
+               WHERE excluded.ts >= turbine_drift.ts""",
+            (turbine, thing, version, ts, n_drifted, detail),
+        )
+
+    @staticmethod
     def _log(conn: sqlite3.Connection, thing: str, body: dict, default_ts: float) -> None:
         if "thing" in body and body["thing"] != thing:
             claimed = body["thing"]
@@ -506,8 +546,9 @@ class TelemetryStore:
             conn = self._conn()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for table in ("scores", "health", "logs"):
+                for table in ("scores", "health", "logs", "drift"):
                     deleted[table] = conn.execute(f"DELETE FROM {table} WHERE ts < ?", (cutoff,)).rowcount
+                conn.execute("DELETE FROM turbine_drift WHERE ts < ?", (cutoff,))
                 deleted["messages"] = self._drop_messages(conn, "received_at < ?", cutoff)
                 excess = conn.execute("SELECT COUNT(*) FROM scores").fetchone()[0] - self.max_score_rows
                 if excess > 0:
@@ -584,7 +625,7 @@ class TelemetryStore:
 
     def fleet(self) -> dict[str, Any]:
         """Fleet overview: per gateway its last contact, model version, components, loss
-        and turbines; per turbine its last score."""
+        and turbines; per turbine its last score and the features drifted now (``drifted``)."""
         conn = self._conn()
         now = self.clock()
         components: dict[str, list[dict]] = {}
@@ -595,12 +636,15 @@ class TelemetryStore:
                 "counters": json.loads(r["counters"] or "{}"),
             })
         turbines: dict[str, list[dict]] = {}
-        for r in conn.execute("SELECT * FROM turbines ORDER BY turbine_id"):
+        for r in conn.execute("SELECT t.*, CASE WHEN d.n_drifted > 0 THEN json_extract(d.detail, '$[2]') END"
+                              " AS drifted FROM turbines t LEFT JOIN turbine_drift d USING (turbine_id)"
+                              " ORDER BY t.turbine_id"):
             turbines.setdefault(r["thing"], []).append({
                 "turbine_id": r["turbine_id"], "thing": r["thing"], "last_ts": r["last_ts"],
                 "model_version": r["model_version"], "last_score": r["last_score"],
                 "anomaly": bool(r["last_anomaly"]), "n_scores": r["n_scores"], "n_anomalies": r["n_anomalies"],
                 "last_anomaly_ts": r["last_anomaly_ts"],
+                "drifted": json.loads(r["drifted"]) if r["drifted"] else [],  # features drifted now
             })
         loss = self.loss()
         gateways = []
@@ -640,10 +684,10 @@ class TelemetryStore:
             "anomalous": {f: [f in a for _, _, a in parsed] for f in features},
         }
 
-    def _newest(self, query: str, since: float | None, thing: str | None, limit: int) -> sqlite3.Cursor:
-        """``query`` (a SELECT with a WHERE) narrowed to rows after ``since`` (and of ``thing``),
-        newest first, at most ``limit``."""
-        sql, args = f"{query} AND ts > ?", [-1.0 if since is None else since]
+    def _newest(self, query: str, since: float | None, thing: str | None, limit: int, *params: Any) -> sqlite3.Cursor:
+        """``query`` (a SELECT with a WHERE, its ``params``) narrowed to rows after ``since`` (and
+        of ``thing``), newest first, at most ``limit``."""
+        sql, args = f"{query} AND ts > ?", [*params, -1.0 if since is None else since]
         if thing:
             sql += " AND thing = ?"
             args.append(thing)
@@ -667,6 +711,65 @@ class TelemetryStore:
             for r in self._conn().execute(
                 "SELECT * FROM logs WHERE ts > ? ORDER BY ts DESC LIMIT ?", (-1.0 if since is None else since, limit))
         ]
+
+    # ------------------------------------------------------------ drift (payloads.drift records)
+    def drift_series(self, turbine_id: str, since: float | None = None, limit: int = 2000) -> dict[str, Any]:
+        """Columnar drift series of one turbine (oldest first, the newest ``limit``), ready for a
+        chart: ``ts``, ``model_version``, ``samples``, and per feature its ``score``, ``thresholds``
+        and ``drifted`` flags (None where a record lacks the feature)."""
+        rows = self._newest("SELECT ts, model_version, samples, detail FROM drift WHERE turbine_id = ?",
+                            since, None, limit, turbine_id).fetchall()[::-1]
+        latest = self._conn().execute("SELECT thing FROM turbine_drift WHERE turbine_id = ?", (turbine_id,)).fetchone()
+        parsed = [json.loads(r["detail"]) for r in rows]
+        features = [f for f in FEATURES if any(f in score for score, _, _ in parsed)]
+        features += sorted({f for score, _, _ in parsed for f in score} - set(features))
+        return {
+            "turbine_id": turbine_id, "thing": latest["thing"] if latest else None, "known": latest is not None,
+            "features": features, "ts": [r["ts"] for r in rows],
+            "model_version": [r["model_version"] for r in rows], "samples": [r["samples"] for r in rows],
+            "score": {f: [score.get(f) for score, _, _ in parsed] for f in features},
+            "thresholds": {f: [limits.get(f) for _, limits, _ in parsed] for f in features},
+            "drifted": {f: [f in drifted for _, _, drifted in parsed] for f in features},
+        }
+
+    def latest_drift(self, thing: str | None = None) -> list[dict]:
+        """Each turbine's newest drift record (by turbine id): ``turbine_id``, ``thing``,
+        ``model_version``, ``ts``, ``score``, ``thresholds``, ``drifted`` (features over their
+        threshold; non-empty = drifted now)."""
+        sql = "SELECT * FROM turbine_drift" + (" WHERE thing = ?" if thing else "") + " ORDER BY turbine_id"
+        out = []
+        for r in self._conn().execute(sql, (thing,) if thing else ()):
+            score, thresholds, drifted = json.loads(r["detail"])
+            out.append({"turbine_id": r["turbine_id"], "thing": r["thing"], "model_version": r["model_version"],
+                        "ts": r["ts"], "score": score, "thresholds": thresholds, "drifted": drifted})
+        return out
+
+    def drift_flagged_turbines(self, model_version: str | None = None) -> list[str]:
+        """Turbines drifted now (their newest drift record names a feature over its threshold),
+        sorted; of the turbines running ``model_version`` only, when given."""
+        sql = "SELECT turbine_id FROM turbine_drift WHERE n_drifted > 0"
+        args: tuple = ()
+        if model_version is not None:
+            sql, args = sql + " AND model_version = ?", (model_version,)
+        return [r[0] for r in self._conn().execute(sql + " ORDER BY turbine_id", args)]
+
+    def drift_by_model(self) -> dict[str, dict]:
+        """Per model version, from each turbine's newest drift record: ``turbines`` reporting
+        with it, ``drifted_turbines``, per feature how many turbines are over its threshold
+        (``features``), and ``retrain_suggested`` (any of its turbines drifted now)."""
+        out: dict[str, dict] = {}
+        for item in self.latest_drift():
+            entry = out.setdefault(item["model_version"], {"model_version": item["model_version"], "turbines": 0,
+                                                           "drifted_turbines": [], "features": {},
+                                                           "retrain_suggested": False, "last_ts": item["ts"]})
+            entry["turbines"] += 1
+            entry["last_ts"] = max(entry["last_ts"], item["ts"])
+            if item["drifted"]:
+                entry["drifted_turbines"].append(item["turbine_id"])
+                entry["retrain_suggested"] = True
+                for f in dict.fromkeys(item["drifted"]):
+                    entry["features"][f] = entry["features"].get(f, 0) + 1
+        return out
 
     # ------------------------------------------------------------ canary (cloud/canary.py reads these)
     def shadow_series(self, since: float | None = None, candidate_version: str | None = None,
@@ -917,7 +1020,9 @@ def log_events(message: dict) -> list[dict]:
     Fields are flat so Logs Insights discovers them without parsing: ``thing``, ``seq``,
     ``record_type``, and per score ``turbine_id``, ``model_version``, ``anomaly`` (0/1),
     ``score``, ``error_<feature>``, ``threshold_<feature>``, ``anomalous_features``,
-    ``readings`` (new samples the window covers); per health ``component``,
+    ``readings`` (new samples the window covers); per drift ``turbine_id``, ``model_version``,
+    ``method``, ``samples``, ``n_drifted``, ``drifted`` (comma-separated features over their
+    threshold), ``drift_<feature>``, ``drift_threshold_<feature>``; per health ``component``,
     ``version``, ``state``, ``model_version``, ``reason``; per log ``component``,
     ``level``, ``message``.
     """
@@ -948,6 +1053,18 @@ def log_events(message: dict) -> list[dict]:
                 for feature in FEATURES:
                     event[f"error_{feature}"] = errors.get(feature)
                     event[f"threshold_{feature}"] = thresholds.get(feature)
+            elif kind == "drift":
+                payloads.validate_drift(body)
+                if not TURBINE_RE.match(body["turbine_id"]) or topics.gateway_of(body["turbine_id"]) != thing:
+                    raise _Foreign("foreign_turbine", body["turbine_id"][:40])
+                event = {
+                    "record_type": "drift", "thing": thing, "seq": seq, "turbine_id": body["turbine_id"],
+                    "model_version": body["model_version"], "method": body["method"], "samples": body["samples"],
+                    "n_drifted": len(set(body["drifted"])), "drifted": ",".join(body["drifted"]),
+                }
+                for feature in FEATURES:
+                    event[f"drift_{feature}"] = body["score"].get(feature)
+                    event[f"drift_threshold_{feature}"] = body["thresholds"].get(feature)
             elif kind == "health":
                 payloads.validate_health(body)
                 if body["thing"] != thing:
@@ -1120,6 +1237,7 @@ def dashboard_queries(log_group: str) -> list[tuple[str, str, str]]:
     """``(title, view, Logs Insights query)`` of each dashboard widget."""
     src = f"SOURCE '{log_group}'"
     errs = ", ".join(f"max(error_{f}) as {f}, max(threshold_{f}) as {f}_threshold" for f in FEATURES)
+    drift = ", ".join(f"max(drift_{f}) as {f}, max(drift_threshold_{f}) as {f}_threshold" for f in FEATURES)
     return [
         ("Anomalies per turbine", "bar",
          f"{src} | filter record_type = 'score' and anomaly = 1"
@@ -1147,6 +1265,16 @@ def dashboard_queries(log_group: str) -> list[tuple[str, str, str]]:
         ("Telemetry sequence per device (loss = last - first + 1 - received)", "table",
          f"{src} | filter record_type = 'message'"
          " | stats min(seq) as first, max(seq) as last, count_distinct(seq) as received by thing"),
+        ("Input drift per feature against thresholds (all turbines, max per minute)", "timeSeries",
+         f"{src} | filter record_type = 'drift' | stats {drift} by bin(1m)"),
+        ("Drift now per turbine (drifted_features > 0: retrain suggested for its model_version)", "table",
+         f"{src} | filter record_type = 'drift'"
+         " | stats latest(n_drifted) as drifted_features, latest(drifted) as features,"
+         " latest(model_version) as model_version, max(@timestamp) as reported by turbine_id"
+         " | sort drifted_features desc | limit 100"),
+        ("Drifted turbines per model version (in the dashboard's time range)", "bar",
+         f"{src} | filter record_type = 'drift' and n_drifted > 0"
+         " | stats count_distinct(turbine_id) as drifted_turbines by model_version"),
         ("Warnings and errors from devices", "table",
          f"{src} | filter record_type = 'log' | fields @timestamp, thing, component, level, message"
          " | sort @timestamp desc | limit 50"),

@@ -401,6 +401,9 @@ def query_fields(query: str) -> set[str]:
 def test_dashboard_widgets_query_only_fields_the_lambda_writes(logs_client):
     logs_client.create_log_group(logGroupName="/wf/fields")
     lambda_handler(rule_event(representative_message()), None, logs_client=logs_client, log_group="/wf/fields")
+    drift = payloads.drift("gw1-t00", "1.0.0", NOW, 2000, {f: 0.3 for f in FEATURES}, {f: 0.2 for f in FEATURES})
+    lambda_handler(rule_event(payloads.telemetry("gw1", 8, NOW, [{"type": "drift", "body": drift}])), None,
+                   logs_client=logs_client, log_group="/wf/fields")
     written = set().union(*(e.keys() for e in log_events(logs_client, "/wf/fields")))
 
     body = json.loads(json.dumps(dashboard_body("/wf/fields", "eu-west-1")))  # valid JSON both ways

@@ -19,12 +19,17 @@ Physics, per sample at ``rate`` Hz:
 Units are chosen so long-run statistics match the sample's real turbine
 (DESIGN.md): roll/pitch ~ 0.016 rad std, wind_speed_rps ~ 2.15 mean, rps ~ 1.6 mean,
 voltage ~ 48 mean.
+
+Drift (:class:`Drift`) is a slow change that is not a fault, so it is never labelled: a
+sensor offset (a recalibrated or ageing sensor) or a change of wind regime (season, new
+site).  Either ramps linearly from its start and then holds.  Drift draws no random
+numbers, so a drifted turbine's stream equals the undrifted one up to its start.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,6 +58,52 @@ YAW_SLEW = 0.05  # rad/s (~3 deg/s): a small turbine's yaw drive (the sample's r
 YAW_FAULT_BASE, YAW_FAULT_SPAN = 0.3, 0.6
 BEARING_AMP = 0.035
 IMBALANCE_AMP = 0.045  # 1P nacelle rocking of an imbalanced rotor (was 0.03, floor 0.3 of rated thrust)
+
+
+DRIFT_KINDS = ("sensor_offset", "wind_regime")
+# Sensor channels an offset can drift (roll/pitch/yaw: an IMU remounted or recalibrated; they
+# reach the quaternion).  Kept in range afterwards as the sensor would: the ADC in 0..1023,
+# pulse counts >= 0, yaw wrapped to (-pi, pi].
+DRIFT_CHANNELS = ("rps", "wind_speed_rps", "voltage", "roll", "pitch", "yaw", "temperature", "vibration",
+                  "pitch_angle")
+MAX_MEAN_WIND = 30.0  # m/s: beyond cut-out, the highest regime a drift may move a site to
+
+
+@dataclass(frozen=True)
+class Drift:
+    """A gradual, unlabelled change of one turbine from sample ``start``: its effect ramps
+    linearly from 0 to full over ``ramp`` samples (0: a step), then holds.
+
+    ``sensor_offset``: ``channel`` reads ``offset`` (channel units) more at full effect.
+    ``wind_regime``: the site's mean wind moves to ``mean_wind`` (m/s, in place of the
+    turbine's configured mean; the turbine keeps its own deviation from that mean, its
+    turbulence and gusts): a regime change, not a fault."""
+
+    kind: str
+    start: int
+    ramp: int = 0
+    channel: str = ""
+    offset: float = 0.0
+    mean_wind: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in DRIFT_KINDS:
+            raise ValueError(f"kind {self.kind!r} is not one of {', '.join(DRIFT_KINDS)}")
+        if self.start < 0 or self.ramp < 0:
+            raise ValueError("start and ramp must be >= 0")
+        if self.kind == "sensor_offset":
+            if self.channel not in DRIFT_CHANNELS:
+                raise ValueError(f"channel {self.channel!r} is not one of {', '.join(DRIFT_CHANNELS)}")
+            if not math.isfinite(self.offset):
+                raise ValueError("offset must be a finite number")
+        elif not 0.0 <= self.mean_wind <= MAX_MEAN_WIND:
+            raise ValueError(f"mean_wind must be in 0..{MAX_MEAN_WIND:g} m/s")
+
+    def weight(self, i: int) -> float:
+        """Fraction of the full effect at sample ``i``: 0 before ``start``, then up to 1."""
+        if i < self.start:
+            return 0.0
+        return 1.0 if self.ramp == 0 or i >= self.start + self.ramp else (i - self.start) / self.ramp
 
 
 @dataclass(frozen=True)
@@ -111,6 +162,7 @@ class Turbine:
     anomalies: list[Anomaly] = field(default_factory=list)
     mean_wind: float = 8.0
     t0: float = 0.0  # epoch seconds of sample 0
+    drift: list[Drift] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
@@ -129,6 +181,7 @@ class Turbine:
         self.temperature = 25.0 + r.normal(0, 3)
         self.offsets = np.array([-0.008, 0.001]) + r.normal(0, 0.002, 2)
         self._stuck_value: dict[int, float] = {}
+        self._wind_shift = 0.0  # m/s the site's mean has moved so far (wind_regime drift)
 
     def _active(self, i: int) -> Anomaly | None:
         for a in self.anomalies:
@@ -161,11 +214,17 @@ class Turbine:
         v_r, v_p = float(self.sway_v[0]), float(self.sway_v[1])
         off_r, off_p = float(self.offsets[0]), float(self.offsets[1])
         rated_rps = RPS_PER_MS * RATED
+        wind_shift, offsets = self._drift_plan(n) if self.drift else (None, ())
         for j in range(n):
             z = noise[j]
             i = self.i + j
             a = self._active(i) if self.anomalies else None
             kind = a.kind if a else NORMAL
+            if wind_shift is not None:  # the site's mean (and the slow wind around it) moves together
+                d = wind_shift[j] - self._wind_shift
+                self.site += d
+                self.slow += d
+                self._wind_shift = wind_shift[j]
             # --- wind
             self.slow = self.site + (self.slow - self.site) * a_slow + 1.6 * k_slow * z[0]
             v_mean = max(self.slow, 0.0)
@@ -242,6 +301,9 @@ class Turbine:
             row[7], row[8] = self.temperature, vibration
             row[9] = max(0.0, (v - RATED) * 2.2) if v <= CUT_OUT else 90.0
             row[10] = misalign  # ground truth only (no sensor measures it): see training.data
+            for c, values in offsets:  # before a stuck sensor: it sticks at what it reads
+                if values[j]:
+                    row[c] = _in_range(c, row[c] + values[j])
             if kind == "stuck_sensor":
                 c = _COL[a.channel]
                 row[c] = self._stuck_value.setdefault(a.start, row[c] * (1 - a.severity))
@@ -256,8 +318,53 @@ class Turbine:
         return out
 
 
-_COL = {"rps": 1, "wind_speed_rps": 2, "voltage": 3}
+    def _drift_plan(self, n: int) -> tuple[list[float] | None, list[tuple[int, list[float]]]]:
+        """This step's drift, per sample: the wind regime's shift of the site mean (m/s; None
+        without one) and, per drifted channel, its offset.  Regimes apply in start order, each
+        moving the mean from the previous regime's to its own."""
+        idx = range(self.i, self.i + n)
+        shift = None
+        previous = self.mean_wind
+        for d in sorted((d for d in self.drift if d.kind == "wind_regime"), key=lambda d: d.start):
+            step, previous = d.mean_wind - previous, d.mean_wind
+            shift = [(shift[k] if shift else 0.0) + step * d.weight(i) for k, i in enumerate(idx)]
+        offsets: dict[int, list[float]] = {}
+        for d in self.drift:
+            if d.kind == "sensor_offset" and d.start < self.i + n:
+                c = _COL[d.channel]
+                mine = [d.offset * d.weight(i) for i in idx]
+                offsets[c] = [x + y for x, y in zip(offsets[c], mine)] if c in offsets else mine
+        return shift, list(offsets.items())
+
+    def drift_status(self) -> list[dict]:
+        """The drifts that have started by the next sample: kind, what moves, and how far."""
+        out = []
+        for d in self.drift:
+            if d.start <= self.i:
+                w = d.weight(self.i)
+                item = {"kind": d.kind, "progress": round(w, 4)}
+                if d.kind == "sensor_offset":
+                    item.update(channel=d.channel, offset=round(d.offset * w, 6), target_offset=d.offset)
+                else:
+                    item["mean_wind"] = d.mean_wind
+                out.append(item)
+        return out
+
+
+_COL = {"rps": 1, "wind_speed_rps": 2, "voltage": 3, "roll": 4, "pitch": 5, "yaw": 6, "temperature": 7,
+        "vibration": 8, "pitch_angle": 9}
 _GUST_Z: dict[float, float] = {}
+
+
+def _in_range(c: int, value: float) -> float:
+    """A drifted reading where its sensor can put it (see :data:`DRIFT_CHANNELS`)."""
+    if c == 3:
+        return min(max(value, 0.0), 1023.0)
+    if c in (1, 2):
+        return max(value, 0.0)
+    if c == 6:
+        return math.remainder(value, 2 * math.pi)
+    return value
 
 
 def _upper_z(p: float) -> float:
@@ -299,11 +406,13 @@ def simulate(
     kinds: tuple[str, ...] = KINDS,
     prefix: str = "sim",
     mean_wind: float | Sequence[float] = 8.0,
+    drift: Mapping[int, Sequence[Drift]] | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """Simulate a fleet offline.  Each item holds the sensor arrays, ``label`` and ``turbine_id``.
 
     ``mean_wind``: the sites' mean wind (m/s); a sequence gives turbine ``k`` the
     value ``mean_wind[k % len]`` (a fleet spread over the operating envelope).
+    ``drift``: per turbine index, its :class:`Drift` list (sample indices); unlabelled.
     """
     n = int(seconds * rate)
     winds = [float(mean_wind)] if isinstance(mean_wind, (int, float)) else [float(v) for v in mean_wind]
@@ -311,7 +420,8 @@ def simulate(
     for k in range(turbines):
         s = turbine_seed(seed, k)
         schedule = random_schedule(np.random.default_rng(s + 1), n, rate, anomalies_per_hour, kinds) if anomalies_per_hour > 0 else []
-        t = Turbine(f"{prefix}-t{k:02d}", s, rate, schedule, winds[k % len(winds)])
+        t = Turbine(f"{prefix}-t{k:02d}", s, rate, schedule, winds[k % len(winds)],
+                    drift=list((drift or {}).get(k, ())))
         data = t.step(n)
         data["turbine_id"] = t.turbine_id
         data["anomalies"] = schedule

@@ -4,7 +4,7 @@ registry and the deployment service.
     app = create_app(TelemetryStore(path), registry=Registry(backend),
                      greengrass=backend.greengrassv2, token="s3cret")
 
-Pages (``/``, ``/turbines/{id}``, ``/anomalies``, ``/registry``, ``/canary``) are static
+Pages (``/``, ``/turbines/{id}``, ``/anomalies``, ``/registry``, ``/canary``, ``/drift``) are static
 HTML + ``app.js`` that poll the JSON API below; charts are uPlot, served from
 ``/static/vendor`` (no CDN).
 
@@ -15,7 +15,11 @@ JSON API::
                                           deployment in progress); ?state=&q=&offset=&limit= for one page
     GET  /api/turbines/{id}/scores        ?since=<epoch s>&limit=<1..20000>
     GET  /api/anomalies                   ?since=&limit=&thing=
-    GET  /api/registry                    one row per model version (models.model_row) + what the fleet runs
+    GET  /api/drift                       per model version its turbines drifted now and retrain_suggested
+                                          (models), each turbine's newest drift record (turbines), flagged ids
+    GET  /api/turbines/{id}/drift         ?since=&limit=: per feature drift score and threshold over time
+    GET  /api/registry                    one row per model version (models.model_row, with its ``drift``)
+                                          + what the fleet runs
     GET  /api/registry/{version}/compare  that version beside the fleet's model: metric deltas, thresholds
     GET  /api/deployments                 latest deployment per target + per-device outcome
     POST /api/registry/{version}/approve  Authorization: Bearer <token>; JSON {"reason": "..."}
@@ -96,6 +100,7 @@ PAGES = {
     "anomalies": "Anomaly timeline",
     "registry": "Model registry & deployments",
     "canary": "Canary",
+    "drift": "Input drift",
 }
 
 
@@ -341,6 +346,12 @@ class Dashboard:
     async def canary_page(self, request: Request) -> Response:
         return self._page("canary", {})
 
+    async def drift_page(self, request: Request) -> Response:
+        turbine = request.query_params.get("turbine") or ""
+        if turbine and not TURBINE_RE.match(turbine):
+            return HTMLResponse("bad turbine id", status_code=400)
+        return self._page("drift", {"turbine_id": turbine} if turbine else {})
+
     async def login(self, request: Request) -> Response:
         if "token" in request.query_params:
             return login_page(400, "The token never goes in a URL; type it into this form.")
@@ -426,6 +437,26 @@ class Dashboard:
         items = self.store.anomalies(_query_float(request, "since"), _query_limit(request, 200), thing)
         return _json({"anomalies": items, "logs": self.store.logs(limit=50)})
 
+    def drift_view(self) -> dict:
+        """Drift now: per model version (``retrain_suggested`` when any turbine running it is
+        drifted in its newest record), per turbine its newest record, the flagged turbine ids."""
+        by_model = self.store.drift_by_model()
+        return {"models": sorted(by_model.values(), key=lambda m: (not m["retrain_suggested"], m["model_version"])),
+                "turbines": self.store.latest_drift(),
+                "flagged": self.store.drift_flagged_turbines()}
+
+    async def api_drift(self, request: Request) -> Response:
+        return _json(await run_in_threadpool(self.drift_view))
+
+    async def api_turbine_drift(self, request: Request) -> Response:
+        turbine = request.path_params["turbine_id"]
+        if not TURBINE_RE.match(turbine):
+            return _error(400, "turbine id must look like <thing>-tNN")
+        data = self.store.drift_series(turbine, _query_float(request, "since"), _query_limit(request, 2000))
+        if not data["known"]:
+            return _error(404, f"no drift records for turbine {turbine}")
+        return _json(data)
+
     def _entries(self) -> list[dict]:
         return registry_entries(self.registry)
 
@@ -449,8 +480,10 @@ class Dashboard:
         except Exception as exc:  # noqa: BLE001 - the versions still show
             fleet = {"source": None, "detail": f"cannot tell what the fleet runs: {type(exc).__name__}: {exc}"[:300]}
         running = (fleet.get("row") or {}).get("version")
+        drift = self.store.drift_by_model()
         for row in rows:
             row["running"] = running is not None and row["version"] == running
+            row["drift"] = drift.get(row.get("model_version") or "")
         return {"available": True, "versions": rows,
                 "fleet": {k: v for k, v in fleet.items() if k != "row"} | {"version": running}}
 
@@ -704,6 +737,9 @@ def create_app(store: TelemetryStore, registry: Any = None, greengrass: Any = No
         Route("/api/fleet", guarded(dash.api_fleet)),
         Route("/api/turbines/{turbine_id}/scores", guarded(dash.api_scores)),
         Route("/api/anomalies", guarded(dash.api_anomalies)),
+        Route("/drift", guarded(dash.drift_page)),
+        Route("/api/drift", guarded(dash.api_drift)),
+        Route("/api/turbines/{turbine_id}/drift", guarded(dash.api_turbine_drift)),
         Route("/api/registry", guarded(dash.api_registry)),
         Route("/api/deployments", guarded(dash.api_deployments)),
         Route("/api/registry/{version}/compare", guarded(dash.api_compare)),

@@ -10,7 +10,8 @@ A gateway is, in this order of precedence:
   TIMED_OUT or was REJECTED (it rolled back and runs its previous set);
 * **healthy** -- otherwise.
 
-A turbine has an *open anomaly* while its latest scored window is anomalous.
+A turbine has an *open anomaly* while its latest scored window is anomalous, and is
+*drifted* while its newest drift record names a feature over its threshold.
 
 Deployments in progress: each device's latest deployment (greengrassv2
 ``ListEffectiveDeployments``), grouped, with the devices counted per execution status.
@@ -98,6 +99,7 @@ def annotate(fleet: dict, per_device: dict[str, dict | None], offline_after_s: f
         "gateways": len(fleet["gateways"]), "by_state": by_state,
         "turbines": sum(len(g.get("turbines") or []) for g in fleet["gateways"]),
         "turbines_open_anomalies": open_turbines,
+        "turbines_drifted": sum(1 for g in fleet["gateways"] for t in g.get("turbines") or [] if t.get("drifted")),
         "gateways_open_anomalies": sum(1 for g in fleet["gateways"] if g["open_anomalies"]),
         "deployments": deployment_progress(per_device),
         "offline_after_s": offline_after_s,

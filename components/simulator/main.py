@@ -1,7 +1,7 @@
 """Entry point of com.windfleet.TurbineSimulator (the recipe's Run step).
 
     python -m windfleet.components.simulator.main [--turbines N] [--rate HZ] [--batch N]
-        [--seed S] [--duration SECONDS] [--realtime true|false | --max-rate]
+        [--seed S] [--duration SECONDS] [--realtime true|false | --max-rate] [--drift JSON]
 
 Arguments override the component configuration (see ``service`` for every key).
 """
@@ -9,6 +9,7 @@ Arguments override the component configuration (see ``service`` for every key).
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import threading
@@ -16,6 +17,16 @@ import threading
 from windfleet import jsonlog
 from windfleet.components.bus import connect
 from windfleet.components.simulator.service import COMPONENT, run
+
+
+def _json_list(text: str) -> list:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError("a JSON list of drift scenarios")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--realtime", choices=("true", "false"), help="pace to the wall clock (default true)")
     parser.add_argument("--max-rate", action="store_true", help="as fast as possible (= --realtime false)")
     parser.add_argument("--start-ts", type=float, dest="start_ts", help="epoch seconds of sample 0")
+    parser.add_argument("--drift", type=_json_list, help='drift scenarios as JSON, e.g. \'[{"kind": "sensor_offset", '
+                        '"turbines": [0], "channel": "voltage", "offset": 60, "start_s": 30, "ramp_s": 10}]\'')
     args = parser.parse_args(argv)
     jsonlog.setup(COMPONENT)
 
@@ -41,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     bus = connect(COMPONENT)
     return run(bus, stop, turbines=args.turbines, rate=args.rate, batch=args.batch, seed=args.seed,
                anomalies_per_hour=args.anomalies_per_hour, duration_s=args.duration_s, realtime=realtime,
-               start_ts=args.start_ts, readings_version=args.readings_version)
+               start_ts=args.start_ts, readings_version=args.readings_version, drift=args.drift)
 
 
 if __name__ == "__main__":

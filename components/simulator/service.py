@@ -11,6 +11,15 @@ Configuration (component configuration; ``main.py`` arguments override):
 ``anomalies_per_hour``  random anomalies per turbine per hour (0 = none)
 ``anomalies``           explicit list of ``{turbine, kind, start_s, duration_s, severity[, channel]}``
                         (``turbine``: index or id)
+``drift``               list of drift scenarios (never labelled: drift is not a fault), each on
+                        ``turbines`` (indices or ids) from ``start_s`` after the start, ramping
+                        linearly over ``ramp_s`` (default 0: a step) and then holding:
+                        ``{"kind": "sensor_offset", "turbines": [0, 3], "channel": "voltage",
+                        "offset": 60, "start_s": 30, "ramp_s": 10}`` (``channel`` one of
+                        ``simulation.DRIFT_CHANNELS``, ``offset`` in its units) or
+                        ``{"kind": "wind_regime", "turbines": [1], "mean_wind": 16, "start_s": 30,
+                        "ramp_s": 20}`` (the site's mean wind moves to ``mean_wind`` m/s)
+``mean_wind``           the sites' mean wind, m/s (8)
 ``realtime``            pace to the wall clock (true) or publish as fast as possible (false)
 ``duration_s``          stop after this much simulated time (none = until stopped)
 ``health_interval_s``   seconds between health messages (10)
@@ -18,15 +27,18 @@ Configuration (component configuration; ``main.py`` arguments override):
 
 Readings go to ``topics.readings(id)`` (QoS1) as ``payloads.readings_batch`` with ``seq``
 numbering samples from 0; each injected anomaly is announced on ``topics.labels(id)``
-when its first sample is published.  Pacing is against absolute deadlines
+when its first sample is published (drift never is).  Pacing is against absolute deadlines
 (start + k * batch / rate), so it does not drift; when the process falls behind it
-catches up without sleeping and counts ``late_batches``.
+catches up without sleeping and counts ``late_batches``.  Health messages carry ``drift``:
+per turbine with a started drift, ``[{kind, progress (0..1), channel, offset (now),
+target_offset | mean_wind}]``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,7 +47,8 @@ from typing import Any
 import numpy as np
 
 from windfleet import jsonlog, payloads, topics
-from windfleet.simulation import KINDS, STUCK_CHANNELS, Anomaly, Turbine, random_schedule, turbine_seed
+from windfleet.simulation import (DRIFT_KINDS, KINDS, STUCK_CHANNELS, Anomaly, Drift, Turbine, random_schedule,
+                                 turbine_seed)
 
 COMPONENT = "com.windfleet.TurbineSimulator"
 FIELDS = payloads.SAMPLE_FIELDS + payloads.EXTRA_SAMPLE_FIELDS
@@ -67,6 +80,7 @@ class SimConfig:
     seed: int = 0
     anomalies_per_hour: float = 0.0
     anomalies: list[dict] = field(default_factory=list)
+    drift: list[dict] = field(default_factory=list)
     realtime: bool = True
     duration_s: float | None = None
     health_interval_s: float = 10.0
@@ -95,6 +109,8 @@ class SimConfig:
             raise ConfigError(f"readings_version must be one of {payloads.BATCH_VERSIONS}")
         if not isinstance(c.anomalies, list):
             raise ConfigError("anomalies must be a list")
+        if not isinstance(c.drift, list):
+            raise ConfigError("drift must be a list")
         return c
 
 
@@ -124,6 +140,63 @@ def explicit_schedule(entries: list[dict], ids: list[str], rate: float) -> dict[
             out[tid].append(Anomaly(kind, start, duration, float(e.get("severity", 0.8)), channel))
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise ConfigError(f"anomalies[{n}]: {exc}") from None
+    return out
+
+
+_DRIFT_KEYS = {"sensor_offset": {"channel", "offset"}, "wind_regime": {"mean_wind"}}
+
+
+def _number(e: dict, key: str, default: float | None = None) -> float:
+    value = e.get(key, default)
+    if value is None:
+        raise ValueError(f"{key} is required")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key} must be a finite number, not {value!r}")
+    try:
+        number = float(value)  # a JSON integer may exceed a float
+    except OverflowError:
+        raise ValueError(f"{key} is out of range") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{key} must be a finite number, not {value!r}")
+    return number
+
+
+def drift_schedule(entries: list[dict], ids: list[str], rate: float) -> dict[str, list[Drift]]:
+    """Configuration ``drift`` -> per-turbine :class:`Drift` lists; ConfigError names the bad entry."""
+    out: dict[str, list[Drift]] = {t: [] for t in ids}
+    for n, e in enumerate(entries):
+        try:
+            if not isinstance(e, dict):
+                raise ValueError("each entry must be an object")
+            kind = e.get("kind")
+            if kind not in DRIFT_KINDS:
+                raise ValueError(f"kind {kind!r} is not one of {', '.join(DRIFT_KINDS)}")
+            unknown = set(e) - {"kind", "turbines", "start_s", "ramp_s"} - _DRIFT_KEYS[kind]
+            if unknown:
+                raise ValueError(f"unknown key(s) for {kind}: {', '.join(sorted(map(str, unknown)))}")
+            turbines = e.get("turbines")
+            if not isinstance(turbines, list) or not turbines:
+                raise ValueError("turbines must be a non-empty list of turbine indices or ids")
+            targets = []
+            for t in turbines:
+                if isinstance(t, bool) or not isinstance(t, (int, str)):
+                    raise ValueError(f"turbine {t!r} is neither an index nor an id")
+                tid = (ids[t] if 0 <= t < len(ids) else None) if isinstance(t, int) else t
+                if tid not in out:
+                    raise ValueError(f"unknown turbine {t!r} (this gateway has {len(ids)})")
+                targets.append(tid)
+            start_s, ramp_s = _number(e, "start_s"), _number(e, "ramp_s", 0.0)
+            if start_s < 0 or ramp_s < 0:
+                raise ValueError("start_s and ramp_s must be >= 0")
+            if kind == "sensor_offset":
+                drift = Drift(kind, round(start_s * rate), round(ramp_s * rate), channel=e.get("channel"),
+                              offset=_number(e, "offset"))
+            else:
+                drift = Drift(kind, round(start_s * rate), round(ramp_s * rate), mean_wind=_number(e, "mean_wind"))
+        except ValueError as exc:
+            raise ConfigError(f"drift[{n}]: {exc}") from None
+        for tid in dict.fromkeys(targets):
+            out[tid].append(drift)
     return out
 
 
@@ -164,12 +237,13 @@ class Simulator:
         self.ids = [topics.turbine_id(self.thing, i) for i in range(config.turbines)]
         base = thing_seed(config.seed, self.thing)
         explicit = explicit_schedule(config.anomalies, self.ids, config.rate)
+        drift = drift_schedule(config.drift, self.ids, config.rate)
         self.t0 = config.start_ts if config.start_ts is not None else time.time()
         self.turbines: list[Turbine] = []
         self.schedules: list[_Schedule] = []
         for i, tid in enumerate(self.ids):
             s = turbine_seed(base, i)
-            self.turbines.append(Turbine(tid, s, config.rate, [], config.mean_wind, self.t0))
+            self.turbines.append(Turbine(tid, s, config.rate, [], config.mean_wind, self.t0, drift[tid]))
             self.schedules.append(_Schedule(explicit[tid], np.random.default_rng(s + 1),
                                             config.anomalies_per_hour, config.rate))
         self.counters = dict.fromkeys(("readings_published", "messages_published", "labels_published",
@@ -190,6 +264,12 @@ class Simulator:
                     # ground truth is for the cloud, where runs are scored (IoT Core, spooled by the nucleus)
                     if not self.bus.publish_cloud(topics.labels(turbine.turbine_id), payloads.encode(label), qos=1):
                         self.counters["publish_errors"] += 1
+            for d in turbine.drift:
+                if start <= d.start < start + n:  # no label (drift is no fault): a log line says when
+                    jsonlog.event(log, "drift started", turbine_id=turbine.turbine_id, kind=d.kind, seq=d.start,
+                                  ramp_s=d.ramp / self.config.rate, channel=d.channel or None,
+                                  offset=d.offset if d.kind == "sensor_offset" else None,
+                                  mean_wind=d.mean_wind if d.kind == "wind_regime" else None)
             data = turbine.step(n)
             if self.config.readings_version == payloads.BATCH_VERSION:
                 body = payloads.readings_batch(turbine.turbine_id, start, {f: data[f] for f in FIELDS})
@@ -211,9 +291,10 @@ class Simulator:
         return True
 
     def health(self, state: str = "RUNNING") -> dict:
+        drift = {t.turbine_id: status for t in self.turbines if (status := t.drift_status())}
         return payloads.health(self.thing, COMPONENT, self.version, state, time.time(), self.counters,
                                turbines=len(self.ids), seq=self.seq, behind_s=round(self.behind_s, 3),
-                               realtime=self.config.realtime)
+                               realtime=self.config.realtime, drift=drift)
 
     def run(self, stop: threading.Event) -> dict:
         """Publish until ``stop`` or ``duration_s`` of simulated time; returns the counters."""
@@ -263,7 +344,8 @@ def run(bus, stop: threading.Event | None = None, **overrides: Any) -> int:
     bus.update_state("RUNNING", turbines=len(sim.ids))
     jsonlog.event(log, "simulator started", turbines=len(sim.ids), rate=config.rate, batch=config.batch,
                   realtime=config.realtime, duration_s=config.duration_s,
-                  anomalies_per_hour=config.anomalies_per_hour, explicit_anomalies=len(config.anomalies))
+                  anomalies_per_hour=config.anomalies_per_hour, explicit_anomalies=len(config.anomalies),
+                  drift_scenarios=len(config.drift))
     try:
         sim.run(stop)
     finally:

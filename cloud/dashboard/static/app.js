@@ -148,7 +148,10 @@
           "data-count": String(s.turbines_open_anomalies),
           title: "turbines whose latest scored window is anomalous" },
           el("strong", { text: String(s.turbines_open_anomalies) }),
-          ` of ${s.turbines} turbines with an open anomaly (on ${s.gateways_open_anomalies} gateways)`));
+          ` of ${s.turbines} turbines with an open anomaly (on ${s.gateways_open_anomalies} gateways)`),
+        el("a", { class: "chip drift" + (s.turbines_drifted ? " warn" : ""), id: "drifted-turbines", href: "/drift",
+          "data-count": String(s.turbines_drifted || 0), title: "turbines whose inputs drifted from the model's training data" },
+          el("strong", { text: String(s.turbines_drifted || 0) }), " drifted"));
       const shown = s.deployments.filter((d) => d.in_progress);
       progress.replaceChildren(...(shown.length ? shown : s.deployments.slice(0, 1)).map((d) => {
         const counts = Object.entries(d.counts).sort().map(([k, n]) => badge(`${n} ${k}`, stateClass(k)));
@@ -194,8 +197,10 @@
             el("div", { class: "muted", text: `${g.turbines.length} turbines · ${g.open_anomalies} open · ` +
               `${anomalies} anomalous windows` }),
             g.turbines.map((x) => el("a", { href: "/turbines/" + encodeURIComponent(x.turbine_id),
-              class: "badge turbine " + (x.anomaly ? "bad" : x.n_anomalies ? "warn" : "ok"), "data-turbine": x.turbine_id,
-              title: `score ${fmtNum(x.last_score)} · model ${x.model_version} · ${x.n_anomalies} anomalous windows`,
+              class: "badge turbine " + (x.anomaly ? "bad" : x.n_anomalies ? "warn" : "ok") +
+                ((x.drifted || []).length ? " drifted" : ""), "data-turbine": x.turbine_id,
+              title: `score ${fmtNum(x.last_score)} · model ${x.model_version} · ${x.n_anomalies} anomalous windows` +
+                ((x.drifted || []).length ? ` · drifted: ${x.drifted.join(", ")}` : ""),
               text: x.turbine_id }))));
       });
       tableBox.replaceChildren(table(["Gateway", "State", "Model version", "Last seen", "Components", "Telemetry",
@@ -212,7 +217,7 @@
 
   // ------------------------------------------------------------ turbine charts
   const PALETTE = ["#1f5fa8", "#7d3c98", "#117a65", "#b9770e", "#2e4053", "#a04000"];
-  function chartOptions(title, label, color, width) {
+  function chartOptions(title, label, color, width, marks) {
     return {
       title: title, width: width, height: 220,
       scales: { x: { time: true } },
@@ -220,7 +225,7 @@
         {},
         { label: label, stroke: color, width: 1.5 },
         { label: "threshold", stroke: "#c0392b", width: 1.5, dash: [6, 4] },
-        { label: "anomaly", stroke: "#c0392b", fill: "#c0392b", width: 0, paths: () => null,
+        { label: marks || "anomaly", stroke: "#c0392b", fill: "#c0392b", width: 0, paths: () => null,
           points: { show: true, size: 7, stroke: "#c0392b", fill: "#c0392b" } },
       ],
       axes: [{}, { size: 60 }],
@@ -372,7 +377,17 @@
     ["Size", (v) => v.size_bytes, (v) => el("span", { class: "num", text: fmtBytes(v.size_bytes) })],
     ["sha256", (v) => v.sha256, (v) => el("code", { title: v.sha256 || "", text: v.sha256 ? v.sha256.slice(0, 10) + "…" : "—" })],
     ["Last decision", (v) => (v.decisions || []).length ? v.decisions[v.decisions.length - 1].at : null, historyCell],
+    ["Drift", (v) => v.drift ? v.drift.drifted_turbines.length : null, driftCell],
   ];
+  // a model version's drift now: "retrain suggested" while any turbine running it is drifted
+  function driftCell(v) {
+    const d = v.drift;
+    if (!d) return el("span", { class: "muted", text: "no drift reports" });
+    if (!d.retrain_suggested) return badge(`no drift (${d.turbines} turbines)`, "ok", { "data-retrain": "false" });
+    return el("a", { href: "/drift", title: d.drifted_turbines.join(", ") },
+      badge(`retrain suggested: ${d.drifted_turbines.length} of ${d.turbines} turbines drifted`, "warn",
+        { "data-retrain": "true" }));
+  }
   function renderRegistry() {
     const message = el("div", { id: "message" });
     const tokenInput = el("input", { id: "token", type: "password", placeholder: "dashboard token (printed at start)",
@@ -691,10 +706,86 @@
     poll(refresh);
   }
 
+  // ------------------------------------------------------------ drift
+  // Per model version: "retrain suggested" while any turbine running it is drifted in its newest
+  // record; per turbine its drifted features; for one turbine (a row click, ?turbine=, else the
+  // first drifted) each feature's drift score over time against its threshold.
+  function renderDrift() {
+    const modelsBox = el("div", { id: "drift-models-box" });
+    const turbinesBox = el("div", { id: "drift-turbines-box" });
+    const header = el("p", { class: "muted", id: "drift-chart-title" });
+    const grid = el("div", { class: "charts", id: "drift-charts" });
+    content.replaceChildren(el("h2", { text: "Model versions" }), modelsBox,
+      el("h2", { text: "Turbines (newest drift report)" }), turbinesBox, el("h2", { text: "Drift over time" }), header, grid);
+    let selected = config.turbine_id || null;
+    let charts = {};
+    let shown = null;
+    function select(id) {
+      selected = id;
+      history.replaceState(null, "", "/drift?turbine=" + encodeURIComponent(id));
+      refresh();
+    }
+    function featureBadges(d) {
+      return d.drifted.length ? d.drifted.map((f) => badge(`${f} ${fmtNum(d.score[f])} > ${fmtNum(d.thresholds[f])}`, "warn",
+        { "data-feature": f })) : el("span", { class: "muted", text: "none" });
+    }
+    function drawSeries(data) {
+      if (shown !== data.turbine_id) {
+        grid.replaceChildren();
+        charts = {};
+        shown = data.turbine_id;
+      }
+      const width = Math.max(480, Math.min(900, grid.clientWidth / (grid.clientWidth > 1100 ? 2 : 1) - 30));
+      data.features.forEach((feature, k) => {
+        const scores = data.score[feature];
+        const series = [data.ts, scores, data.thresholds[feature], scores.map((v, i) => (data.drifted[feature][i] ? v : null))];
+        if (!charts[feature]) {
+          const box = el("div", { class: "chart", "data-feature": feature }, el("h3", { text: feature + " drift score and its threshold" }));
+          grid.append(box);
+          charts[feature] = new uPlot(chartOptions("", "drift", PALETTE[k % PALETTE.length], width, "drifted"), series, box);
+          charts[feature].wfBox = box;
+        } else {
+          charts[feature].setData(series);
+        }
+        const box = charts[feature].wfBox;
+        box.dataset.points = String(series[0].length);
+        box.dataset.thresholdPoints = String(series[2].filter((v) => v !== null && v !== undefined).length);
+        box.dataset.driftedPoints = String(series[3].filter((v) => v !== null).length);
+      });
+      window.wfCharts = charts;
+      const last = data.ts.length - 1;
+      header.textContent = `Turbine ${data.turbine_id} (gateway ${data.thing}) · ${data.ts.length} drift reports · model ` +
+        `${last >= 0 ? data.model_version[last] : "—"} · ${last >= 0 ? data.samples[last] : "—"} readings per report`;
+      header.dataset.turbine = data.turbine_id;
+    }
+    async function refresh() {
+      const view = await api("/api/drift");
+      modelsBox.replaceChildren(view.models.length ? table(["Model version", "Turbines reporting", "Drifted now", "Features", ""],
+        view.models.map((m) => el("tr", { class: "drift-model", "data-model-version": m.model_version,
+          "data-retrain": String(m.retrain_suggested) },
+          el("td", {}, el("strong", { text: m.model_version })), el("td", { class: "num", text: String(m.turbines) }),
+          el("td", { text: m.drifted_turbines.join(", ") || "—" }),
+          el("td", {}, kv(m.features, (n) => el("span", { text: `${n} turbine${n === 1 ? "" : "s"}` }))),
+          el("td", {}, m.retrain_suggested ? badge("retrain suggested", "warn", { "data-flag": "retrain" }) : badge("in distribution", "ok")))),
+        { id: "drift-models" }) : el("p", { class: "muted", text: "No drift reports yet." }));
+      turbinesBox.replaceChildren(table(["Turbine", "Gateway", "Model", "Reported", "Drifted features"],
+        view.turbines.map((d) => el("tr", { class: "drift-turbine" + (d.turbine_id === selected ? " running" : ""),
+          "data-turbine": d.turbine_id, "data-drifted": String(d.drifted.length > 0), onclick: () => select(d.turbine_id) },
+          el("td", {}, el("a", { href: "/drift?turbine=" + encodeURIComponent(d.turbine_id), text: d.turbine_id,
+            onclick: (e) => { e.preventDefault(); } })),
+          el("td", { text: d.thing }), el("td", { text: d.model_version }), el("td", { text: fmtTime(d.ts) }),
+          el("td", {}, featureBadges(d)))), { id: "drift-turbines" }));
+      if (!selected && view.turbines.length) selected = (view.flagged[0] || view.turbines[0].turbine_id);
+      if (selected) drawSeries(await api(`/api/turbines/${encodeURIComponent(selected)}/drift?limit=2000`));
+    }
+    poll(refresh);
+  }
+
   // ------------------------------------------------------------ dispatch
   if (config.page === "overview") renderOverview();
   else if (config.page === "turbine") renderTurbine();
   else if (config.page === "anomalies") poll(async () => renderAnomalies(await api("/api/anomalies?limit=200")));
   else if (config.page === "registry") renderRegistry();
   else if (config.page === "canary") renderCanary();
+  else if (config.page === "drift") renderDrift();
 })();
