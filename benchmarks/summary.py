@@ -1,7 +1,7 @@
 """The headline figures of every benchmark, in one file.
 
 Reads whatever results exist in ``benchmarks/results/`` (``detector.json``, ``fleet.json``,
-``training.json``, ``seeds.json``, ``dashboard.json``, ``ota.json``, ``ipc.json``) and writes
+``training.json``, ``seeds.json``, ``dashboard.json``, ``ota.json``, ``ipc.json``, ``drift.json``) and writes
 ``benchmarks/results/summary.json``: one value per key (``null`` when its source is
 missing or lacks it) and, under ``sources``, for each key the file it came from, where in
 that file, the file's modification time and the run's own time stamp when it has one
@@ -34,6 +34,9 @@ Keys:
 - ``dashboard_overview_200_gateways_ms``  dashboard.json: fleet page (first 50 of 200 gateways) load
 - ``ipc_sync_msgs_per_s``, ``ipc_pipelined_msgs_per_s``           ipc.json: local pub/sub over the nucleus' IPC server
 - ``ipc_pipelined_ratio_to_mosquitto_qos1``                        ipc.json: pipelined IPC / Mosquitto QoS1, same run
+- ``drift_us_per_reading``                drift.json: drift monitoring's cost per reading on the detector's path
+                                          (the handler's update + one drift record per turbine every 10 s)
+- ``drift_cost_ratio``                    drift.json: that / the detector's cost per reading without drift, same run
 """
 
 from __future__ import annotations
@@ -169,6 +172,8 @@ KEYS: list[tuple[str, str, Callable[[dict], tuple[Any, str | None]]]] = [
     ("ipc_sync_msgs_per_s", "ipc.json", _path("results.ipc_sync.messages_per_s")),
     ("ipc_pipelined_msgs_per_s", "ipc.json", _path("results.ipc_pipelined.messages_per_s")),
     ("ipc_pipelined_ratio_to_mosquitto_qos1", "ipc.json", _path("results.ipc_pipelined.ratio_to_mosquitto_qos1")),
+    ("drift_us_per_reading", "drift.json", _path("drift_us_per_reading")),
+    ("drift_cost_ratio", "drift.json", _path("drift_cost_ratio")),
 ]
 
 

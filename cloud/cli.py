@@ -179,8 +179,22 @@ def registry_list(backend: Backend, as_json: bool) -> None:
         metrics = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in list(i["metrics"].items())[:4])
         rows.append([i["version"], i["status"], i["model_version"], i["component_version"], _ts(i["created_at"]),
-                     (i["sha256"] or "")[:12], metrics])
-    _table(rows, ["VERSION", "STATUS", "MODEL", "COMPONENT", "CREATED", "SHA256", "METRICS"])
+                     (i["sha256"] or "")[:12], (i.get("lineage") or {}).get("parent") or "", metrics])
+    _table(rows, ["VERSION", "STATUS", "MODEL", "COMPONENT", "CREATED", "SHA256", "PARENT", "METRICS"])
+
+
+def lineage_line(lineage: dict | None) -> str | None:
+    """A registry entry's lineage as one line (None for a model not retrained from captures)."""
+    if not lineage:
+        return None
+    parts = [f"parent {lineage.get('parent') or '?'}"]
+    if lineage.get("captures") is not None:
+        parts.append(f"{lineage['captures']} capture objects under {lineage.get('captures_prefix') or '?'}")
+    if lineage.get("capture_windows") is not None:
+        parts.append(f"{lineage['capture_windows']} windows")
+    if lineage.get("turbines"):
+        parts.append("turbines " + " ".join(lineage["turbines"]))
+    return "lineage: " + ", ".join(parts)
 
 
 def default_actor() -> str:
@@ -270,6 +284,8 @@ def registry_history(backend: Backend, version: str, as_json: bool) -> None:
     info = Registry(backend).get(version)
     if as_json:
         return _dump(info["decisions"])
+    if line := lineage_line(info.get("lineage")):
+        click.echo(line)
     if not info["decisions"]:
         return click.echo(f"no decisions recorded for version {info['version']} ({info['status']})")
     _table([[d["at"], d["status"], d["actor"], d["reason"]] for d in info["decisions"]],
@@ -380,6 +396,20 @@ def cloud_teardown(backend: Backend, keep_data: bool, role_arn: str | None, log_
         click.confirm(f"delete bucket {backend.bucket} and model group {backend.model_group} with all their "
                       "contents?", abort=True)
     _report(teardown(backend, keep_data=keep_data, role_arn=role_arn, log_group=log_group))
+
+
+@cloud_group.command("s3-endpoint")
+@click.option("--home", type=click.Path(file_okay=False, path_type=Path), envvar="WINDFLEET_HOME",
+              help="local store directory [default: ~/.windfleet]")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=0, type=click.IntRange(0, 65535), show_default=True, help="0: any free port")
+def cloud_s3_endpoint(home: Path | None, host: str, port: int) -> None:
+    """Serve the local backend's S3 over HTTP (path-style, SigV4 with credentials from the local
+    token exchange service), for devices' capture uploads: prints the URL to set as the
+    forwarder's capture_endpoint, then serves until Ctrl-C."""
+    from .local.s3_server import main
+
+    main(home, host, port)
 
 
 # ------------------------------------------------------------------------ publish / deploy

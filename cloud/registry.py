@@ -38,14 +38,23 @@ refusal, as actor ``windfleet`` -- is recorded with the package itself:
   (the full text of the latest one stays in ``ApprovalDescription``).  The last
   :data:`MAX_DECISIONS` decisions are kept in the metadata.
 
+Lineage (a model retrained from captures: the card's ``lineage``, see
+``training/capture.py``) takes up to :data:`MAX_LINEAGE_PROPERTIES` entries, the metrics
+giving them room: ``lineage:parent`` (the parent model version), ``lineage:captures``
+(``"<n objects> <their common prefix>"``), ``lineage:captures_sha256`` (sha256 of the
+card's capture list, one URI per line, sorted: the full list is in the card),
+``lineage:windows`` and ``lineage:turbines`` (ids separated by spaces, cut to fit).
+
 ``update_model_package`` merges ``CustomerMetadataProperties`` on AWS and in the local
 store; moto replaces them, so :func:`set_approval` always sends the whole set.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
 import unicodedata
 import uuid
@@ -64,8 +73,10 @@ from .backends import Backend, split_s3_uri
 log = logging.getLogger("windfleet.cloud.registry")
 
 # CustomerMetadataProperties holds at most 50 entries: 6 for the package's record, at most
-# 30 metrics, 2 per decision for the last MAX_DECISIONS decisions.
+# 30 metrics less the lineage entries (at most MAX_LINEAGE_PROPERTIES), 2 per decision for the
+# last MAX_DECISIONS decisions.
 MAX_METRIC_PROPERTIES = 30
+MAX_LINEAGE_PROPERTIES = 5
 EVALUATION_FILE = "evaluation.json"  # training's full evaluation, uploaded beside the card when present
 MAX_DECISIONS = 7
 MAX_METADATA_VALUE = 256
@@ -175,6 +186,44 @@ def record_decision(meta: dict, status: str, reason: str, actor: str, at: str) -
     return meta, removed
 
 
+def lineage_metadata(lineage: Any) -> dict[str, str]:
+    """The card's ``lineage`` -> at most :data:`MAX_LINEAGE_PROPERTIES` metadata entries
+    (module docstring); ``{}`` for a card without one."""
+    if not isinstance(lineage, dict):
+        return {}
+    out = {}
+    if lineage.get("parent"):
+        out["lineage:parent"] = encode_capped(str(lineage["parent"]))
+    captures = [str(c) for c in lineage.get("captures") or []]
+    if captures:
+        prefix = os.path.commonprefix(captures)
+        prefix = prefix[: prefix.rfind("/") + 1] if len(captures) > 1 else captures[0]
+        out["lineage:captures"] = encode_capped(f"{len(captures)} {prefix}")
+        out["lineage:captures_sha256"] = hashlib.sha256("\n".join(sorted(captures)).encode()).hexdigest()
+    if isinstance(lineage.get("capture_windows"), int):
+        out["lineage:windows"] = str(lineage["capture_windows"])
+    if lineage.get("turbines"):
+        out["lineage:turbines"] = encode_capped(" ".join(map(str, lineage["turbines"])))
+    return out
+
+
+def lineage_info(meta: dict) -> dict | None:
+    """A package's lineage entries -> ``{"parent", "captures" (count), "captures_prefix",
+    "captures_sha256", "capture_windows", "turbines"}``; None when it has none."""
+    if not any(k.startswith("lineage:") for k in meta):
+        return None
+    count, _, prefix = decode_value(meta.get("lineage:captures", "")).partition(" ")
+    windows = meta.get("lineage:windows", "")
+    return {
+        "parent": decode_value(meta["lineage:parent"]) if meta.get("lineage:parent") else None,
+        "captures": int(count) if count.isdigit() else None,
+        "captures_prefix": prefix or None,
+        "captures_sha256": meta.get("lineage:captures_sha256"),
+        "capture_windows": int(windows) if windows.isdigit() else None,
+        "turbines": decode_value(meta.get("lineage:turbines", "")).split(),
+    }
+
+
 def package_info(desc: dict) -> dict:
     """A ``describe_model_package`` response -> windfleet's registry entry."""
     meta = desc.get("CustomerMetadataProperties") or {}
@@ -202,6 +251,7 @@ def package_info(desc: dict) -> dict:
         "data_fingerprint": decode_value(meta["data_fingerprint"]) if meta.get("data_fingerprint") else None,
         "description": desc.get("ApprovalDescription") or "",
         "decisions": decisions(meta, desc.get("ApprovalDescription") or ""),
+        "lineage": lineage_info(meta),
         "created_at": created.astimezone(timezone.utc).isoformat() if isinstance(created, datetime) else created,
     }
 
@@ -304,10 +354,12 @@ class Registry:
         }
         if evaluation.is_file():
             metadata["evaluation_uri"] = self.backend.s3_uri(prefix + EVALUATION_FILE)
+        lineage = lineage_metadata(card.get("lineage"))
+        metadata.update(lineage)
         metrics = sorted(flat_metrics(card["metrics"]).items(),
                          key=lambda kv: next((i for i, p in enumerate(_METRIC_ORDER) if kv[0].startswith(p)),
                                              len(_METRIC_ORDER)))
-        for name, value in metrics[:MAX_METRIC_PROPERTIES]:
+        for name, value in metrics[:MAX_METRIC_PROPERTIES - len(lineage)]:
             metadata[f"metric:{encode_value(name)}"[:128]] = repr(round(value, 6))
         resp = self.sm.create_model_package(
             ModelPackageGroupName=self.group,

@@ -88,16 +88,19 @@ NEEDS = {
     "com.windfleet.AnomalyDetector": [(PUBSUB, SUBSCRIBE, topics.readings("gw1-t03")),
                                       (PUBSUB, SUBSCRIBE, topics.labels("gw1-t03")),  # a canary's recall
                                       (PUBSUB, PUBLISH, topics.scores("gw1-t03")),
+                                      (PUBSUB, PUBLISH, topics.drift("gw1-t03")),  # issue 15
+                                      (PUBSUB, PUBLISH, topics.capture("gw1")),  # issue 15
                                       (PUBSUB, PUBLISH, topics.health("gw1")), (PUBSUB, PUBLISH, topics.logs("gw1"))],
     "com.windfleet.LogForwarder": [(PUBSUB, SUBSCRIBE, topics.scores("gw1-t03")),
+                                   (PUBSUB, SUBSCRIBE, topics.drift("gw1-t03")), (PUBSUB, SUBSCRIBE, topics.capture("gw1")),
                                    (PUBSUB, SUBSCRIBE, topics.health("gw1")), (PUBSUB, SUBSCRIBE, topics.logs("gw1")),
                                    (PUBSUB, PUBLISH, topics.health("gw1")), (PUBSUB, PUBLISH, topics.logs("gw1")),
                                    (MQTTPROXY, TO_IOT_CORE, topics.telemetry("gw1")),
                                    (MQTTPROXY, FROM_IOT_CORE, topics.telemetry_ack("gw1"))],  # cloud_ack
     "com.windfleet.AnomalyModel": [],
 }
-ALL_TOPICS = [f("gw1-t03") for f in (topics.readings, topics.labels, topics.scores)] + \
-    [f("gw1") for f in (topics.health, topics.logs, topics.telemetry, topics.telemetry_ack)] + \
+ALL_TOPICS = [f("gw1-t03") for f in (topics.readings, topics.labels, topics.scores, topics.drift)] + \
+    [f("gw1") for f in (topics.health, topics.logs, topics.telemetry, topics.telemetry_ack, topics.capture)] + \
     ["windfleet/other", "other/topic"]
 
 
@@ -106,7 +109,7 @@ def test_access_control_is_least_privilege(recipes):
     # `*` stands only for the thing / turbine level of a windfleet topic: accessControl is not
     # interpolated on a stock nucleus, so {iot:thingName} would be literal text and deny everything.
     allowed = {f("*") for f in (topics.readings, topics.labels, topics.scores, topics.health, topics.logs,
-                                topics.telemetry, topics.telemetry_ack)}
+                                topics.telemetry, topics.telemetry_ack, topics.drift, topics.capture)}
     for name, recipe in recipes.items():
         acl = recipe.get("ComponentConfiguration", {}).get("DefaultConfiguration", {}).get("accessControl", {})
         for service, policies in acl.items():

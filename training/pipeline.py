@@ -1,11 +1,13 @@
 """The training pipeline: data -> statistics -> autoencoder -> thresholds -> evaluation
 -> ONNX + model card, written atomically.
 
-One pipeline, two data sources:
+One pipeline, three data sources:
 
 - :func:`train_simulated` -- a simulated fleet (the edge's features, ``FEATURES``);
 - :func:`train_csv` -- any numeric CSV in time order; the card's features are the
-  CSV's columns (such models serve offline benchmarks; the edge uses ``FEATURES``).
+  CSV's columns (such models serve offline benchmarks; the edge uses ``FEATURES``);
+- :func:`train_from_capture` -- the windows devices captured (:mod:`.capture`), mixed
+  with a simulated fleet or a CSV; the card's ``lineage`` names the parent and captures.
 
 The output directory is built in a temporary sibling and renamed into place, so a
 failure (bad data, a failed parity check) never leaves a half-written model.
@@ -26,6 +28,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from windfleet import drift as dr
 from windfleet import model_contract as mc
 from windfleet import preprocessing as pp
 from windfleet.preprocessing import DataError, fit_statistics_windows, prepare
@@ -35,6 +38,7 @@ from . import evaluate as ev
 from . import export as ex
 from . import thresholds as th
 from . import train as tr
+from .capture import Captures, iso, read_captures
 from .csv import read as read_csv
 
 # (training turbines, hours, max epochs); calibration and test fleets are as large.
@@ -66,6 +70,7 @@ class Dataset:
     source: dict[str, Any] = field(default_factory=dict)
     window: int = mc.WINDOW
     stride: int = mc.STRIDE
+    lineage: dict[str, Any] | None = None  # the card's "lineage" (a model retrained from captures)
 
 
 @contextmanager
@@ -193,6 +198,7 @@ def fit_package(ds: Dataset, out_dir: str | Path, *, seed: int = 0, epochs: int 
             raise TargetNotMet(f"held-out false-alarm rate {100 * far:.2f} % exceeds {100 * max_far:.2f} % "
                                f"(thresholds calibrated for {100 * rate:.2f} % on {len(x_cal)} windows); "
                                "no model written: train on more data (--turbines, --hours)")
+    drift = drift_reference(ds, circular, log)
     with atomic_dir(out_dir) as tmp:
         onnx_path = tmp / mc.MODEL_FILE
         check = np.concatenate([x_val[:254], ex.self_test_input(len(ds.features), shape)])
@@ -202,7 +208,8 @@ def fit_package(ds: Dataset, out_dir: str | Path, *, seed: int = 0, epochs: int 
         card = ex.model_card(
             onnx_path=onnx_path, version=version, features=ds.features, statistics=stats, thresholds=thresholds,
             fingerprint=D.fingerprint(ds.train.raw, ds.val.raw), metrics=metrics,
-            extra={"model": model.config(), "training": {**history.as_dict(), "seed": seed, "data": ds.source}},
+            extra={"model": model.config(), "training": {**history.as_dict(), "seed": seed, "data": ds.source},
+                   **({"lineage": ds.lineage} if ds.lineage else {}), **({"drift": drift} if drift else {})},
             window=ds.window, stride=ds.stride, shape=shape,
         )
         (tmp / mc.CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
@@ -210,6 +217,18 @@ def fit_package(ds: Dataset, out_dir: str | Path, *, seed: int = 0, epochs: int 
             ev.write(evaluation, tmp / "evaluation.json")
         mc.load_card(tmp)  # what a consumer will do; fails here rather than there
     return card
+
+
+def drift_reference(ds: Dataset, circular: Sequence[int], log=print) -> dict[str, Any] | None:
+    """The card's ``drift`` object (:func:`windfleet.drift.reference`): references from each
+    training source of ``ds.train``, thresholds from the calibration sources of ``ds.calib``;
+    None (the card then has no drift monitoring) when they cannot make one."""
+    try:
+        return dr.reference(ds.train.raw, ds.train.source, ds.calib.raw, ds.calib.source, features=ds.features,
+                            circular=circular, train_ends=ds.train.ends, calib_ends=ds.calib.ends)
+    except ValueError as exc:
+        log(f"no drift reference in the card: {exc}")
+        return None
 
 
 def train_simulated(out_dir: str | Path, *, seed: int = 0, turbines: int | None = None, hours: float | None = None,
@@ -230,4 +249,109 @@ def train_csv(path: str | Path, features: Sequence[str], out_dir: str | Path, *,
     """Train on a numeric CSV (time order); see :func:`csv_dataset` for the splits and window."""
     ds = csv_dataset(path, features, label, sep, window, stride)
     return fit_package(ds, out_dir, seed=seed, epochs=epochs, version=version, evaluate=evaluate,
+                       progress=progress, max_far=max_far, log=log)
+
+
+# -- retraining from captured windows (windfleet train --from-capture) -------------------
+CAPTURE_SPLIT = (0.7, 0.15, 0.15)  # per captured turbine, in time: train, val, calibration
+# Captured training windows are repeated to be at least CAPTURE_MIN_SHARE of a mixed training set
+# (measured, quick fleet x 0.25 h, 4 epochs, a +60 ADC voltage offset learnt from 1,075 captures:
+# the drifted turbine's alarm rate went 1.0 -> 0.53 at 0.2 and -> 0.21 at 0.5, held-out F1 0.94/0.96)...
+CAPTURE_MIN_SHARE = 0.5
+CAPTURE_MAX_REPEAT = 10  # ...but each at most this many times (a few windows must not dominate)
+MIN_CAPTURE_ONLY = 5  # windows per stage when captures alone train (no --mix)
+MIXES = ("simulated", "csv", "none")
+
+
+def capture_dataset(captures: Captures, mix: Dataset | None = None, *, source: str = "", since: float | None = None,
+                    log=print) -> Dataset:
+    """Captured normal windows (:class:`training.capture.Captures`), optionally mixed
+    with another dataset (``simulated_dataset``/``csv_dataset`` of the same features and
+    window), which also supplies the labelled held-out test set.
+
+    Each captured turbine is its own source (turbine index after the mix's), split in
+    time into :data:`CAPTURE_SPLIT` train/val/calibration, so the card's drift references
+    and the thresholds cover it.  In a mix, captured training windows are repeated up to
+    :data:`CAPTURE_MIN_SHARE` of the training set (at most :data:`CAPTURE_MAX_REPEAT`
+    times each): a few hundred captures next to tens of thousands of simulated windows
+    would otherwise barely move the model."""
+    window, features = captures.window, list(captures.features)
+    if mix is not None:
+        if list(mix.features) != features:
+            raise DataError(f"captured features [{','.join(features)}] differ from the mixed data's "
+                            f"[{','.join(mix.features)}]: use --mix none, or a CSV with those columns")
+        if mix.window != window:
+            raise DataError(f"captured windows hold {window} samples but the mixed data's model window is "
+                            f"{mix.window}: captures train a model of their own window (use --mix none)")
+    offset = 1 + max((int(w.source.max()) for w in (mix.train, mix.val, mix.calib) if len(w)), default=-1) \
+        if mix is not None else 0
+    parts: list[list[D.Windows]] = [[], [], []]
+    for i, (turbine, raw) in enumerate(captures.turbines.items()):
+        seqs = captures.seqs[turbine]
+        cuts = np.round(np.cumsum((0.0,) + CAPTURE_SPLIT) * len(raw)).astype(int)
+        for p in range(3):
+            a, b = cuts[p], cuts[p + 1]
+            parts[p].append(D.Windows(raw[a:b], np.full(b - a, D.NORMAL, dtype=object),
+                                      np.full(b - a, offset + i, dtype=np.int64), seqs[a:b]))
+    cap = [D.Windows.concat(p) if any(len(w) for w in p) else None for p in parts]
+    if mix is None and any(w is None or len(w) < MIN_CAPTURE_ONLY for w in cap):
+        raise DataError(f"{captures.windows} captured normal windows are too few to train, validate and calibrate "
+                        f"without other data (each needs {MIN_CAPTURE_ONLY}): mix them (--mix simulated or --csv)")
+    train = cap[0]
+    if mix is not None and train is not None:
+        repeat = int(np.clip(np.ceil(CAPTURE_MIN_SHARE * len(mix.train) / ((1 - CAPTURE_MIN_SHARE) * len(train))),
+                             1, CAPTURE_MAX_REPEAT))
+        if repeat > 1:
+            log(f"capture: {len(train)} captured training windows repeated {repeat}x next to {len(mix.train)} others")
+            train = train.subset(np.repeat(np.arange(len(train)), repeat))
+    stages = [D.Windows.concat([w for w in (mix_w, cap_w) if w is not None and len(w)])
+              for mix_w, cap_w in zip((mix.train, mix.val, mix.calib) if mix is not None else (None,) * 3,
+                                      (train, cap[1], cap[2]))]
+    mixed_with = None if mix is None else (mix.source.get("kind") if mix.source.get("kind") != "csv"
+                                           else f"csv:{mix.source.get('file')}")
+    lineage = {"parent": captures.parent, "captures": list(captures.objects), "capture_windows": captures.windows,
+               "turbines": sorted(captures.turbines), "since": iso(since), "mixed_with": mixed_with}
+    info = {"kind": "capture", "source": str(source), "windows": captures.windows,
+            "turbines": len(captures.turbines), "report": captures.report.as_dict(),
+            "mixed_with": mix.source if mix is not None else None}
+    if mix is not None:
+        return Dataset(features, *stages, mix.test, mix.circular, info, window=mix.window, stride=mix.stride,
+                       lineage=lineage)
+    circular = [i for i, f in enumerate(features) if f == "yaw"]
+    return Dataset(features, *stages, None, None if features == list(mc.FEATURES) else circular, info,
+                   window=window, stride=mc.STRIDE if window == mc.WINDOW else max(1, window // 10),
+                   lineage=lineage)
+
+
+def train_from_capture(source: str | Path, out_dir: str | Path, *, s3: Any = None, since: float | None = None,
+                       turbines: Sequence[str] | None = None, include_flagged: bool = False,
+                       mix: str = "simulated", csv_path: str | Path | None = None,
+                       csv_features: Sequence[str] | None = None, label: str | None = None, sep: str = ",",
+                       seed: int = 0, hours: float | None = None, quick: bool = False, epochs: int | None = None,
+                       version: str = "1.0.0", evaluate: bool = True, progress: bool = True,
+                       max_far: float = MAX_HELD_OUT_FAR, log=print) -> dict[str, Any]:
+    """Train the next model from captured normal windows (``s3://bucket/prefix`` read
+    through ``s3``, a boto3-shaped client, or a directory), mixed with a simulated fleet
+    (``mix="simulated"``: the default fleet of :data:`QUICK`/:data:`DEFAULT`, ``hours``
+    per turbine), a CSV (``mix="csv"``) or nothing (``"none"``: no held-out test, so no
+    false-alarm gate).  The card's ``lineage`` names the parent model and the captures."""
+    if mix not in MIXES:
+        raise DataError(f"--mix {mix!r}: choose {', '.join(MIXES)}")
+    if (mix == "csv") != (csv_path is not None):
+        raise DataError("--mix csv and --csv go together")
+    captures = read_captures(source, s3=s3, since=since, turbines=turbines, include_flagged=include_flagged, log=log)
+    d_turbines, d_hours, d_epochs = QUICK if quick else DEFAULT
+    other = None
+    if mix == "simulated":
+        if captures.features != list(mc.FEATURES):
+            raise DataError(f"captured features [{','.join(captures.features)}] are not the simulated fleet's "
+                            f"[{','.join(mc.FEATURES)}]: use --mix none or --csv")
+        other = simulated_dataset(seed, d_turbines, hours or d_hours, test=evaluate)
+    elif mix == "csv":
+        names = list(csv_features or captures.features)
+        other = csv_dataset(csv_path, names, label, sep, window=captures.window)
+    ds = capture_dataset(captures, other, source=str(source), since=since, log=log)
+    if ds.test is None and evaluate:
+        log("no labelled held-out data (--mix none, or a CSV without --label): the false-alarm gate is not applied")
+    return fit_package(ds, out_dir, seed=seed, epochs=epochs or d_epochs, version=version, evaluate=evaluate,
                        progress=progress, max_far=max_far, log=log)

@@ -572,6 +572,20 @@ def validate_drift(obj: dict) -> dict:
 
 # ---------------------------------------------------------------- capture (windows kept for retraining)
 CAPTURE_REASONS = ("flagged", "sampled")
+# Captured windows reach S3 as gzip JSON Lines objects, one ``capture`` record per line, under
+# CAPTURE_PREFIX in the artifact bucket: the forwarder writes them, ``train --from-capture`` reads
+# them, and the device role's policy (cloud/provision.py) lets devices write nothing else.
+CAPTURE_PREFIX = "captures/"
+CAPTURE_SUFFIX = ".jsonl.gz"
+
+
+def capture_key(prefix: str, thing: str, ts: float, n: int) -> str:
+    """``{prefix}{thing}/{YYYY}/{MM}/{DD}/{epoch_ms}-{n}.jsonl.gz``: object ``n`` of device ``thing``
+    (UTC date of ``ts``)."""
+    import datetime as _dt
+
+    day = _dt.datetime.fromtimestamp(ts, _dt.timezone.utc)
+    return f"{prefix}{thing}/{day:%Y/%m/%d}/{int(ts * 1000)}-{n}{CAPTURE_SUFFIX}"
 
 
 def capture(thing: str, turbine_id: str, model_version: str, ts: float, window_end_seq: int,

@@ -94,6 +94,9 @@ def _lineage(card: dict) -> str | None:
             continue
         if isinstance(value, str):
             return value
+        if isinstance(value, dict) and isinstance(value.get("captures"), list):  # retrained from captures
+            return (f"parent {value.get('parent') or '?'}, {len(value['captures'])} capture objects, "
+                    f"{value.get('capture_windows', '?')} windows")[:300]
         if isinstance(value, dict):
             return ", ".join(f"{k} {v}" for k, v in value.items() if isinstance(v, (str, int, float)))[:300] or None
         if isinstance(value, list):

@@ -25,6 +25,10 @@ readings lost, each window scored by the model it was cut for), then rebuilds th
 carrying their tails (``StreamWindower.resized``): the stream continues without a gap, and
 when the new window is longer than the tail its first window waits for the rows it lacks.
 
+Drift (:mod:`.drift`): the handler also counts each message's raw features into the turbine's
+sliding histograms (no Python per sample); every ``drift_interval`` the scoring thread publishes
+one drift record per turbine against the model card's reference.
+
 Malformed messages are counted per kind, logged once per kind per minute, and
 dropped; the handler never raises.
 
@@ -58,6 +62,10 @@ from windfleet import jsonlog, payloads, topics
 from windfleet import model_contract as mc
 from windfleet.preprocessing import StreamWindower, prepare, raw_features
 
+from . import capture as capture_config
+from .capture import CaptureSampler
+from .drift import DEFAULT_INTERVAL as DEFAULT_DRIFT_INTERVAL
+from .drift import DriftTracker
 from .model import LoadedModel, ModelRejected, keep_as_last_good, last_good_dir, load_model
 from .shadow import Shadow
 
@@ -84,6 +92,7 @@ COUNTERS = (
     "messages_received", "readings_received", "readings_scored", "windows_scored", "score_batches",
     "malformed_dropped", "queue_dropped", "model_load_failures", "model_swaps", "stream_restarts",
     "windows_non_finite", "publish_errors", "score_messages", "windows_dropped_geometry",
+    "drift_records", "drift_flags",
 )
 
 @dataclass
@@ -206,7 +215,8 @@ class Detector:
 
     def __init__(self, bus, model: LoadedModel | None, turbines: Iterable[str], work_dir: str | os.PathLike, *,
                  max_batch: int = DEFAULT_MAX_BATCH, queue_size: int = 1024, put_timeout: float = 1.0,
-                 health_interval: float = 10.0, score_qos: int = 1):
+                 health_interval: float = 10.0, score_qos: int = 1, capture: dict | None = None,
+                 drift_interval: float = DEFAULT_DRIFT_INTERVAL):
         self.bus = bus
         self.thing = getattr(bus, "thing_name", "unknown")
         self.version = getattr(bus, "version", None) or "0.0.0"
@@ -240,6 +250,10 @@ class Detector:
         self._locate_candidate = None
         self._shadow: Shadow | None = None
         self._shadow_source: Path | None = None  # the candidate dir the shadow was made from
+        # windows kept for retraining (.capture); None: capture off
+        self._capture = CaptureSampler(bus, self.thing, **capture) if capture is not None else None
+        # per-turbine input drift against the model card's reference (.drift), published every drift_interval
+        self.drift = DriftTracker(self.turbines, drift_interval, self._bump)
 
     # ------------------------------------------------------------ model
     @property
@@ -416,7 +430,10 @@ class Detector:
 
     def snapshot(self) -> dict[str, int]:
         with self._counter_lock:
-            return dict(self.counters)
+            counters = dict(self.counters)
+        if self._capture is not None:
+            counters.update(self._capture.counters)
+        return counters
 
     def health(self) -> dict:
         extra: dict[str, Any] = {"model_version": self.model_version, "malformed_by_kind": dict(self.malformed),
@@ -446,13 +463,16 @@ class Detector:
 
     def handle_label(self, topic: str, payload: bytes) -> None:
         """Bus handler for the simulator's labelled episodes (recall in shadow).  Never raises."""
-        shadow = self._shadow
-        if shadow is None or not shadow.active:
+        shadow, capture = self._shadow, self._capture
+        if (shadow is None or not shadow.active) and capture is None:
             return
         try:
             obj = payloads.validate_label(payloads.decode(bytes(payload) if not isinstance(payload, str)
                                                           else payload))
-            shadow.label(obj["turbine_id"], obj["start_seq"], obj["end_seq"])
+            if capture is not None:  # captured windows carry the label
+                capture.label(obj["turbine_id"], obj["start_seq"], obj["end_seq"])
+            if shadow is not None and shadow.active:
+                shadow.label(obj["turbine_id"], obj["start_seq"], obj["end_seq"])
         except Exception as exc:  # noqa: BLE001 - a bad label costs a recall sample, nothing else
             self._drop("bad_label", f"{type(exc).__name__}: {exc}"[:200], topic)
 
@@ -491,6 +511,7 @@ class Detector:
             rows = raw_features({k: table[:, j] for j, k in enumerate(payloads.SAMPLE_FIELDS)})
         if not np.isfinite(rows).all():
             raise payloads.MalformedPayload("non_finite", "features overflow")
+        self.drift.update(self._model, turbine, seq, rows)
         with self._windowers_lock:
             windower = self._windowers[turbine]
             backstep = RESTART_BACKSTEP_WINDOWS * windower.window
@@ -562,6 +583,12 @@ class Detector:
             except Exception as exc:
                 self._bump("publish_errors")
                 self._limited.warn("publish", "cannot publish scores", error=repr(exc)[:200])
+        if self._capture is not None:  # after publishing, like the shadow: capture never delays scores
+            start = 0
+            for chunk in chunks:
+                self._capture.offer(chunk.turbine, model.version, mc.FEATURES, thresholds, chunk.windows(),
+                                    chunk.ends, chunk.ts, errors[start:start + chunk.k])
+                start += chunk.k
         if shadow is not None and shadow.active:  # after publishing: the shadow never delays scores
             shadow.score(raw, errors, np.asarray(thresholds), seconds, [(c.turbine, c.ends) for c in chunks],
                          chunks[0].window)
@@ -592,6 +619,8 @@ class Detector:
             if now >= self._next_health:
                 self._next_health = now + self.health_interval
                 self.publish_health()
+            if self.drift.due(now):
+                self.drift.publish(self.bus, self._model, qos=self.score_qos)
 
     # ------------------------------------------------------------ shutdown / restore
     def drain(self) -> None:
@@ -725,7 +754,8 @@ def run(bus, model_dir: str | os.PathLike | None = None, work_dir: str | os.Path
 
     Configuration keys (component configuration, overridden by arguments):
     ``turbines`` (count or ids), ``model_dir``, ``max_batch``, ``queue_size``,
-    ``health_interval_s``.
+    ``health_interval_s``; ``capture`` (true: on; off by default), ``capture_normal_fraction``,
+    ``capture_max_per_minute`` (see :mod:`.capture`); ``drift_interval_s`` (see :mod:`.drift`).
     """
     stop = stop or threading.Event()
     config = bus.get_configuration() or {}
@@ -737,6 +767,8 @@ def run(bus, model_dir: str | os.PathLike | None = None, work_dir: str | os.Path
         "max_batch": int(config.get("max_batch", DEFAULT_MAX_BATCH)),
         "queue_size": int(config.get("queue_size", 1024)),
         "health_interval": float(config.get("health_interval_s", 10.0)),
+        "drift_interval": float(config.get("drift_interval_s", DEFAULT_DRIFT_INTERVAL)),
+        "capture": capture_config.settings(config),
     }
     settings.update({k: v for k, v in options.items() if v is not None})
     locate = model_locator(bus, models_root) if models_root and not model_dir else None

@@ -36,6 +36,16 @@ full, the spool stops growing and drops the oldest the same way, counted in
 Malformed input is counted per kind (``payloads.MalformedPayload.kind``), logged once
 per kind per minute, and dropped; it never stops the component.
 
+Drift (``payloads.drift`` on ``topics.drift(turbine)``, from the detector) is validated and
+spooled as telemetry record type ``drift``, like scores.
+
+Captured windows (``payloads.capture`` on ``topics.capture(thing)``) do not go to IoT Core:
+they wait in a separate bounded :class:`~.capture.CaptureSpool` and are uploaded to S3 in
+batches, one gzip JSON Lines object each, with credentials from the token exchange service
+(see :mod:`.capture`; configuration ``capture_bucket``, ``capture_prefix``,
+``capture_endpoint``, ``capture_batch_windows``, ``capture_batch_interval_s``,
+``capture_max_bytes``).
+
 Health: the forwarder's own health (counters ``received``, ``sent``, ``spooled``,
 ``dropped_spool_full``, ``malformed_dropped``, ...) is published every
 ``health_interval`` seconds on ``topics.health(thing)``, and therefore forwarded too.
@@ -53,9 +63,11 @@ from typing import Any
 
 from windfleet import jsonlog, payloads, topics
 
+from . import capture
 from .spool import Spool
 
 COMPONENT = "com.windfleet.LogForwarder"
+DEFAULT_CAPTURE_BUCKET = "windfleet-artifacts"  # cloud.settings.BUCKET's default (device code has no cloud package)
 MAX_RECORD_BYTES = 64 * 1024  # a single record must fit a 128 KB IoT Core message
 
 log = logging.getLogger("windfleet.forwarder")
@@ -87,14 +99,15 @@ class Forwarder:
     def __init__(self, bus, spool: Spool, *, turbines: Any = None, batch_records: int = 100,
                  batch_bytes: int = 96 * 1024, batch_interval: float = 1.0, health_interval: float = 10.0,
                  retry_max: float = 5.0, flush_timeout: float = 5.0, delivery: str | None = None,
-                 ack_timeout: float | None = None):
+                 ack_timeout: float | None = None, capture_spool: capture.CaptureSpool | None = None,
+                 s3_client_factory: Any = None):
         self.bus, self.spool = bus, spool
         self.thing = bus.thing_name
         self.batch_records, self.batch_bytes = max(1, batch_records), batch_bytes
         self.batch_interval, self.health_interval = batch_interval, health_interval
         self.retry_max, self.flush_timeout = retry_max, flush_timeout
         # one GetConfiguration for whatever the caller did not pass
-        config = bus.get_configuration() if None in (turbines, delivery, ack_timeout) else {}
+        config = bus.get_configuration() if None in (turbines, delivery, ack_timeout) or capture_spool else {}
         if turbines is None:
             turbines = config.get("turbines")
         self._turbines = _turbine_ids(self.thing, turbines)
@@ -114,6 +127,16 @@ class Forwarder:
         self.ack_timeout = float(ack_timeout if ack_timeout is not None else config.get("ack_timeout_s", 10.0))
         self._acked: set[int] = set()
         self._ack_arrived = threading.Condition()
+        self.capture_spool, self.uploader = capture_spool, None
+        if capture_spool is not None:
+            endpoint = str(config.get("capture_endpoint") or "") or None
+            self.uploader = capture.Uploader(
+                capture_spool, self.thing, str(config.get("capture_bucket") or DEFAULT_CAPTURE_BUCKET),
+                prefix=str(config.get("capture_prefix", capture.DEFAULT_PREFIX)),
+                batch_windows=int(config.get("capture_batch_windows", capture.DEFAULT_BATCH_WINDOWS)),
+                batch_interval=float(config.get("capture_batch_interval_s", capture.DEFAULT_BATCH_INTERVAL)),
+                client_factory=s3_client_factory or (lambda: capture.s3_client(endpoint)),
+                flush_timeout=flush_timeout)
 
     # ------------------------------------------------------------ setup
     def start(self) -> "Forwarder":
@@ -125,6 +148,9 @@ class Forwarder:
             self.bus.subscribe_cloud(topics.telemetry_ack(self.thing), self.on_ack)
         self.bus.subscribe(topics.health(self.thing), self.handle)
         self.bus.subscribe(topics.logs(self.thing), self.handle)
+        if self.uploader is not None:
+            self.bus.subscribe(topics.capture(self.thing), self.handle_capture)
+            self.uploader.start()
         self._subscribe_turbines(self._turbines)
         self.bus.on_configuration_update(self._on_config)
         for target, name in ((self._send_loop, "sender"), (self._health_loop, "health")):
@@ -138,6 +164,7 @@ class Forwarder:
         for tid in turbine_ids:
             if tid not in self._subscribed:
                 self.bus.subscribe(topics.scores(tid), self.handle)
+                self.bus.subscribe(topics.drift(tid), self.handle)
                 self._subscribed.add(tid)
 
     def _on_config(self, config: dict) -> None:
@@ -173,6 +200,33 @@ class Forwarder:
         if self.spool.pending_records >= self.batch_records:
             self._wake.set()
 
+    def handle_capture(self, topic: str, raw: bytes) -> None:
+        """Bus handler for captured windows: validate and append to the capture spool.  Never raises."""
+        self.counters["capture_received"] += 1
+        try:
+            if len(raw) > payloads.MAX_PAYLOAD_BYTES:
+                raise payloads.MalformedPayload("too_large", f"{len(raw)} bytes > {payloads.MAX_PAYLOAD_BYTES}")
+            obj = payloads.validate_capture(payloads.decode(raw))
+            if obj["thing"] != self.thing:
+                raise payloads.MalformedPayload("thing_mismatch", f"{obj['thing']} on {topic}")
+            dropped = self.capture_spool.add(payloads.encode(obj), obj["reason"] == "flagged")
+        except payloads.MalformedPayload as exc:
+            self.counters["malformed_dropped"] += 1
+            self.malformed_by_kind[f"capture:{exc.kind}"] += 1
+            self._limited.warn(f"malformed:capture:{exc.kind}", "malformed capture dropped", detail=exc.detail[:200])
+            return
+        except sqlite3.Error as exc:
+            self.counters["capture_spool_errors"] += 1
+            self._limited.warn("capture_spool_error", "capture spool write failed: window dropped",
+                               error=repr(exc)[:200])
+            return
+        self.counters["captured"] += 1
+        if dropped:
+            self._limited.warn("capture_full", "capture spool full: dropped oldest windows (normal first)",
+                               dropped=dropped, max_bytes=self.capture_spool.max_bytes)
+        if self.capture_spool.windows >= self.uploader.batch_windows:
+            self.uploader.wake.set()
+
     def _validate(self, topic: str, raw: bytes) -> tuple[str, list[bytes]]:
         """``(record type, [record bodies])`` of a message; MalformedPayload when unusable."""
         scores = topic.endswith("/scores")
@@ -195,6 +249,11 @@ class Forwarder:
             if obj["turbine_id"] != topics.turbine_of(topic):
                 raise payloads.MalformedPayload("turbine_mismatch", f"{obj['turbine_id']} on {topic}")
             kind = "score"
+        elif topic.endswith("/drift") and topic.startswith(f"{topics.PREFIX}/turbines/"):
+            payloads.validate_drift(obj)
+            if obj["turbine_id"] != topics.turbine_of(topic):
+                raise payloads.MalformedPayload("turbine_mismatch", f"{obj['turbine_id']} on {topic}")
+            kind = "drift"
         elif topic == topics.health(self.thing):
             payloads.validate_health(obj)
             kind = "health"
@@ -310,6 +369,18 @@ class Forwarder:
             spool_disk_errors=self.spool.disk_errors,
             last_seq=self.last_acked_seq,
         )
+        if self.uploader is not None:
+            totals = self.capture_spool.counters()
+            counters.update(
+                captured=self.counters["captured"],
+                capture_spooled=self.capture_spool.windows,
+                capture_spool_bytes=self.capture_spool.bytes,
+                capture_uploaded_windows=totals["uploaded_windows"],
+                capture_uploaded_objects=totals["uploaded_objects"],
+                capture_dropped=totals["dropped_normal"] + totals["dropped_flagged"],
+                capture_dropped_flagged=totals["dropped_flagged"],
+                capture_upload_errors=self.uploader.upload_errors,
+            )
         return counters
 
     def publish_health(self) -> None:
@@ -332,6 +403,8 @@ class Forwarder:
             return
         self._stop.set()
         self._wake.set()
+        if self.uploader is not None:
+            self.uploader.stop()
         for thread in self._threads:
             # + the longest a single publish_cloud may wait for its ack
             thread.join(self.flush_timeout + 15.0)
@@ -343,7 +416,8 @@ def run(bus, spool_path: str | Path, *, stop_event: threading.Event | None = Non
         **options: Any) -> Forwarder:
     """Run the forwarder on ``bus`` until ``stop_event`` is set; then stop, close the bus and the spool.
 
-    ``spool_path`` is the SQLite file (a directory gets ``spool.sqlite`` inside).
+    ``spool_path`` is the SQLite file (a directory gets ``spool.sqlite`` inside); the capture
+    spool is ``capture.sqlite`` beside it, bounded by configuration ``capture_max_bytes``.
     ``options`` go to :class:`Forwarder` (``batch_records``, ``batch_interval``, ...).
     """
     path = Path(spool_path)
@@ -351,7 +425,9 @@ def run(bus, spool_path: str | Path, *, stop_event: threading.Event | None = Non
         path = path / "spool.sqlite"
     spool = Spool(path, max_records=max_records, max_bytes=max_bytes,
                   **({} if min_free_bytes is None else {"min_free_bytes": min_free_bytes}))
-    forwarder = Forwarder(bus, spool, **options)
+    capture_bytes = int(bus.get_configuration().get("capture_max_bytes", capture.DEFAULT_MAX_BYTES))
+    capture_spool = capture.CaptureSpool(path.with_name("capture.sqlite"), max_bytes=capture_bytes)
+    forwarder = Forwarder(bus, spool, capture_spool=capture_spool, **options)
     stop_event = stop_event or threading.Event()
     try:
         forwarder.start()
@@ -364,4 +440,5 @@ def run(bus, spool_path: str | Path, *, stop_event: threading.Event | None = Non
             pass
         bus.close()  # stop handlers before the spool closes
         spool.close()
+        capture_spool.close()
     return forwarder

@@ -194,7 +194,8 @@ def device_run(thing: str, root: str, broker: str | None, broker_user: str | Non
     try:
         runtime = DeviceRuntime(thing, root, source, broker=broker, broker_user=broker_user,
                                 broker_password=broker_password, cloud_broker=cloud_broker,
-                                thing_groups=list(thing_groups), settings=Settings(poll_interval=poll_interval))
+                                thing_groups=list(thing_groups), settings=Settings(poll_interval=poll_interval),
+                                credentials_home=home or _home())  # the token exchange service's key (.tes)
     except (ValueError, OSError) as exc:
         if fresh_root:  # a refused command leaves nothing behind
             import shutil

@@ -50,6 +50,8 @@ from .recipe import RecipeError, default_configuration, dependencies, merge_conf
 GOOD_STATES = ("RUNNING", "FINISHED")
 FINAL_STATUSES = ("SUCCEEDED", "FAILED", "TIMED_OUT", "CANCELED", "REJECTED")
 NUCLEUS = "aws.greengrass.Nucleus"
+# Components the nucleus provides: a dependency on one needs no deployment of it.
+BUILTIN = ("aws.greengrass.TokenExchangeService",)
 LOCAL_GROUP = "LOCAL_DEPLOYMENT"  # DeploymentDocumentConverter.LOCAL_DEPLOYMENT_GROUP_NAME
 THING_GROUP_PREFIX, THING_PREFIX = "thinggroup/", "thing/"
 
@@ -318,6 +320,8 @@ class Deployments:
             select_manifest(recipe, self.platform)
             for dep, _kind in dependencies(recipe).items():
                 requirement = (recipe.get("ComponentDependencies") or {})[dep].get("VersionRequirement")
+                if dep in BUILTIN and dep not in versions:
+                    continue  # served by the nucleus itself (see .tes)
                 if dep not in versions:
                     raise RecipeError(f"{name} depends on {dep}, which the deployment does not contain")
                 if not version_satisfies(versions[dep], requirement):

@@ -70,6 +70,8 @@ class FleetCollector:
         self.score_seen: dict[tuple[str, int], tuple[float, str | None]] = {}  # -> (arrival time, model version)
         self.labels: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
         self.health: dict[tuple[str, str], dict] = {}     # (thing, component) -> last health
+        self.drift: dict[str, dict] = {}                   # turbine -> its newest drift record
+        self.drift_flagged: dict[str, set[str]] = collections.defaultdict(set)  # model version -> turbines ever flagged
         # counters of earlier incarnations of a restarted component, (thing, component, name) -> total
         self.counter_base: dict[tuple[str, str, str], int] = collections.defaultdict(int)
 
@@ -119,6 +121,12 @@ class FleetCollector:
                 key = (rec["turbine_id"], int(rec["window_end_seq"]))
                 self.scores[key] = bool(rec.get("anomaly"))
                 self.score_seen.setdefault(key, (time.time(), rec.get("model_version")))
+            elif record["type"] == "drift" and "turbine_id" in rec:
+                old = self.drift.get(rec["turbine_id"])
+                if old is None or rec.get("ts", 0) >= old.get("ts", 0):
+                    self.drift[rec["turbine_id"]] = rec
+                if rec.get("drifted"):
+                    self.drift_flagged[str(rec.get("model_version"))].add(rec["turbine_id"])
             elif record["type"] == "health" and "component" in rec and "thing" in rec:
                 # components' health reaches the cloud only inside telemetry (the forwarder)
                 key = (rec["thing"], rec["component"])
@@ -126,6 +134,11 @@ class FleetCollector:
                 if old is None or rec.get("ts", 0) >= old.get("ts", 0):
                     self._carry_counters(old, rec)
                     self.health[key] = rec
+
+    def drift_status(self) -> dict[str, dict]:
+        """Per turbine, its newest drift record (what the dashboard shows as the current state)."""
+        with self._lock:
+            return {t: dict(r) for t, r in self.drift.items()}
 
     def telemetry_summary(self) -> dict[str, dict]:
         """Per thing: received, lost (gaps between the first and last sequence seen)."""
@@ -279,14 +292,21 @@ def anomaly_schedule(turbines: int, seconds: float, every: float, warmup: float 
 
 
 def component_config(turbines: int, sample_rate: float, anomaly_every: float, seconds: float,
-                     health_interval: float = 2.0) -> dict:
-    """greengrass-cli ``--update-config`` for a fleet run's gateways."""
+                     health_interval: float = 2.0, capture_endpoint: str | None = None,
+                     capture_batch_interval: float = 10.0) -> dict:
+    """greengrass-cli ``--update-config`` for a fleet run's gateways.
+
+    ``capture_endpoint``: the local S3 endpoint (``cloud/local/s3_server.py``) the forwarders
+    upload captured windows to, every ``capture_batch_interval`` s; without one the detectors
+    capture nothing (a local fleet has no AWS S3 to send them to)."""
     common = {"turbines": turbines, "health_interval_s": health_interval}
+    capture = ({"capture_endpoint": capture_endpoint, "capture_batch_interval_s": capture_batch_interval}
+               if capture_endpoint else {})
     return {
         SIMULATOR: {"MERGE": {**common, "rate": sample_rate, "anomalies_per_hour": 0,
                               "anomalies": anomaly_schedule(turbines, seconds, anomaly_every)}},
-        DETECTOR: {"MERGE": common},
-        FORWARDER: {"MERGE": common},
+        DETECTOR: {"MERGE": {**common, "capture": bool(capture_endpoint)}},
+        FORWARDER: {"MERGE": {**common, **capture}},
         MODEL: {"RESET": [""]},  # the version's own OnnxSha256 (see cloud.settings.MODEL_CONFIGURATION_UPDATE)
     }
 

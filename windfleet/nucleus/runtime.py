@@ -59,6 +59,7 @@ from .iotcore import DEFAULT_KEEPALIVE_S, DEFAULT_SPOOL_BYTES, IotCoreConnection
 from .atomic import write_json_atomic
 from .deployments import GOOD_STATES, NUCLEUS, DeploymentAborted, Deployments
 from .operations import IpcOperations
+from . import tes as token_exchange
 from .recipe import (
     Context, RecipeError, default_configuration, dependencies, device_platform, merge_configuration,
     select_manifest, topological_order, verify_digest, version_satisfies,
@@ -66,8 +67,12 @@ from .recipe import (
 
 # Another nucleus' IPC variables (this runtime started from a component) never leak into ours.
 _STRIP_ENV = ("SVCUID", "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT", "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH",
-              "AWS_CONTAINER_AUTHORIZATION_TOKEN")
+              "AWS_CONTAINER_AUTHORIZATION_TOKEN", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
 _SUDO_DELETES = ("PYTHONPATH", "PYTHONHOME", "LD_LIBRARY_PATH", "LD_PRELOAD")
+# A component that depends on the token exchange service gets its credentials from there only,
+# as on a device (the nucleus' service account holds no AWS keys): never from this shell's.
+_AWS_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+             "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")
 GGC_VERSION = "2.14.0"   # the nucleus version whose behaviour this runtime copies
 _MAX_SOCKET_PATH = 100   # sun_path holds 108 bytes
 
@@ -155,7 +160,7 @@ class DeviceRuntime(Deployments, IpcOperations):
                  broker_user: str | None = None, broker_password: str | None = None,
                  cloud_broker: str | None = None, thing_groups: list[str] | None = None,
                  settings: Settings | None = None, platform: dict | None = None,
-                 extra_env: dict[str, str] | None = None):
+                 extra_env: dict[str, str] | None = None, credentials_home: str | Path | None = None):
         topics.validate_thing(thing)  # ValueError before anything is created under root
         for name in thing_groups or []:
             topics.validate_thing(name, "thing group")
@@ -166,6 +171,9 @@ class DeviceRuntime(Deployments, IpcOperations):
         self.settings = settings or Settings()
         self.platform = platform or device_platform()
         self.extra_env = extra_env or {}
+        # the token exchange service (.tes), started for the first component that depends on it
+        self.credentials_home = credentials_home
+        self.tes: token_exchange.TokenExchangeServer | None = None
         self.components: dict[str, Component] = {}
         self.restart_counts: collections.Counter = collections.Counter()  # across deployments
         self.configuration: dict[str, dict] = {}
@@ -350,6 +358,8 @@ class DeviceRuntime(Deployments, IpcOperations):
             # python3 in a recipe means this runtime's interpreter (the project's venv locally).
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         }
+        if token_exchange.COMPONENT in deps:
+            env["AWS_CONTAINER_CREDENTIALS_FULL_URI"] = self._tes_uri()
         env.update(self.extra_env)
         setenv = lifecycle.get("Setenv") or lifecycle.get("setenv") or {}
         if isinstance(setenv, dict):
@@ -358,6 +368,20 @@ class DeviceRuntime(Deployments, IpcOperations):
                               self.root / "logs" / f"{name}.log")
         component.verify = lambda r=recipe, m=manifest: self._verify_artifacts(r, m)
         return component
+
+    def _tes_uri(self) -> str:
+        """The token exchange service's URI (``aws.greengrass.TokenExchangeService`` is built in:
+        served by this runtime, as the real one is by the nucleus)."""
+        if self.tes is None:
+            from .authorization import TES_OPERATION, TOKEN_EXCHANGE
+
+            self.tes = token_exchange.TokenExchangeServer(
+                token_exchange.CredentialAuthority(self.credentials_home),
+                principal_of=lambda token: next((n for n, t in self.svcuids.items() if t == token), None),
+                authorized=lambda name: self.authorizer.is_authorized(name, TOKEN_EXCHANGE, TES_OPERATION, None),
+            ).start()
+            self._event("token exchange service started", uri=self.tes.uri)
+        return self.tes.uri
 
     # ================================================================ processes
     def _step(self, component: Component, key: str) -> tuple[str, float | None, dict] | None:
@@ -388,6 +412,9 @@ class DeviceRuntime(Deployments, IpcOperations):
         # on Setenv PYTHONPATH works here only if it works on a device.
         for name in _SUDO_DELETES:
             env.pop(name, None)
+        if token_exchange.COMPONENT in component.deps:
+            for name in _AWS_KEYS:
+                env.pop(name, None)
         with open(component.log_path, "ab") as log:
             proc = subprocess.Popen(["sh", "-c", script], cwd=component.work, env=env, stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -755,6 +782,9 @@ class DeviceRuntime(Deployments, IpcOperations):
             self._stop_all(list(self.components))
             self._write_status()
         self.ipc.close()
+        if self.tes is not None:
+            self.tes.close()
+            self.tes = None
         if self.iot is not None:
             self.iot.close()
             self.iot = None
