@@ -373,29 +373,35 @@ def _report(report: list[tuple[str, str, str]]) -> None:
 @cloud_group.command("provision")
 @click.option("--role-arn", default=None, help="an existing IAM role for the Lambda functions")
 @click.option("--log-group", default=settings.LOG_GROUP, show_default=True)
+@click.option("--device-role", default=None, metavar="NAME",
+              help="the devices' existing token exchange role (e.g. GreengrassV2TokenExchangeRole): gets the "
+                   "inline policy windfleet-device (component artifacts, capture uploads)")
 @backend_options
-def cloud_provision(backend: Backend, role_arn: str | None, log_group: str) -> None:
+def cloud_provision(backend: Backend, role_arn: str | None, log_group: str, device_role: str | None) -> None:
     """Bucket, model package group, thing group, approval rule + Lambda, telemetry rule + ingest Lambda,
     log group and dashboard."""
     from .provision import provision
 
-    _report(provision(backend, role_arn=role_arn, log_group=log_group))
+    _report(provision(backend, role_arn=role_arn, log_group=log_group, device_role=device_role))
 
 
 @cloud_group.command("teardown")
 @click.option("--keep-data", is_flag=True, help="keep the bucket and the model registry")
 @click.option("--role-arn", default=None, help="the role given to provision (it is not deleted)")
 @click.option("--log-group", default=settings.LOG_GROUP, show_default=True)
+@click.option("--device-role", default=None, metavar="NAME",
+              help="the role given to provision: its windfleet-device policy is removed (the role is not)")
 @click.option("--yes", is_flag=True, help="do not ask")
 @backend_options
-def cloud_teardown(backend: Backend, keep_data: bool, role_arn: str | None, log_group: str, yes: bool) -> None:
+def cloud_teardown(backend: Backend, keep_data: bool, role_arn: str | None, log_group: str,
+                   device_role: str | None, yes: bool) -> None:
     """Remove what provision created."""
     from .provision import teardown
 
     if not yes and not keep_data:
         click.confirm(f"delete bucket {backend.bucket} and model group {backend.model_group} with all their "
                       "contents?", abort=True)
-    _report(teardown(backend, keep_data=keep_data, role_arn=role_arn, log_group=log_group))
+    _report(teardown(backend, keep_data=keep_data, role_arn=role_arn, log_group=log_group, device_role=device_role))
 
 
 @cloud_group.command("s3-endpoint")
@@ -432,9 +438,15 @@ def publish_cmd(backend: Backend, build_dir: Path, as_json: bool) -> None:
 @click.command("deploy")
 @click.option("--component", "overrides", multiple=True, metavar="NAME=VERSION",
               help="pin a component version (repeatable)")
+@click.option("--capture/--no-capture", default=None,
+              help="switch data capture on (to the backend's bucket) or off [default: leave as is]")
+@click.option("--capture-endpoint", default=None, metavar="URL",
+              help="S3-compatible endpoint for capture uploads (local backend: `windfleet cloud s3-endpoint`); "
+                   "none: AWS S3 with the device's token exchange credentials")
 @backend_options
 @json_option
-def deploy_cmd(backend: Backend, overrides: tuple[str, ...], as_json: bool) -> None:
+def deploy_cmd(backend: Backend, overrides: tuple[str, ...], capture: bool | None, capture_endpoint: str | None,
+               as_json: bool) -> None:
     """Deploy the whole suite (latest published versions) to the thing group."""
     from .deployer import deploy_suite
 
@@ -444,7 +456,9 @@ def deploy_cmd(backend: Backend, overrides: tuple[str, ...], as_json: bool) -> N
         if not sep or not name or not version:
             raise click.BadParameter(f"{item!r} is not NAME=VERSION", param_hint="--component")
         versions[name] = validate_version(version, f"--component {name}: version")
-    result = deploy_suite(backend, versions=versions)
+    if capture_endpoint and not capture:
+        raise click.BadParameter("only with --capture", param_hint="--capture-endpoint")
+    result = deploy_suite(backend, versions=versions, capture=capture, capture_endpoint=capture_endpoint)
     if as_json:
         return _dump(result)
     click.echo(f"deployment {result['deploymentId']} -> {result['targetArn']}")

@@ -34,7 +34,7 @@ from typing import Any, Callable
 import tenacity
 from botocore.exceptions import ClientError
 
-from windfleet import jsonlog
+from windfleet import jsonlog, payloads
 from windfleet.model_contract import CARD_FILE, MODEL_FILE
 
 from . import settings
@@ -352,17 +352,57 @@ def _check_same_model(backend: Backend, arn: str, card: dict) -> None:
                           "for model package N")
 
 
+def capture_configuration(backend: Backend, capture: bool = True, endpoint: str | None = None) -> dict[str, dict]:
+    """The suite configuration that switches data capture on (or off, ``capture=False``).
+
+    On: the detector's ``capture: true`` and the forwarder's destination -- the backend's bucket,
+    ``payloads.CAPTURE_PREFIX`` (the prefix the devices' token exchange role may write,
+    :func:`windfleet.cloud.provision.device_policy`) and ``capture_endpoint`` ``endpoint``: empty
+    (set explicitly, so an earlier endpoint does not linger) means AWS S3 with the device's token
+    exchange credentials.  The local backend has no S3 a device can reach without ``windfleet
+    cloud s3-endpoint``, so there ``endpoint`` (its URL) is required.
+    """
+    if not capture:
+        return {settings.DETECTOR: {"capture": False}}
+    if backend.is_local and not endpoint:
+        raise DeployError("capture on the local backend needs the URL of `windfleet cloud s3-endpoint` "
+                          "(--capture-endpoint)")
+    return {settings.DETECTOR: {"capture": True},
+            settings.FORWARDER: {"capture_bucket": backend.bucket, "capture_prefix": payloads.CAPTURE_PREFIX,
+                                 "capture_endpoint": endpoint or ""}}
+
+
+def _merged_update(update: dict | None, keys: dict) -> dict:
+    """``configurationUpdate`` with ``keys`` merged (deeply) into the ``merge`` it already has: a
+    device that joins the group later gets every key earlier suite deployments set."""
+    def deep(old: dict, new: dict) -> dict:
+        out = dict(old)
+        for k, v in new.items():
+            out[k] = deep(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        return out
+
+    update = dict(update or {})
+    update["merge"] = json.dumps(deep(json.loads(update.get("merge") or "{}"), keys), sort_keys=True)
+    return update
+
+
 def deploy_suite(backend: Backend, thing_group: str | None = None,
-                 versions: dict[str, str] | None = None, configuration: dict[str, dict] | None = None) -> dict:
+                 versions: dict[str, str] | None = None, configuration: dict[str, dict] | None = None,
+                 capture: bool | None = None, capture_endpoint: str | None = None) -> dict:
     """``windfleet deploy``: the whole suite to a thing group (latest published versions).
 
     The model keeps the version the group's devices run (after a failed, rolled-back model
     deployment that is the last good one, not the latest deployment's), else the latest
     deployment's; never simply the latest published (it may be the model that failed).
     ``versions`` overrides any of them.
-    ``configuration`` (component name -> keys) becomes each component's
-    ``configurationUpdate.merge``; later model deployments carry it forward.
+    ``configuration`` (component name -> keys) is merged into each component's
+    ``configurationUpdate.merge`` (what earlier deployments set stays); later model deployments
+    carry it forward.  ``capture`` True/False switches data capture on/off
+    (:func:`capture_configuration`; ``configuration`` may still override its keys); None leaves it.
     """
+    wanted = capture_configuration(backend, capture, capture_endpoint) if capture is not None else {}
+    for name, keys in (configuration or {}).items():
+        wanted[name] = {**wanted.get(name, {}), **keys}
     target = backend.thing_group_arn(thing_group)
     available = latest_versions(backend)
     previous = latest_deployment(backend, target)
@@ -378,10 +418,10 @@ def deploy_suite(backend: Backend, thing_group: str | None = None,
     if missing:
         raise DeployError(f"not published: {', '.join(missing)} (run `windfleet build` and `windfleet publish`)")
     components = merge(running, chosen)
-    for name, keys in (configuration or {}).items():
+    for name, keys in wanted.items():
         if name not in components:
             raise DeployError(f"configuration for {name}, which is not in the suite")
-        components[name]["configurationUpdate"] = {"merge": json.dumps(keys, sort_keys=True)}
+        components[name]["configurationUpdate"] = _merged_update(components[name].get("configurationUpdate"), keys)
     resp = create_deployment(backend, target, components, "windfleet suite", previous)
     jsonlog.event(log, "suite deployment created", deployment=resp["deploymentId"], target=target)
     return {"status": "deployed", "deploymentId": resp["deploymentId"], "targetArn": target,

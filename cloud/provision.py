@@ -23,10 +23,14 @@
 - the canary Lambda (``windfleet.cloud.canary.handler``) and the EventBridge schedule
   (``settings.CANARY_SCHEDULE``) that runs it: it evaluates the running canary over the
   metrics the ingest Lambda puts to CloudWatch and promotes or aborts;
-- the CloudWatch dashboard (body from ``windfleet.cloud.ingest.dashboard_body``).
+- the CloudWatch dashboard (body from ``windfleet.cloud.ingest.dashboard_body``);
+- with ``device_role`` (``--device-role``, e.g. the installer's default
+  ``GreengrassV2TokenExchangeRole``): the inline policy ``windfleet-device``
+  (:func:`device_policy`) on that existing token exchange role -- the role behind the
+  devices' role alias is Greengrass', so it is never created or deleted here.
 
-:func:`teardown` removes them (the bucket and the registry only with
-``keep_data=False``).  Locally, provisioning just creates the bucket and the
+:func:`teardown` removes them (the bucket and the registry only with ``keep_data=False``;
+of the device role only its inline policy).  Locally, provisioning just creates the bucket and the
 model package group (the rest has no local counterpart).
 """
 
@@ -43,7 +47,7 @@ from typing import Any, Callable
 import tenacity
 from botocore.exceptions import ClientError
 
-from windfleet import topics
+from windfleet import payloads, topics
 
 from . import settings
 from .approval import event_pattern
@@ -235,6 +239,39 @@ def ingest_policy(backend: Backend, log_group: str = settings.LOG_GROUP,
     ]}
 
 
+DEVICE_POLICY = "windfleet-device"  # the inline policy on the devices' token exchange role
+# Components whose artifacts the nucleus downloads from the bucket (deployer.upload: `windfleet
+# publish` for the suite, approvals for the model and the canary's candidate).
+DEVICE_COMPONENTS = (*settings.SUITE, settings.CANARY_COMPONENT)
+
+
+def device_policy(backend: Backend, arn: tuple[str, str, str] | None = None) -> dict:
+    """What windfleet's components need from the devices' token exchange role (the IAM role behind
+    the core devices' role alias, whose credentials the nucleus' token exchange service hands out).
+
+    - ``s3:GetObject`` on the artifacts of windfleet's components (``settings.COMPONENT_PREFIX``
+      keys of :data:`DEVICE_COMPONENTS`, where :func:`windfleet.cloud.deployer.upload` puts them):
+      the nucleus downloads a component's S3 artifacts with the token exchange role's
+      credentials.  AWS IoT Greengrass V2 Developer Guide, "Authorize core devices to interact
+      with AWS services" (``device-service-role.html``), section "Allow access to S3 buckets for
+      component artifacts": the installer's default role policy
+      (``GreengrassV2TokenExchangeRoleAccess``) grants no access to S3 objects, so the role needs
+      ``s3:GetObject`` on the artifact bucket added.
+    - ``s3:PutObject`` on ``<bucket>/<payloads.CAPTURE_PREFIX>*`` and nothing else written: the
+      forwarder's capture uploads (``payloads.capture_key`` under that prefix, plain
+      ``put_object``).  The role is shared by every device, so this does not stop one device
+      writing under another's ``captures/<thing>/``.
+    """
+    p = (arn or arn_parts(backend))[0]
+    bucket = f"arn:{p}:s3:::{backend.bucket}/"
+    artifacts = [bucket + settings.COMPONENT_PREFIX.format(name=name, version="*") + "*"
+                 for name in DEVICE_COMPONENTS]
+    return {"Version": "2012-10-17", "Statement": [
+        _statement("ComponentArtifacts", ["s3:GetObject"], artifacts),
+        _statement("CaptureUploads", ["s3:PutObject"], bucket + payloads.CAPTURE_PREFIX + "*"),
+    ]}
+
+
 def role_policies(backend: Backend, log_group: str = settings.LOG_GROUP) -> dict[str, dict]:
     """``{function name: policy document}`` of every role the provisioner creates."""
     arn = arn_parts(backend)
@@ -245,9 +282,10 @@ def role_policies(backend: Backend, log_group: str = settings.LOG_GROUP) -> dict
 
 class Provisioner:
     def __init__(self, backend: Backend, *, role_arn: str | None = None, log_group: str = settings.LOG_GROUP,
-                 retry_wait: float = 5.0, retry_timeout: float = 120.0):
+                 device_role: str | None = None, retry_wait: float = 5.0, retry_timeout: float = 120.0):
         self.b = backend
         self.role_arn = role_arn
+        self.device_role = device_role  # the devices' token exchange role (name): its inline policy only
         self._roles: dict[str, str] = {}  # function name -> the role created for it
         self.log_group = log_group
         self.report: Report = []
@@ -388,6 +426,30 @@ class Provisioner:
         self.permission(settings.CANARY_FUNCTION, "windfleet-schedule", "events.amazonaws.com", rule_arn)
         self._note("eventbridge rule", settings.CANARY_RULE, "updated")
 
+    def check_device_role(self) -> None:
+        """The token exchange role ``device_role`` exists (it is Greengrass': never created here)."""
+        try:
+            self.b.iam.get_role(RoleName=self.device_role)
+        except ClientError as exc:
+            if _code(exc) != "NoSuchEntity":
+                raise
+            raise ValueError(f"device role {self.device_role} does not exist: give the token exchange role of "
+                             "the devices' role alias (the Greengrass installer creates it, default "
+                             "GreengrassV2TokenExchangeRole)") from None
+
+    def device_role_policy(self) -> None:
+        """Put :func:`device_policy` on the existing token exchange role ``device_role``."""
+        iam, name = self.b.iam, self.device_role
+        try:
+            iam.get_role_policy(RoleName=name, PolicyName=DEVICE_POLICY)
+            status = "updated"
+        except ClientError as exc:
+            if _code(exc) != "NoSuchEntity":
+                raise
+            status = "created"
+        iam.put_role_policy(RoleName=name, PolicyName=DEVICE_POLICY, PolicyDocument=json.dumps(device_policy(self.b)))
+        self._note("iam role policy", f"{name}/{DEVICE_POLICY}", status)
+
     def log_group_(self) -> None:
         try:
             self.b.logs.create_log_group(logGroupName=self.log_group)
@@ -431,6 +493,11 @@ class Provisioner:
 
     # -- all -----------------------------------------------------------------
     def provision(self) -> Report:
+        if self.device_role and self.b.is_local:
+            raise ValueError("--device-role is for --backend aws (local devices get their credentials from the "
+                             "local token exchange service)")
+        if self.device_role:
+            self.check_device_role()  # before anything is created
         self.bucket()
         self.model_group()
         if self.b.is_local:
@@ -439,6 +506,8 @@ class Provisioner:
         self.thing_group(_canary_thing_group(self.b), "windfleet canary gateways: a candidate model is tried here "
                                                       "first")
         self.canary_records()
+        if self.device_role:
+            self.device_role_policy()
         code = lambda_zip()
         names = {"WINDFLEET_BUCKET": self.b.bucket, "WINDFLEET_THING_GROUP": self.b.thing_group,
                  "WINDFLEET_MODEL_GROUP": self.b.model_group}
@@ -478,6 +547,9 @@ class Provisioner:
             for fn in FUNCTIONS:
                 self._gone("lambda", fn, lambda fn=fn: b.lambda_.delete_function(FunctionName=fn))
 
+            if self.device_role:  # the role is Greengrass'; only windfleet's policy goes
+                self._gone("iam role policy", f"{self.device_role}/{DEVICE_POLICY}",
+                           lambda: b.iam.delete_role_policy(RoleName=self.device_role, PolicyName=DEVICE_POLICY))
             if not self.role_arn:
                 for fn in FUNCTIONS:
                     self._gone("iam role", role_name(fn), lambda fn=fn: self._delete_role(role_name(fn)))

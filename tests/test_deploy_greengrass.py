@@ -380,3 +380,90 @@ def test_device_outcomes_and_cancel_requests(gg, backend):
         ("gw-1", "SUCCEEDED", "", "1.0.1"), ("gw-2", "FAILED", "model self-test failed", "1.0.1")]
     stub.add_response("cancel_deployment", {"message": "ok"}, {"deploymentId": "d-1"})
     client.cancel_deployment(deploymentId="d-1")
+
+
+def _suite_deployment(stub, components_sent):
+    """A suite deployment over SUITE_OLD (nothing newer published, no device reports a model)."""
+    stub.add_response("list_components", {"components": [
+        {"arn": carn(n), "componentName": n, "latestVersion": {"arn": carn(n, SUITE_OLD[n]["componentVersion"]),
+                                                             "componentVersion": SUITE_OLD[n]["componentVersion"]}}
+        for n in settings.SUITE]}, {"scope": "PRIVATE"})
+    stub.add_response("list_deployments", list_latest_response("d-old"),
+                      {"targetArn": GROUP_ARN, "historyFilter": "LATEST_ONLY"})
+    stub.add_response("get_deployment", get_deployment_response("d-old", SUITE_OLD), {"deploymentId": "d-old"})
+    stub.add_response("list_core_devices", {"coreDevices": []}, {"thingGroupArn": GROUP_ARN})
+    stub.add_response("create_deployment", {"deploymentId": "d-c"}, {
+        "targetArn": GROUP_ARN, "deploymentName": "windfleet suite", "components": components_sent,
+        "deploymentPolicies": settings.DEPLOYMENT_POLICIES, "iotJobConfiguration": settings.IOT_JOB_CONFIGURATION,
+        "clientToken": ANY})
+
+
+def test_deploy_suite_switches_capture_on_to_the_buckets_prefix_on_aws_s3(gg, backend):
+    """On AWS the forwarder uploads to the backend's bucket under the prefix the devices' token
+    exchange role may write (provision.device_policy), with no endpoint: AWS S3 itself.  The
+    detector keeps the configuration earlier suite deployments gave it."""
+    from windfleet import payloads
+
+    client, stub = gg
+    expected = copy.deepcopy(SUITE_OLD)
+    expected[MODEL]["configurationUpdate"] = settings.MODEL_CONFIGURATION_UPDATE
+    expected[settings.DETECTOR]["configurationUpdate"] = {
+        "merge": json.dumps({"Threshold": 3, "capture": True}, sort_keys=True)}
+    expected[settings.FORWARDER]["configurationUpdate"] = {"merge": json.dumps(
+        {"capture_bucket": "artifacts", "capture_endpoint": "", "capture_prefix": payloads.CAPTURE_PREFIX},
+        sort_keys=True)}
+    _suite_deployment(stub, expected)
+    out = deployer.deploy_suite(backend, capture=True)
+    assert out["deploymentId"] == "d-c"
+    sent = dict(client.sent)["CreateDeployment"]["components"]
+    assert json.loads(sent[settings.DETECTOR]["configurationUpdate"]["merge"])["capture"] is True
+    assert json.loads(sent[settings.FORWARDER]["configurationUpdate"]["merge"])["capture_bucket"] == backend.bucket
+
+    # and off again: only the detector's switch changes
+    off = copy.deepcopy(expected)
+    off[settings.DETECTOR]["configurationUpdate"] = {
+        "merge": json.dumps({"Threshold": 3, "capture": False}, sort_keys=True)}
+    off[settings.FORWARDER] = SUITE_OLD[settings.FORWARDER]
+    _suite_deployment(stub, off)
+    deployer.deploy_suite(backend, capture=False)
+
+
+def test_capture_on_the_local_backend_needs_an_endpoint(tmp_path):
+    local = Backend.create("local", home=tmp_path)
+    with pytest.raises(deployer.DeployError, match="s3-endpoint"):
+        deployer.deploy_suite(local, capture=True)
+    config = deployer.capture_configuration(local, endpoint="http://127.0.0.1:9000")
+    assert config[settings.FORWARDER]["capture_endpoint"] == "http://127.0.0.1:9000"
+
+
+def test_windfleet_deploy_capture_flags(tmp_path, monkeypatch):
+    """`windfleet deploy --capture` on the local backend: the forwarder's endpoint is the local S3
+    endpoint it was given; without one, or an endpoint without --capture, a one-line error."""
+    import click
+    from click.testing import CliRunner
+
+    from windfleet import payloads
+    from windfleet.cloud import cli
+
+    for var in ("WINDFLEET_BUCKET", "WINDFLEET_THING_GROUP", "WINDFLEET_MODEL_GROUP", "WINDFLEET_BACKEND"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WINDFLEET_HOME", str(tmp_path / "home"))
+    app = click.Group("windfleet")
+    cli.register(app)
+
+    def run(*args):
+        return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+    assert run("publish", "--build-dir", str(fake_build(tmp_path / "gb"))).exit_code == 0
+    for args, message in ((("deploy", "--capture"), "s3-endpoint"),
+                          (("deploy", "--capture-endpoint", "http://127.0.0.1:9"), "only with --capture")):
+        result = run(*args)
+        assert result.exit_code != 0 and message in result.output, result.output
+    result = run("deploy", "--capture", "--capture-endpoint", "http://127.0.0.1:9", "--json")
+    assert result.exit_code == 0, result.output
+    components = Backend.local(tmp_path / "home").greengrassv2.get_deployment(
+        deploymentId=json.loads(result.output)["deploymentId"])["components"]
+    assert json.loads(components[settings.DETECTOR]["configurationUpdate"]["merge"]) == {"capture": True}
+    assert json.loads(components[settings.FORWARDER]["configurationUpdate"]["merge"]) == {
+        "capture_bucket": settings.BUCKET, "capture_prefix": payloads.CAPTURE_PREFIX,
+        "capture_endpoint": "http://127.0.0.1:9"}

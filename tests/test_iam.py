@@ -765,3 +765,104 @@ def test_a_given_role_is_used_by_both_functions_and_never_deleted(aws):
         assert aws.lambda_.get_function(FunctionName=name)["Configuration"]["Role"] == arn
     provision.teardown(aws, keep_data=True, role_arn=arn)
     assert [r["RoleName"] for r in aws.iam.list_roles()["Roles"]] == ["ops-lambda"]
+
+
+# ======================================================= the devices' token exchange role
+DEVICE_ROLE = "GreengrassV2TokenExchangeRole"  # the Greengrass installer's default
+DEVICE_TRUST = {"Version": "2012-10-17", "Statement": [{
+    "Effect": "Allow", "Principal": {"Service": "credentials.iot.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
+INSTALLER_POLICY = {"Version": "2012-10-17", "Statement": [{  # what the installer puts there
+    "Effect": "Allow", "Resource": "*", "Action": ["logs:CreateLogGroup", "logs:CreateLogStream",
+                                                  "logs:PutLogEvents", "logs:DescribeLogStreams",
+                                                  "s3:GetBucketLocation"]}]}
+
+
+def _device_role(b: Backend) -> None:
+    b.iam.create_role(RoleName=DEVICE_ROLE, AssumeRolePolicyDocument=json.dumps(DEVICE_TRUST))
+    b.iam.put_role_policy(RoleName=DEVICE_ROLE, PolicyName="GreengrassV2TokenExchangeRoleAccess",
+                          PolicyDocument=json.dumps(INSTALLER_POLICY))
+
+
+def _cli(*args: str) -> str:
+    """``windfleet cloud ...`` on the AWS backend named like the ``aws`` fixture's (same moto account)."""
+    import click
+    from click.testing import CliRunner
+
+    from windfleet.cloud import cli
+
+    app = click.Group("windfleet")
+    cli.register(app)
+    result = CliRunner().invoke(app, [*args, "--backend", "aws", "--region", REGION, "--bucket", BUCKET,
+                                      "--thing-group", THING_GROUP, "--group", MODEL_GROUP], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_the_device_role_may_upload_captures_and_read_component_artifacts_and_nothing_else(aws):
+    from windfleet.cloud import deployer
+
+    _device_role(aws)
+    out = _cli("cloud", "provision", "--device-role", DEVICE_ROLE)
+    assert any(line.split() == ["created", "iam", "role", "policy", f"{DEVICE_ROLE}/{provision.DEVICE_POLICY}"]
+               for line in out.splitlines()), out
+    docs = {name: json.loads(doc) if isinstance(doc, str) else doc for name, doc in (
+        (n, aws.iam.get_role_policy(RoleName=DEVICE_ROLE, PolicyName=n)["PolicyDocument"])
+        for n in aws.iam.list_role_policies(RoleName=DEVICE_ROLE)["PolicyNames"])}
+    ours = docs[provision.DEVICE_POLICY]
+    assert ours == provision.device_policy(aws)
+    role = [docs[provision.DEVICE_POLICY]]
+    p = provision.arn_parts(aws)[0]
+
+    def s3(bucket: str, key: str) -> str:
+        return f"arn:{p}:s3:::{bucket}/{key}"
+
+    def object_of(uri: str) -> str:  # s3://bucket/key -> its ARN
+        return s3(*uri.removeprefix("s3://").split("/", 1))
+
+    # the forwarder's uploads: what payloads.capture_key makes under the capture prefix
+    capture = payloads.capture_key(payloads.CAPTURE_PREFIX, "gw1", 1767225600.25, 1)
+    assert decide(role, "s3:PutObject", s3(BUCKET, capture)) == "Allow"
+    # the nucleus' downloads: every artifact the deployer uploads for windfleet's components
+    for name in provision.DEVICE_COMPONENTS:
+        uri = deployer.upload(aws, name, "1.0.7", {"model.onnx": b"x"})["model.onnx"]
+        assert decide(role, "s3:GetObject", object_of(uri)) == "Allow", name
+        assert decide(role, "s3:PutObject", object_of(uri)) != "Allow", name
+    # nothing else written, in this bucket or any other
+    canary_state = settings.CANARY_PREFIX.format(group=MODEL_GROUP) + "state.json"
+    for key in (settings.MODEL_PREFIX.format(group=MODEL_GROUP, digest="ab12") + "model.onnx",
+                settings.COMPONENT_PREFIX.format(name=settings.DETECTOR, version="1.0.0") + "windfleet.zip",
+                settings.COMPONENT_PREFIX.format(name=settings.MODEL_COMPONENT, version="1.0.3") + "model.onnx",
+                canary_state, settings.CANARY_PREFIX.format(group=MODEL_GROUP) + "config.json",
+                "training/job/data/train/fleet.json", "captures", "Captures/gw1/x.jsonl.gz", "x/" + capture):
+        assert decide(role, "s3:PutObject", s3(BUCKET, key)) != "Allow", key
+    for bucket in ("someone-elses", BUCKET + "-x", BUCKET[:-1]):
+        assert decide(role, "s3:PutObject", s3(bucket, capture)) != "Allow", bucket
+    # reading is only the artifacts: not captures, registry copies or the canary's records
+    for key in (capture, settings.MODEL_PREFIX.format(group=MODEL_GROUP, digest="ab12") + "model.onnx",
+                canary_state):
+        assert decide(role, "s3:GetObject", s3(BUCKET, key)) != "Allow", key
+    granted = {a for s in _statements(role) for a in _as_list(s["Action"])}
+    assert granted == {"s3:GetObject", "s3:PutObject"}
+    assert all(s["Effect"] == "Allow" and "*" not in _as_list(s["Resource"]) for s in _statements(role))
+    # the installer's own policy is left alone
+    assert docs["GreengrassV2TokenExchangeRoleAccess"] == INSTALLER_POLICY
+
+    again = provision.provision(aws, device_role=DEVICE_ROLE)  # idempotent
+    assert ("iam role policy", f"{DEVICE_ROLE}/{provision.DEVICE_POLICY}", "updated") in again
+
+    out = _cli("cloud", "teardown", "--keep-data", "--device-role", DEVICE_ROLE)
+    assert any(line.split() == ["deleted", "iam", "role", "policy", f"{DEVICE_ROLE}/{provision.DEVICE_POLICY}"]
+               for line in out.splitlines()), out
+    assert aws.iam.get_role(RoleName=DEVICE_ROLE)["Role"]["RoleName"] == DEVICE_ROLE  # the role stays
+    assert aws.iam.list_role_policies(RoleName=DEVICE_ROLE)["PolicyNames"] == ["GreengrassV2TokenExchangeRoleAccess"]
+    twice = provision.teardown(aws, keep_data=True, device_role=DEVICE_ROLE)
+    assert ("iam role policy", f"{DEVICE_ROLE}/{provision.DEVICE_POLICY}", "absent") in twice
+
+
+def test_provision_never_creates_the_device_role(aws, tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        provision.provision(aws, device_role="NoSuchRole")
+    assert "NoSuchRole" not in [r["RoleName"] for r in aws.iam.list_roles()["Roles"]]
+    assert aws.s3.list_buckets()["Buckets"] == []  # refused before anything was created
+    with pytest.raises(ValueError, match="--backend aws"):
+        provision.provision(Backend.create("local", home=tmp_path), device_role=DEVICE_ROLE)
