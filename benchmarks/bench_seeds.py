@@ -5,9 +5,10 @@ seeds meet the targets (F1 >= 0.95 and FAR <= 1 %; per-kind recall >= 0.90 is
 reported separately).  IsolationForest and PCA, fitted and calibrated on the same
 windows in the same run, are the baselines.
 
-    .venv/bin/python benchmarks/bench_seeds.py [--seeds 0-9] [--default]
+    .venv/bin/python benchmarks/bench_seeds.py [--seeds 0-9] [--default] [--out FILE]
 
-Writes benchmarks/results/seeds.json (``training_seeds_meeting_targets``).  The
+Writes benchmarks/results/seeds.json (``training_seeds_meeting_targets``), after
+every seed, so an interrupted sweep keeps the seeds it finished.  The
 held-out FAR gate is lifted (max_far=1) so a seed that misses shows its numbers
 instead of failing.
 """
@@ -48,6 +49,18 @@ def run(seed: int, quick: bool) -> dict:
     return row
 
 
+def write(result: dict, out: Path) -> None:
+    """Add the totals over the seeds run so far and write ``out``."""
+    rows = result["quick"]
+    result["training_seeds_meeting_targets"] = sum(r["meets_targets"] for r in rows)
+    result["training_seeds_per_kind_recall_ok"] = sum(r["per_kind_recall_ok"] for r in rows)
+    result["seeds"] = len(rows)
+    result["mean_ratio_f1_over_pca"] = round(sum(r["f1"] / max(r["pca_f1"], 1e-9) for r in rows) / max(1, len(rows)), 3)
+    result["machine"]["loadavg_at_end"] = os.getloadavg()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def seeds(text: str) -> list[int]:
     if "-" in text:
         a, b = text.split("-")
@@ -59,6 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0-9")
     ap.add_argument("--default", action="store_true", help="also the default (non-quick) run, seed 0")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="the JSON to write (default: %(default)s)")
     a = ap.parse_args()
     result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_at_start": os.getloadavg()},
               "targets": {"f1_min": F1_MIN, "far_max": FAR_MAX, "per_kind_recall_min": RECALL_MIN}, "quick": []}
@@ -70,22 +84,16 @@ def main() -> None:
         print(f"seed {s}: F1 {row['f1']:.3f} FAR {100 * row['far']:.2f}% "
               + " ".join(f"{k[:8]} {row['per_kind_recall'][k]:.2f}" for k in kinds)
               + f" (IF {row['isolation_forest_f1']:.3f}, PCA {row['pca_f1']:.3f}) {row['wall_s']:.0f}s", flush=True)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(result, indent=2) + "\n")  # partial results survive an interrupted sweep
+        write(result, a.out)  # an interrupted sweep keeps the seeds it finished
     if a.default:
         result["default"] = run(0, False)
         print(f"default: F1 {result['default']['f1']:.3f} FAR {100 * result['default']['far']:.2f}%", flush=True)
+    write(result, a.out)
     rows = result["quick"]
-    result["training_seeds_meeting_targets"] = sum(r["meets_targets"] for r in rows)
-    result["training_seeds_per_kind_recall_ok"] = sum(r["per_kind_recall_ok"] for r in rows)
-    result["seeds"] = len(rows)
-    result["mean_ratio_f1_over_pca"] = round(sum(r["f1"] / max(r["pca_f1"], 1e-9) for r in rows) / len(rows), 3)
-    result["machine"]["loadavg_at_end"] = os.getloadavg()
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"seeds meeting F1 >= {F1_MIN} and FAR <= {100 * FAR_MAX:.0f} %: "
           f"{result['training_seeds_meeting_targets']}/{len(rows)}; per-kind recall >= {RECALL_MIN}: "
           f"{result['training_seeds_per_kind_recall_ok']}/{len(rows)}; F1 / PCA F1 {result['mean_ratio_f1_over_pca']}")
-    print(f"wrote {RESULTS}")
+    print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":

@@ -268,9 +268,16 @@ def gates(m: Mapping[str, Any], config: Mapping[str, Any]) -> list[dict]:
                  f"candidate alarm rate {m['candidate_alarm_rate']:.4f} vs limit {limit:.4f} "
                  f"({k:g} x current {m['current_alarm_rate']:.4f} + {eps:g})")]
     k, eps = float(config["false_alarm_factor"]), float(config["false_alarm_epsilon"])
-    rule = f"candidate false-alarm rate <= {k:g} x current + {eps:g} (windows outside labelled episodes)"
+    z = float(config["false_alarm_z"])
+    rule = (f"candidate false-alarm rate <= {k:g} x current + {eps:g} + {z:g} sigma of the current count "
+            "(windows outside labelled episodes)")
     if m["clean_windows"]:
-        limit = k * m["current_false_alarm_rate"] + eps
+        # counting noise: over a few dozen clean windows one false alarm is several percent, so the
+        # limit allows z Poisson standard deviations of the current model's count (negligible over
+        # the thousands of windows of a real canary)
+        clean = m["clean_windows"]
+        current = m["current_false_alarm_rate"] * clean
+        limit = (k * current + z * math.sqrt(max(current, 1.0))) / clean + eps
         out.append(_gate("false_alarm_rate", rule, m["candidate_false_alarm_rate"] <= limit,
                          round(m["candidate_false_alarm_rate"], 6), round(limit, 6),
                          f"candidate false-alarm rate {m['candidate_false_alarm_rate']:.4f} vs limit {limit:.4f} "

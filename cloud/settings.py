@@ -41,7 +41,8 @@ Canary (``CANARY_*``, :mod:`.canary`)
     device) and the gates (candidate alarm rate <= ``alarm_rate_factor`` x
     current + ``alarm_rate_epsilon``; ``min_agreement``; recall not below the
     current model's minus ``recall_tolerance``; false-alarm rate outside labelled
-    episodes <= ``false_alarm_factor`` x current + ``false_alarm_epsilon``; ``max_errors``; candidate
+    episodes <= ``false_alarm_factor`` x current + ``false_alarm_epsilon`` + ``false_alarm_z``
+    Poisson sigmas of the current count; ``max_errors``; candidate
     inference p99 <= ``max_infer_ms_p99``).  ``CANARY_SCHEDULE`` is how often the
     AWS Lambda evaluates.
 
@@ -123,6 +124,7 @@ CANARY_DEFAULTS = {
     # candidate <= k x current + epsilon
     "false_alarm_factor": 1.5,
     "false_alarm_epsilon": 0.005,
+    "false_alarm_z": 2.0,        # ... + z Poisson sigmas of the current model's false-alarm count
     "min_agreement": 0.5,        # flagged by both / flagged by either (1.0 when neither flags)
     "recall_tolerance": 0.0,     # candidate recall on labelled episodes >= current's - tolerance
     "max_errors": 0,             # candidate scoring errors

@@ -17,7 +17,7 @@ import pytest
 
 from tests.mqtt_fixtures import wait_until
 from tests.test_dashboard import browser, page, shot  # noqa: F401 - fixtures
-from tests.test_demo import GATEWAYS, _demo, _leftovers, model_dir  # noqa: F401 - the demo's model
+from tests.test_demo import GATEWAYS, TURBINES, _demo, _leftovers, demo_model  # noqa: F401 - the demo's model
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.browser]
 
@@ -28,9 +28,9 @@ def _get(url: str) -> dict:
 
 
 @pytest.fixture
-def served_fleet(model_dir, tmp_path):
+def served_fleet(demo_model, tmp_path):
     work = tmp_path / "work"
-    proc = _demo(work, model_dir, "--serve")
+    proc = _demo(work, demo_model, "--serve", "--no-drift")  # the drift stages: test_demo.py
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
     try:
@@ -64,7 +64,7 @@ def test_operator_watches_the_fleet_and_approves_a_version(served_fleet, page, m
         cell = page.locator(f'tr.gateway[data-thing="gw{i:02d}"] td.model-version')
         cell.wait_for()
         assert cell.inner_text() == "1.0.2"
-    assert page.locator("a.turbine").count() == GATEWAYS * 2
+    assert page.locator("a.turbine").count() == GATEWAYS * TURBINES
     shot(page, "fleet-overview")
 
     # a turbine: feature errors with a threshold line at every point

@@ -81,6 +81,19 @@ def test_candidate_scores_in_shadow_and_only_current_publishes(model_dir, tmp_pa
     assert "shadow" not in det.health()
 
 
+def test_episodes_labelled_before_the_candidate_arrived_count_from_its_first_batch(model_dir, tmp_path):
+    """A turbine known to publish labels has clean windows (outside every labelled episode) from the
+    shadow's first batch: the false-alarm gate does not wait for each turbine's next label."""
+    det, bus = make_detector(model_dir, tmp_path, turbines=(T0,))
+    bus.deliver(topics.labels(T0), payloads.encode(payloads.label(T0, "spike", 300, 500, 1.0)))
+    assert det.shadow_candidate(model_dir).active  # after the label
+    feed(det, bus)
+    shadow = det.health()["shadow"]
+    assert shadow["labelled_episodes"] == 1 and 0 < shadow["clean_windows"] < shadow["windows"]
+    # the same model: the same false alarms
+    assert shadow["candidate"]["false_alarms"] == shadow["current"]["false_alarms"]
+
+
 def test_same_model_in_shadow_agrees(model_dir, model_dir_factory, tmp_path):
     det, bus = make_detector(model_dir, tmp_path, turbines=(T0,))
     det.shadow_candidate(model_dir_factory("1.0.1"))

@@ -155,6 +155,25 @@ def test_a_new_model_restarts_every_window_and_one_without_drift_stops_the_recor
     assert tracker.records(old) == [] and tracker.monitors == {}
 
 
+def test_readings_inside_a_labelled_anomaly_episode_are_not_drift():
+    """A fault the simulator (or an operator) labelled is not a change of the turbine's normal: its
+    readings stay out of the window, so a fleet with frequent faults is not reported drifted."""
+    rng = np.random.default_rng(3)
+    card = {"features": ["x"], "drift": one_feature_reference([rng.normal(0, 1, 12_000)], [rng.normal(0, 1, 6_000)],
+                                                                samples=600)}
+    model = SimpleNamespace(card=card, version="1.0.0")
+    labelled, unlabelled = DriftTracker(["t"]), DriftTracker(["t"])
+    episodes = [(400, 800)]  # samples 400..799 read 8 sigma high: a fault
+    for seq in range(0, 1000, 20):
+        rows = rng.normal(8 if 400 <= seq < 800 else 0, 1, (20, 1))
+        labelled.update(model, "t", seq, rows, episodes)
+        unlabelled.update(model, "t", seq, rows)
+    (_, without), = labelled.records(model)
+    (_, with_fault), = unlabelled.records(model)
+    assert without["samples"] == 600 and without["drifted"] == []
+    assert with_fault["drifted"] == ["x"]
+
+
 # ---------------------------------------------------------------- the detector
 class RecordingBus(Bus):
     """An in-memory bus: records publications; the test plays the broker."""

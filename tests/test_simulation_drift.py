@@ -95,6 +95,18 @@ def test_the_simulator_component_drifts_the_chosen_turbines_without_labels():
     assert [b for t, b in plain.published if t == topics.health("gw1")][-1]["drift"] == {}
 
 
+def test_one_fleet_wide_configuration_names_turbines_of_any_gateway():
+    """The same configuration reaches every gateway of a thing group: ids of other gateways'
+    turbines are skipped, ids on this gateway apply, an id this gateway lacks is an error."""
+    entry = {"kind": "sensor_offset", "turbines": ["gw2-t01", "gw1-t00"], "channel": "voltage", "offset": 60,
+             "start_s": 1}
+    here = drift_schedule([entry], ["gw1-t00", "gw1-t01"], 20.0)
+    assert [d.kind for d in here["gw1-t00"]] == ["sensor_offset"] and here["gw1-t01"] == []
+    assert drift_schedule([entry], ["gw3-t00", "gw3-t01"], 20.0) == {"gw3-t00": [], "gw3-t01": []}
+    with pytest.raises(ConfigError, match="unknown turbine 'gw1-t07'"):
+        drift_schedule([{**entry, "turbines": ["gw1-t07"]}], ["gw1-t00", "gw1-t01"], 20.0)
+
+
 @pytest.mark.parametrize("entry, reason", [
     ({"kind": "heatwave", "turbines": [0], "start_s": 1}, "kind 'heatwave' is not one of"),
     ({"kind": "sensor_offset", "turbines": [5], "channel": "voltage", "offset": 1, "start_s": 1}, "unknown turbine 5"),

@@ -43,6 +43,15 @@ def test_thresholds_from_too_few_windows_extrapolate_beyond_the_maxima():
     assert th.alarms(normal(100_000), t).mean() < 0.01  # the max of 50 alone: ~6 % (3 features x 1/50)
 
 
+def test_a_predicted_level_within_one_sigma_never_alarms():
+    # calibration errors of a feature the level network predicts almost exactly (voltage from
+    # rotor speed) give a threshold at a fraction of a sigma; the floor lifts it to one sigma^2,
+    # and leaves alone features whose level is kept (free) and thresholds already above it
+    t = th.floor_levels(np.array([0.05, 0.4, 7.0]), predicted=[0.0, 1.0, 1.0])
+    assert list(t) == [0.05, 1.0, 7.0]
+    assert not th.alarms(np.array([[0.01, 0.86, 6.0]]), t).any()  # z = -0.93 on the predicted level
+
+
 def test_export_parity_and_dynamic_batch(tmp_path):
     model = ConvAutoencoder()
     x = mc.self_test_input()

@@ -173,9 +173,9 @@ def fit_package(ds: Dataset, out_dir: str | Path, *, seed: int = 0, epochs: int 
     if not all(np.isfinite(v).all() for v in (x_train, x_val, x_cal)):
         raise DataError("training data has values too large to standardise")
     circular = stats.get("circular", [pp.YAW] if len(ds.features) == len(mc.FEATURES) else [])
-    model, history = tr.fit(x_train, x_val, seed=seed, epochs=epochs, progress=progress, free=circular)
+    model, history = tr.fit(x_train, x_val, seed=seed, epochs=epochs, progress=progress, free=circular, check=x_cal)
     errors_cal = mc.window_errors(x_cal, tr.reconstruct(model, x_cal))
-    thresholds = th.calibrate(errors_cal, rate)
+    thresholds = th.floor_levels(th.calibrate(errors_cal, rate), model.predicted.numpy())
     metrics: dict[str, Any] = {
         "calibration_false_alarm_rate": float(th.alarms(errors_cal, thresholds).mean()),
         "target_false_alarm_rate": rate, "max_held_out_false_alarm_rate": max_far,

@@ -6,7 +6,11 @@ approve v2: a canary on one gateway scores it in shadow beside v1, its gates pas
 it is promoted (rollout progress per device) -> approve v3, v2 with thresholds cut so
 that it alarms on normal data: its canary aborts and no other gateway ever gets it ->
 approve a deliberately corrupt v4 with the canary off (every device fails it and rolls
-back) -> a summary table and a JSON report.  The demo is the canary's scheduler
+back) -> drift: from 30 s into streaming one turbine per gateway reads its voltage 60 ADC
+counts high; the devices flag it (drift records), capture its windows and upload them to
+S3 through the token exchange service; v5 is retrained from the captures
+(``train --from-capture``), goes through the canary and is promoted, and the drift flag
+clears on it -> a summary table and a JSON report.  The demo is the canary's scheduler
 (``canary.step`` every second; on AWS an EventBridge schedule), with short observation
 windows (:data:`DEMO_CANARY`).
 
@@ -51,6 +55,17 @@ TERMINAL = {"SUCCEEDED", "COMPLETED", "FAILED", "REJECTED", "CANCELED", "TIMED_O
 DEMO_CANARY = {"enabled": True, "devices": 1, "percent": None, "min_seconds": 10.0, "min_windows": 100,
                "alarm_rate_factor": 1.25, "alarm_rate_epsilon": 0.02, "min_agreement": 0.75, "recall_tolerance": 0.25}
 BAD_THRESHOLD_FACTOR = 0.02  # v3: v2's thresholds x this -- loads and self-tests, alarms on normal data
+# Drift (issue 15): turbine DRIFT_TURBINE of every gateway but the canary's (the first: the canary
+# gateway's turbines stay comparable for the canaries' gates) gets a voltage sensor offset from
+# DRIFT_START_S after its simulator starts (60 ADC counts over 10 s: flagged within ~20 s, never
+# a false flag on the others; benchmarks/README.md, "Drift").  The devices publish drift every
+# 2 s, capture every window the model flags (and 2 % of the others) and upload them every 5 s.
+DRIFT_TURBINE = 1
+DRIFT_START_S, DRIFT_RAMP_S, DRIFT_OFFSET = 30.0, 10.0, 60.0
+# v5 learnt a new normal for the drifted turbines: it is judged on outcomes -- false alarms
+# outside labelled episodes, recall, alarm rate on the canary gateway -- not on agreeing window
+# by window with the model it replaces.
+RETRAIN_CANARY = {**DEMO_CANARY, "min_agreement": 0.0}
 
 
 class DemoError(RuntimeError):
@@ -72,6 +87,9 @@ class DemoOptions:
     stage_timeout: float = 240.0
     canary_timeout: float = 120.0  # seconds a canary may take to reach a verdict
     settle: float = 8.0  # seconds of scoring after the last rollback before the books close
+    drift: bool = True  # the drift stages (a drifting turbine, captures, v5 retrained from them)
+    retrain_epochs: int | None = None  # v5's training (default: train --quick's)
+    retrain_hours: float | None = None  # simulated hours per turbine mixed with v5's captures
 
 
 # ------------------------------------------------------------------------------ output
@@ -157,7 +175,7 @@ class Demo:
         self.o = opts
         self.work = opts.work.resolve()
         self.home = self.work / "home"
-        self.c = console or Console(stages=10)
+        self.c = console or Console(stages=12 if opts.drift else 10)
         self.things = [f"gw{i:02d}" for i in range(1, opts.gateways + 1)]
         self.roots = {t: self.work / "devices" / t for t in self.things}
         self.procs: dict[str, subprocess.Popen] = {}
@@ -165,7 +183,9 @@ class Demo:
         self.rollbacks: list[dict] = []
         self.canaries: list[dict] = []
         self.models: dict[str, dict] = {}
+        self.drift: dict[str, Any] = {}
         self.dashboard_url = self.token = None
+        self.retrain: subprocess.Popen | None = None
 
     # -- stages ----------------------------------------------------------------
     def run(self) -> dict:
@@ -186,8 +206,12 @@ class Demo:
             self._start_fleet()
             v2 = self._stream_while_training_v2(v1)
             self._approve_v2(v2)
+            if self.o.drift:
+                self._start_retrain()  # from what the devices captured so far; trains during v3 and v4
             self._approve_bad_v3(v2)
             self._approve_corrupt_v4(v2)
+            if self.o.drift:
+                self._promote_retrained()
             self._settle()
             if self.o.serve:
                 self._serve()
@@ -241,12 +265,32 @@ class Demo:
                     f"{approved['component_version']}")
         # the fleet's own settings (turbines, anomaly schedule) ride on a suite deployment, as an
         # operator would set them; it keeps the approved model
-        config = component_config(self.o.turbines_per_gateway, 20.0, self.o.anomaly_every, 3600.0)
+        from windfleet.cloud.local.s3_server import S3Endpoint
+        from windfleet.nucleus.fleet import DETECTOR, SIMULATOR
+
+        # the local S3 the forwarders upload captured windows to, with credentials from their
+        # runtime's token exchange service (both keyed in this home)
+        self.s3_endpoint = S3Endpoint(self.home).start()
+        self.stack.callback(self.s3_endpoint.close)
+        config = component_config(self.o.turbines_per_gateway, 20.0, self.o.anomaly_every, 3600.0,
+                                  capture_endpoint=self.s3_endpoint.url, capture_batch_interval=5.0)
+        self.drift_turbine = min(DRIFT_TURBINE, self.o.turbines_per_gateway - 1)
+        self.drift_things = self.things[1:] or self.things  # not the canary gateway (gw01), unless alone
+        if self.o.drift:
+            config[SIMULATOR]["MERGE"]["drift"] = [{"kind": "sensor_offset",
+                                                    "turbines": sorted(self._drifted_turbines()),
+                                                    "channel": "voltage", "offset": DRIFT_OFFSET,
+                                                    "start_s": DRIFT_START_S, "ramp_s": DRIFT_RAMP_S}]
+        config[DETECTOR]["MERGE"]["drift_interval_s"] = 2.0
         suite = deployer.deploy_suite(self.backend, configuration={n: u["MERGE"] for n, u in config.items()
                                                                    if "MERGE" in u})
         self.suite_deployment = suite["deploymentId"]
         self.c.info(f"fleet configuration: {self.o.turbines_per_gateway} turbines per gateway at 20 Hz, "
                     f"an anomaly every {self.o.anomaly_every:.0f} s per turbine (deployment {self.suite_deployment})")
+        if self.o.drift:
+            self.c.info(f"from {DRIFT_START_S:.0f} s: {', '.join(sorted(self._drifted_turbines()))} read their "
+                        f"voltage {DRIFT_OFFSET:.0f} ADC counts high (over {DRIFT_RAMP_S:.0f} s); windows are "
+                        f"captured to {self.s3_endpoint.url} (local S3)")
 
     def _start_cloud_side(self) -> None:
         from windfleet.nucleus.broker import Broker, free_port
@@ -426,6 +470,141 @@ class Demo:
                     f"windows: {_short(entry['reason'], 220)}")
         return result
 
+    def _drifted_turbines(self) -> set[str]:
+        return {topics.turbine_id(t, self.drift_turbine) for t in self.drift_things}
+
+    def _flagged(self, version: str | None = None) -> set[str]:
+        """Turbines whose newest drift record (by ``version``, when given) has a feature over its limit."""
+        return {t for t, r in self.collector.drift_status().items()
+                if r.get("drifted") and (version is None or r.get("model_version") == version)}
+
+    def _captured(self, since: float = 0.0) -> dict[str, int]:
+        """Captured windows per turbine in the local S3 (what the forwarders uploaded), of readings
+        from ``since`` on."""
+        from windfleet.training.capture import Report, iter_objects, parse_object
+
+        counts: dict[str, int] = {}
+        report = Report()
+        try:
+            for _, data in iter_objects(f"s3://{self.backend.bucket}/captures/", self.backend.s3):
+                for record in parse_object(data, report):
+                    if record["ts"] >= since:
+                        counts[record["turbine_id"]] = counts.get(record["turbine_id"], 0) + 1
+        except Exception:  # noqa: BLE001 - nothing uploaded yet
+            return {}
+        return counts
+
+    def _start_retrain(self) -> None:
+        """Stage: the devices flag the drift; wait for their captures of it in S3; then train v5
+        from them in the background (``windfleet train --from-capture``) while v3 and v4 go on."""
+        self.c.stage("Drift: the devices flag it, capture the windows and upload them; v5 retrains from them")
+        drifted, t0 = self._drifted_turbines(), time.time()
+        deadline = t0 + 120
+        while not drifted <= self._flagged():
+            if time.time() > deadline:
+                raise DemoError(f"drift on {sorted(drifted - self._flagged())} not flagged within 120 s "
+                                f"(drift records: {self.collector.drift_status()})")
+            self._check_runtimes()
+            time.sleep(0.5)
+        status = self.collector.drift_status()
+        self.drift["flagged"] = sorted(self._flagged())
+        self.drift["flagged_features"] = {t: status[t]["drifted"] for t in self.drift["flagged"]}
+        self.c.info("drift flagged on " + ", ".join(f"{t} ({', '.join(status[t]['drifted'])}: "
+                                                     f"{max(status[t]['score'][f] / status[t]['thresholds'][f] for f in status[t]['drifted']):.1f}x its limit)"
+                                                     for t in self.drift["flagged"]))
+        # from the first drifted record (the ramp is over by then): what the turbines read now
+        since = min(self.collector.drift_first_flagged[t] for t in drifted) - 5.0
+        need = 20  # captured windows per drifted turbine, since then, before retraining
+        while min((self._captured(since).get(t, 0) for t in drifted), default=0) < need:
+            if time.time() > deadline:
+                raise DemoError(f"fewer than {need} captured windows per drifted turbine reached S3 within 120 s "
+                                f"({self._captured(since)})")
+            self._check_runtimes()
+            time.sleep(1.0)
+        captured = self._captured(since)
+        self.c.info(f"captured windows in s3://{self.backend.bucket}/captures/ since the drift was flagged: "
+                    f"{sum(captured.values())} ({', '.join(f'{t} {captured[t]}' for t in sorted(drifted))} "
+                    "from the drifted turbines)")
+        out = self.work / "models" / "v5"
+        self.drift["retrain_since"] = round(since, 3)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # leave a core to the fleet
+        with open(self.work / "train-v5.log", "wb") as sink:
+            self.retrain = subprocess.Popen(
+                [sys.executable, "-m", "windfleet.cli", "train", "--quick", "--seed", "3", "--version", "1.0.5",
+                 "--out", str(out), "--from-capture", f"s3://{self.backend.bucket}/captures/", "--since",
+                 f"{since:.3f}", "--home", str(self.home),
+                 # the drifted turbines are healthy: the windows v2 flags there are their new normal
+                 # (windows inside labelled anomaly episodes still never train)
+                 "--include-flagged",
+                 *(["--epochs", str(self.o.retrain_epochs)] if self.o.retrain_epochs else []),
+                 *(["--hours", str(self.o.retrain_hours)] if self.o.retrain_hours else [])],
+                stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        self.stack.callback(_stop_process, self.retrain)
+        self.c.info("training v5 in the background: windfleet train --quick --from-capture "
+                    f"s3://{self.backend.bucket}/captures/ --since {since:.0f} --include-flagged "
+                    f"(log: {self.work / 'train-v5.log'})")
+
+    def _promote_retrained(self) -> None:
+        """Stage: register v5 (lineage: its parent and captures), its canary, the rollout, and
+        the drift flag clearing on the turbines that drifted."""
+        from windfleet.cloud import canary
+
+        self.c.stage("Retrained v5: register with lineage, canary, rollout; the drift flag clears")
+        deadline = time.monotonic() + self.o.stage_timeout
+        while self.retrain.poll() is None:
+            if time.monotonic() > deadline:
+                raise DemoError("training v5 did not finish in time (see train-v5.log)")
+            self._check_runtimes()
+            time.sleep(0.5)
+        if self.retrain.returncode != 0:
+            tail = (self.work / "train-v5.log").read_text(errors="replace").strip().splitlines()[-1:]
+            raise DemoError(f"training v5 from the captures failed: {tail[0] if tail else self.retrain.returncode}")
+        v5 = self.work / "models" / "v5"
+        self._note_model(v5)
+        lineage = mc.load_card(v5).get("lineage") or {}
+        self.drift["lineage"] = {k: lineage.get(k) for k in ("parent", "capture_windows", "turbines", "mixed_with")}
+        self.drift["lineage"]["capture_objects"] = len(lineage.get("captures") or [])
+        self.c.info(f"v1.0.5 learnt {lineage.get('capture_windows')} captured windows of "
+                    f"{len(lineage.get('turbines') or [])} turbines from {self.drift['lineage']['capture_objects']} "
+                    f"objects (parent {lineage.get('parent')})")
+        canary.save_config(self.backend, RETRAIN_CANARY)
+        entry = self.registry.register(v5)
+        dep = self.registry.approve(entry["version"], reason="retrained from the drifted turbines' captures",
+                                    actor="windfleet-demo")["deployment"] or {}
+        if dep.get("status") != "canary":
+            raise DemoError(f"approving v5 did not start a canary: {dep}")
+        result = self._canary("1.0.5", dep)
+        if result["verdict"] != "promote":
+            raise DemoError(f"v5's canary aborted: {result['reason']}")
+        t0 = time.time()
+        outcome = self._watch(result["action"]["deployment"]["deploymentId"], "rolling out v5", t0)
+        failed = sorted(t for t, o in outcome.items() if o["status"] != "SUCCEEDED")
+        if failed:
+            raise DemoError(f"v5 failed on {failed}: {outcome[failed[0]]['reason']}")
+        self._wait_scoring("1.0.5", t0)
+        self.rollouts.append(self._rollout_entry("1.0.5", "update", t0, outcome))
+        # every turbine that drifted reports on v5, with nothing over its limit
+        flagged, deadline = set(self.drift["flagged"]), time.time() + 90
+        while True:
+            status = self.collector.drift_status()
+            # a monitor reports once its window (the card's ``samples``) has filled on the new model
+            on_v5 = {t for t in flagged if status.get(t, {}).get("model_version") == "1.0.5"}
+            if on_v5 == flagged and not (flagged & self._flagged("1.0.5")):
+                self.drift["cleared"] = True
+                break
+            if time.time() > deadline:
+                self.drift["cleared"] = False
+                break
+            self._check_runtimes()
+            time.sleep(1.0)
+        self.drift["still_flagged"] = sorted(self._flagged("1.0.5"))
+        self.drift["scores_on_v5"] = {t: {f: round(status[t]["score"][f] / status[t]["thresholds"][f], 3)
+                                          for f in status[t]["score"]} for t in flagged if t in status}
+        self.c.info("drift " + ("cleared" if self.drift["cleared"] else "NOT cleared") + " on v1.0.5: "
+                    + ", ".join(f"{t} worst feature at {max(v.values()):.2f}x its limit"
+                                for t, v in self.drift["scores_on_v5"].items()))
+        canary.save_config(self.backend, {"enabled": False})  # --serve approvals go straight to the fleet
+
     def _installed(self, thing: str) -> dict[str, str]:
         """Component -> version, as the gateway reports it (its runtime's status.json)."""
         try:
@@ -459,7 +638,7 @@ class Demo:
                     f"{_short(reasons[0]) if reasons else 'no reason given'}")
 
     def _settle(self) -> None:
-        self.c.stage(f"Scoring with v1.0.2 for {self.o.settle:.0f} s more")
+        self.c.stage(f"Scoring with v{'1.0.5' if self.o.drift else '1.0.2'} for {self.o.settle:.0f} s more")
         time.sleep(self.o.settle)
 
     # -- helpers ---------------------------------------------------------------
@@ -570,6 +749,11 @@ class Demo:
             "anomalies_detected": round((det["episode_recall"] or 0) * det["episodes_labelled"]),
             "detection": det,
             "rollouts": self.rollouts, "rollbacks": self.rollbacks, "canary": self.canaries,
+            "drift_flagged_turbines": self.drift.get("flagged", []),
+            "captured_windows": sum(self._captured().values()),
+            "retrained_version": "1.0.5" if self.drift.get("lineage") else None,
+            "drift_cleared": bool(self.drift.get("cleared")),
+            "drift": self.drift,
             "readings_lost_in_swaps": sum(r["readings_lost"] for r in self.rollouts + self.rollbacks),
             "dashboard_store": {"telemetry_received": sum(v["received"] for v in stored.values()),
                                 "telemetry_lost": sum(v["lost"] for v in stored.values())},
@@ -595,6 +779,10 @@ class Demo:
                f"{x['agreement']:.2f}") for x in r["canary"]],
             *[(f"rollback of {x['version']}", f"{x['devices_rolled_back']}/{x['devices']} devices in "
                f"{x['seconds']:.1f} s, {x['readings_lost']} readings lost") for x in r["rollbacks"]],
+            ("drift flagged on", ", ".join(r["drift_flagged_turbines"]) or "none"),
+            ("captured windows in S3", f"{r['captured_windows']:,}"),
+            ("retrained from captures", f"{r['retrained_version'] or 'none'}: drift "
+                                        f"{'cleared' if r['drift_cleared'] else 'NOT cleared'}"),
             ("dashboard store received / lost", f"{r['dashboard_store']['telemetry_received']:,} / "
                                                 f"{r['dashboard_store']['telemetry_lost']}"),
             ("malformed dropped / restarts", f"{r['malformed_dropped']} / {r['component_restarts']}"),
@@ -676,14 +864,21 @@ def register(group: click.Group) -> None:
                   help="Use this trained package as v1 instead of training it.")
     @click.option("--model-v2", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
                   help="Use this trained package as v2 instead of training it.")
+    @click.option("--no-drift", "drift", flag_value=False, default=True,
+                  help="Leave out the drift stages (drifting turbine, captures, v5 retrained from them).")
+    @click.option("--retrain-epochs", type=click.IntRange(1, 1000), default=None,
+                  help="Maximum epochs of v5, retrained from the captures (default: train --quick's).")
+    @click.option("--retrain-hours", type=click.FloatRange(0.05, 100), default=None,
+                  help="Simulated hours per turbine mixed with v5's captures (default: train --quick's).")
     def demo(gateways: int, turbines_per_gateway: int, duration: float, serve: bool, report: Path | None,
              work: Path | None, dashboard_port: int, anomaly_every: float, model_v1: Path | None,
-             model_v2: Path | None) -> None:
+             model_v2: Path | None, drift: bool, retrain_epochs: int | None, retrain_hours: float | None) -> None:
         """The whole lifecycle locally: train, register, approve, deploy, score, update, roll back."""
         jsonlog.setup("windfleet", level=logging.WARNING, stream=sys.stderr)  # the demo speaks through its own output
         opts = DemoOptions(gateways=gateways, turbines_per_gateway=turbines_per_gateway, duration=duration,
                            serve=serve, report=report, dashboard_port=dashboard_port, anomaly_every=anomaly_every,
-                           model_v1=model_v1, model_v2=model_v2)
+                           model_v1=model_v1, model_v2=model_v2, drift=drift, retrain_epochs=retrain_epochs,
+                           retrain_hours=retrain_hours)
         if work is not None:
             opts.work = work
         if opts.work.exists() and any(opts.work.iterdir()):

@@ -59,11 +59,22 @@ class DriftTracker:
             self.reference, self._model = reference, model
             return reference
 
-    def update(self, model: Any, turbine: str, seq: int, rows: np.ndarray) -> None:
-        """Count one accepted readings message's raw features ``(n, F)``.  Never raises."""
+    def update(self, model: Any, turbine: str, seq: int, rows: np.ndarray,
+               episodes: Iterable[tuple[int, int]] = ()) -> None:
+        """Count one accepted readings message's raw features ``(n, F)``, leaving out the readings
+        inside labelled anomaly ``episodes`` (``start <= seq < end``): a fault is not drift, and
+        a simulated fleet with frequent faults would otherwise look drifted.  Never raises."""
         try:
             if self._follow(model) is None:
                 return
+            end = seq + len(rows)
+            overlapping = [(a, b) for a, b in episodes if a < end and b > seq]
+            if overlapping:
+                at = seq + np.arange(len(rows))
+                inside = np.zeros(len(rows), dtype=bool)
+                for a, b in overlapping:
+                    inside |= (at >= a) & (at < b)
+                rows, seq = rows[~inside], None  # not contiguous any more: no redelivery check for it
             monitor = self.monitors.get(turbine)
             if monitor is not None:
                 monitor.update(rows, seq)

@@ -67,7 +67,7 @@ from .capture import CaptureSampler
 from .drift import DEFAULT_INTERVAL as DEFAULT_DRIFT_INTERVAL
 from .drift import DriftTracker
 from .model import LoadedModel, ModelRejected, keep_as_last_good, last_good_dir, load_model
-from .shadow import Shadow
+from .shadow import MAX_OPEN_EPISODES, Shadow
 
 COMPONENT = "com.windfleet.AnomalyDetector"
 MODEL_COMPONENT = "com.windfleet.AnomalyModel"
@@ -249,6 +249,7 @@ class Detector:
         self._next_model_check = 0.0
         self._locate_candidate = None
         self._shadow: Shadow | None = None
+        self._labels: dict[str, collections.deque[tuple[int, int]]] = {}  # turbine -> its latest labelled episodes
         self._shadow_source: Path | None = None  # the candidate dir the shadow was made from
         # windows kept for retraining (.capture); None: capture off
         self._capture = CaptureSampler(bus, self.thing, **capture) if capture is not None else None
@@ -342,6 +343,11 @@ class Detector:
                                         f"current model's {self._window}/{self._stride}: no shadow on other windows")
             else:
                 shadow = Shadow(candidate, current)
+                # the episodes labelled so far: turbines known to publish labels count clean windows
+                # (the false-alarm gate) from the first batch, not from their next label
+                for turbine, episodes in list(self._labels.items()):
+                    for start, end in list(episodes):
+                        shadow.label(turbine, start, end)
         self._shadow, self._shadow_source = shadow, Path(model_dir).resolve()
         jsonlog.event(log, "shadow refused" if shadow.refused else "shadow started",
                       logging.ERROR if shadow.refused else logging.INFO, candidate_version=shadow.candidate_version,
@@ -464,11 +470,11 @@ class Detector:
     def handle_label(self, topic: str, payload: bytes) -> None:
         """Bus handler for the simulator's labelled episodes (recall in shadow).  Never raises."""
         shadow, capture = self._shadow, self._capture
-        if (shadow is None or not shadow.active) and capture is None:
-            return
         try:
             obj = payloads.validate_label(payloads.decode(bytes(payload) if not isinstance(payload, str)
                                                           else payload))
+            self._labels.setdefault(obj["turbine_id"], collections.deque(maxlen=MAX_OPEN_EPISODES)).append(
+                (obj["start_seq"], obj["end_seq"]))
             if capture is not None:  # captured windows carry the label
                 capture.label(obj["turbine_id"], obj["start_seq"], obj["end_seq"])
             if shadow is not None and shadow.active:
@@ -511,7 +517,8 @@ class Detector:
             rows = raw_features({k: table[:, j] for j, k in enumerate(payloads.SAMPLE_FIELDS)})
         if not np.isfinite(rows).all():
             raise payloads.MalformedPayload("non_finite", "features overflow")
-        self.drift.update(self._model, turbine, seq, rows)
+        # readings inside a labelled anomaly episode are a fault, not the turbine's normal: kept out of drift
+        self.drift.update(self._model, turbine, seq, rows, tuple(self._labels.get(turbine, ())))
         with self._windowers_lock:
             windower = self._windowers[turbine]
             backstep = RESTART_BACKSTEP_WINDOWS * windower.window

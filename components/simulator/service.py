@@ -12,7 +12,8 @@ Configuration (component configuration; ``main.py`` arguments override):
 ``anomalies``           explicit list of ``{turbine, kind, start_s, duration_s, severity[, channel]}``
                         (``turbine``: index or id)
 ``drift``               list of drift scenarios (never labelled: drift is not a fault), each on
-                        ``turbines`` (indices or ids) from ``start_s`` after the start, ramping
+                        ``turbines`` (indices, or ids -- ids of other gateways are skipped, so one
+                        fleet-wide configuration can name any turbine) from ``start_s`` after the start, ramping
                         linearly over ``ramp_s`` (default 0: a step) and then holding:
                         ``{"kind": "sensor_offset", "turbines": [0, 3], "channel": "voltage",
                         "offset": 60, "start_s": 30, "ramp_s": 10}`` (``channel`` one of
@@ -164,6 +165,7 @@ def _number(e: dict, key: str, default: float | None = None) -> float:
 def drift_schedule(entries: list[dict], ids: list[str], rate: float) -> dict[str, list[Drift]]:
     """Configuration ``drift`` -> per-turbine :class:`Drift` lists; ConfigError names the bad entry."""
     out: dict[str, list[Drift]] = {t: [] for t in ids}
+    here = topics.gateway_of(ids[0]) if ids else None
     for n, e in enumerate(entries):
         try:
             if not isinstance(e, dict):
@@ -182,6 +184,8 @@ def drift_schedule(entries: list[dict], ids: list[str], rate: float) -> dict[str
                 if isinstance(t, bool) or not isinstance(t, (int, str)):
                     raise ValueError(f"turbine {t!r} is neither an index nor an id")
                 tid = (ids[t] if 0 <= t < len(ids) else None) if isinstance(t, int) else t
+                if isinstance(t, str) and topics.gateway_of(t) != here:
+                    continue  # one fleet-wide configuration names turbines of every gateway
                 if tid not in out:
                     raise ValueError(f"unknown turbine {t!r} (this gateway has {len(ids)})")
                 targets.append(tid)

@@ -71,7 +71,7 @@ class FleetCollector:
         self.labels: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
         self.health: dict[tuple[str, str], dict] = {}     # (thing, component) -> last health
         self.drift: dict[str, dict] = {}                   # turbine -> its newest drift record
-        self.drift_flagged: dict[str, set[str]] = collections.defaultdict(set)  # model version -> turbines ever flagged
+        self.drift_first_flagged: dict[str, float] = {}    # turbine -> ts of its first drifted record
         # counters of earlier incarnations of a restarted component, (thing, component, name) -> total
         self.counter_base: dict[tuple[str, str, str], int] = collections.defaultdict(int)
 
@@ -126,7 +126,8 @@ class FleetCollector:
                 if old is None or rec.get("ts", 0) >= old.get("ts", 0):
                     self.drift[rec["turbine_id"]] = rec
                 if rec.get("drifted"):
-                    self.drift_flagged[str(rec.get("model_version"))].add(rec["turbine_id"])
+                    first = self.drift_first_flagged.get(rec["turbine_id"])
+                    self.drift_first_flagged[rec["turbine_id"]] = min(first or rec["ts"], rec["ts"])
             elif record["type"] == "health" and "component" in rec and "thing" in rec:
                 # components' health reaches the cloud only inside telemetry (the forwarder)
                 key = (rec["thing"], rec["component"])
