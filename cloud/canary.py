@@ -333,6 +333,9 @@ def evaluate(stats: Mapping[str, Mapping | None], devices: Sequence[str], config
     waiting = []
     if elapsed_s < float(config["min_seconds"]):
         waiting.append(f"{elapsed_s:.0f} of {float(config['min_seconds']):g} s observed")
+    if pooled["labelled_episodes"] and pooled["clean_windows"] < int(config["min_clean_windows"]):
+        waiting.append(f"{pooled['clean_windows']} of {int(config['min_clean_windows'])} windows outside "
+                       "labelled episodes settled")
     for thing, m in per_device.items():
         if m is None:
             waiting.append(f"{thing} has reported no shadow statistics")

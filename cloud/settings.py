@@ -125,6 +125,7 @@ CANARY_DEFAULTS = {
     "false_alarm_factor": 1.5,
     "false_alarm_epsilon": 0.005,
     "false_alarm_z": 2.0,        # ... + z Poisson sigmas of the current model's false-alarm count
+    "min_clean_windows": 20,     # where labels arrive, wait for this many windows outside their episodes
     "min_agreement": 0.5,        # flagged by both / flagged by either (1.0 when neither flags)
     "recall_tolerance": 0.0,     # candidate recall on labelled episodes >= current's - tolerance
     "max_errors": 0,             # candidate scoring errors

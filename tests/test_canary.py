@@ -57,7 +57,7 @@ def shadow(candidate: str, current: str, windows: int, current_alarms: int, cand
         candidate={**model, "alarms": candidate_alarms, "alarm_rate": candidate_alarms / windows,
                    "infer_ms_p99": infer_p99},
         either_flagged=current_alarms + candidate_alarms - both, both_flagged=both, labelled_episodes=4,
-        current_detected=3, candidate_detected=3, errors=errors)
+        current_detected=3, candidate_detected=3, errors=errors, clean_windows=windows // 2)
 
 
 def _report(store: TelemetryStore, thing: str, seq: int, stats: dict) -> None:
@@ -225,7 +225,9 @@ def test_a_model_that_flags_everything_passes_the_alarm_rate_gate_where_anomalie
     better["current"]["false_alarms"], better["candidate"]["false_alarms"] = 6, 1
     assert canary.evaluate({"a": better}, ["a"], CONFIG, 120)["verdict"] == "promote"
     # no labels (a real fleet): not applicable, the other gates decide
-    unlabelled = canary.evaluate({"a": shadow("2", "1", 500, 5, 6, 5)}, ["a"], CONFIG, 120)
+    no_labels = shadow("2", "1", 500, 5, 6, 5)
+    no_labels.update(clean_windows=0, labelled_episodes=0, current_detected=0, candidate_detected=0)
+    unlabelled = canary.evaluate({"a": no_labels}, ["a"], CONFIG, 120)
     assert next(g for g in unlabelled["gates"] if g["gate"] == "false_alarm_rate")["measured"] is None
 
 

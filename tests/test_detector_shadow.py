@@ -94,6 +94,27 @@ def test_episodes_labelled_before_the_candidate_arrived_count_from_its_first_bat
     assert shadow["candidate"]["false_alarms"] == shadow["current"]["false_alarms"]
 
 
+def test_a_label_handled_after_its_readings_still_keeps_the_fault_out_of_the_clean_windows(model_dir, tmp_path):
+    """On a busy device the label (published just before its readings) can be handled after them:
+    windows are judged clean only once the stream is SETTLE_SAMPLES past them, so the count is
+    the same as when the label came first."""
+    from windfleet.components.detector.shadow import SETTLE_SAMPLES
+
+    def clean_after(label_at: int) -> dict:
+        det, bus = make_detector(model_dir, tmp_path / str(label_at), turbines=(T0,))
+        assert det.shadow_candidate(model_dir).active
+        bus.deliver(topics.labels(T0), payloads.encode(payloads.label(T0, "spike", 1000, 1100, 1.0)))  # labels flow
+        for i, m in enumerate(messages(T0, simulate_stream(T0, 1500), batch=100)):
+            if i == label_at:
+                bus.deliver(topics.labels(T0), payloads.encode(payloads.label(T0, "spike", 300, 500, 1.0)))
+            det.handle(topics.readings(T0), m)
+            drain(det)
+        return det.health()["shadow"]
+
+    first, late = clean_after(3), clean_after(5)  # the label before / after samples 300..499 were scored
+    assert SETTLE_SAMPLES >= 100 and first["clean_windows"] == late["clean_windows"] > 0
+
+
 def test_same_model_in_shadow_agrees(model_dir, model_dir_factory, tmp_path):
     det, bus = make_detector(model_dir, tmp_path, turbines=(T0,))
     det.shadow_candidate(model_dir_factory("1.0.1"))

@@ -39,6 +39,10 @@ from .model import LoadedModel
 _SCORE_EDGES = np.arange(-3.0, 3.0 + 1e-9, 0.025)
 _INFER_EDGES = np.arange(-4.0, 3.0 + 1e-9, 0.025)
 MAX_OPEN_EPISODES = 32  # per turbine; labels beyond these (a flood) are dropped oldest first
+# A window is judged clean (outside every labelled episode) only once the turbine's stream is this
+# many samples past it: a label published just before its readings can still be handled after
+# them on a busy device (another subscription), and must not make a fault look like a false alarm.
+SETTLE_SAMPLES = 200
 
 
 class _Histogram:
@@ -117,6 +121,7 @@ class Shadow:
         self.labelled = self.current_detected = self.candidate_detected = 0
         self.clean = self.current_false = self.candidate_false = 0  # windows outside labelled episodes
         self._episodes: dict[str, collections.deque[_Episode]] = {}
+        self._unsettled: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
         self._lock = threading.Lock()
         if candidate is not None:
             self._thresholds = np.array([candidate.thresholds[f] for f in mc.FEATURES])
@@ -180,11 +185,14 @@ class Shadow:
             n = len(ends)
             episodes = self._episodes.get(turbine)
             if episodes is not None:
-                inside = np.zeros(n, dtype=bool)
+                pending = self._unsettled.setdefault(turbine, [])
+                pending.append((ends, cur_flag[offset:offset + n], cand_flag[offset:offset + n]))
+                horizon = int(ends[-1]) - SETTLE_SAMPLES
+                while pending and int(pending[0][0][-1]) <= horizon:
+                    self._count_clean(episodes, *pending.pop(0), window)
                 for ep in list(episodes):
                     # a window ending at e covers samples e - window + 1 .. e
                     overlap = (ends >= ep.start) & (ends - window + 1 < ep.end)
-                    inside |= overlap
                     if overlap.any():
                         if not ep.counted:
                             ep.counted, self.labelled = True, self.labelled + 1
@@ -192,13 +200,18 @@ class Shadow:
                             ep.current, self.current_detected = True, self.current_detected + 1
                         if not ep.candidate and cand_flag[offset:offset + n][overlap].any():
                             ep.candidate, self.candidate_detected = True, self.candidate_detected + 1
-                    if ends[-1] - window + 1 >= ep.end:  # windows are past it: settled
+                    if horizon - window + 1 >= ep.end:  # even unsettled windows are past it
                         episodes.remove(ep)
-                clean = ~inside
-                self.clean += int(clean.sum())
-                self.current_false += int(cur_flag[offset:offset + n][clean].sum())
-                self.candidate_false += int(cand_flag[offset:offset + n][clean].sum())
             offset += n
+
+    def _count_clean(self, episodes, ends: np.ndarray, cur: np.ndarray, cand: np.ndarray, window: int) -> None:
+        inside = np.zeros(len(ends), dtype=bool)
+        for ep in episodes:
+            inside |= (ends >= ep.start) & (ends - window + 1 < ep.end)
+        clean = ~inside
+        self.clean += int(clean.sum())
+        self.current_false += int(cur[clean].sum())
+        self.candidate_false += int(cand[clean].sum())
 
     def stats(self) -> dict:
         """``payloads.shadow_stats`` so far (plus ``error``: the last candidate failure, if any)."""
