@@ -378,25 +378,31 @@ class Demo:
 
     def _approve_v2(self, v2: Path) -> None:
         self.c.stage("Registering v2 and approving it: a canary first, then rollout over the air")
-        entry = self.registry.register(v2)
+        self._through_canary(v2, "1.0.2")
+
+    def _through_canary(self, package: Path, version: str, **decision: str) -> dict:
+        """Register ``package``, approve it (a canary starts), run its canary until it is promoted,
+        then watch the rollout until every gateway scores with ``version``; the rollout entry."""
+        entry = self.registry.register(package)
         self.c.info(f"registered package {entry['version']} ({entry['status']}); approving")
-        dep = self.registry.approve(entry["version"])["deployment"] or {}
+        dep = self.registry.approve(entry["version"], **decision)["deployment"] or {}
+        short = "v" + version.rsplit(".", 1)[-1]
         if dep.get("status") != "canary":
-            raise DemoError(f"approving v2 did not start a canary: {dep}")
-        result = self._canary("1.0.2", dep)
+            raise DemoError(f"approving {short} did not start a canary: {dep}")
+        result = self._canary(version, dep)
         if result["verdict"] != "promote":
-            raise DemoError(f"v2's canary aborted: {result['reason']}")
+            raise DemoError(f"{short}'s canary aborted: {result['reason']}")
         t0 = time.time()
-        dep = result["action"]["deployment"]
-        outcome = self._watch(dep["deploymentId"], "rolling out v2", t0)
+        outcome = self._watch(result["action"]["deployment"]["deploymentId"], f"rolling out {short}", t0)
         failed = sorted(t for t, o in outcome.items() if o["status"] != "SUCCEEDED")
         if failed:
-            raise DemoError(f"v2 failed on {failed}: {outcome[failed[0]]['reason']}")
-        self._wait_scoring("1.0.2", t0)
-        entry = self._rollout_entry("1.0.2", "update", t0, outcome)
-        self.rollouts.append(entry)
-        self.c.info(f"every gateway on v1.0.2 {entry['seconds']:.1f} s after promotion; "
-                    f"readings lost in the swap: {entry['readings_lost']}")
+            raise DemoError(f"{short} failed on {failed}: {outcome[failed[0]]['reason']}")
+        self._wait_scoring(version, t0)
+        rollout = self._rollout_entry(version, "update", t0, outcome)
+        self.rollouts.append(rollout)
+        self.c.info(f"every gateway on v{version} {rollout['seconds']:.1f} s after promotion; "
+                    f"readings lost in the swap: {rollout['readings_lost']}")
+        return rollout
 
     def _approve_bad_v3(self, v2: Path) -> None:
         self.c.stage(f"Approving v3: v2 with thresholds x {BAD_THRESHOLD_FACTOR:g} (loads, self-tests, alarms on "
@@ -568,21 +574,8 @@ class Demo:
                     f"{len(lineage.get('turbines') or [])} turbines from {self.drift['lineage']['capture_objects']} "
                     f"objects (parent {lineage.get('parent')})")
         canary.save_config(self.backend, RETRAIN_CANARY)
-        entry = self.registry.register(v5)
-        dep = self.registry.approve(entry["version"], reason="retrained from the drifted turbines' captures",
-                                    actor="windfleet-demo")["deployment"] or {}
-        if dep.get("status") != "canary":
-            raise DemoError(f"approving v5 did not start a canary: {dep}")
-        result = self._canary("1.0.5", dep)
-        if result["verdict"] != "promote":
-            raise DemoError(f"v5's canary aborted: {result['reason']}")
-        t0 = time.time()
-        outcome = self._watch(result["action"]["deployment"]["deploymentId"], "rolling out v5", t0)
-        failed = sorted(t for t, o in outcome.items() if o["status"] != "SUCCEEDED")
-        if failed:
-            raise DemoError(f"v5 failed on {failed}: {outcome[failed[0]]['reason']}")
-        self._wait_scoring("1.0.5", t0)
-        self.rollouts.append(self._rollout_entry("1.0.5", "update", t0, outcome))
+        self._through_canary(v5, "1.0.5", reason="retrained from the drifted turbines' captures",
+                             actor="windfleet-demo")
         # every turbine that drifted reports on v5, with nothing over its limit
         flagged, deadline = set(self.drift["flagged"]), time.time() + 90
         while True:
