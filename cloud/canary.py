@@ -316,7 +316,8 @@ def evaluate(stats: Mapping[str, Mapping | None], devices: Sequence[str], config
     ``stats``: thing -> its latest shadow object (None/missing: nothing reported yet).  The gates
     apply to the devices' pooled figures.  Errors abort at once; otherwise the verdict waits until
     ``min_seconds`` have passed and every device scored ``min_windows`` windows, then is
-    ``promote`` when every gate passes, else ``abort``.  Returns ``{"verdict", "reason", "gates",
+    ``abort`` when a gate fails, else (where labels arrive, once ``min_clean_windows`` windows
+    outside labelled episodes have settled: the false-alarm gate's evidence) ``promote``.  Returns ``{"verdict", "reason", "gates",
     "devices": {thing: measured | None}, "pooled", "seconds", "candidate_alarm_rate",
     "current_alarm_rate", "agreement"}``.
     """
@@ -333,9 +334,6 @@ def evaluate(stats: Mapping[str, Mapping | None], devices: Sequence[str], config
     waiting = []
     if elapsed_s < float(config["min_seconds"]):
         waiting.append(f"{elapsed_s:.0f} of {float(config['min_seconds']):g} s observed")
-    if pooled["labelled_episodes"] and pooled["clean_windows"] < int(config["min_clean_windows"]):
-        waiting.append(f"{pooled['clean_windows']} of {int(config['min_clean_windows'])} windows outside "
-                       "labelled episodes settled")
     for thing, m in per_device.items():
         if m is None:
             waiting.append(f"{thing} has reported no shadow statistics")
@@ -343,9 +341,15 @@ def evaluate(stats: Mapping[str, Mapping | None], devices: Sequence[str], config
             waiting.append(f"{thing} scored {m['windows']} of {int(config['min_windows'])} windows")
     if waiting:
         return {**out, "verdict": "wait", "reason": "; ".join(waiting)}
-    failed = [g["detail"] for g in checked if not g["passed"]]
+    # the false-alarm gate's evidence is the clean windows: until there are enough it neither
+    # fails nor lets the candidate through, but another gate failing aborts at once
+    few_clean = bool(pooled["labelled_episodes"]) and pooled["clean_windows"] < int(config["min_clean_windows"])
+    failed = [g["detail"] for g in checked if not g["passed"] and not (few_clean and g["gate"] == "false_alarm_rate")]
     if failed:
         return {**out, "verdict": "abort", "reason": "; ".join(failed)}
+    if few_clean:
+        return {**out, "verdict": "wait", "reason": f"{pooled['clean_windows']} of {int(config['min_clean_windows'])} "
+                                                    "windows outside labelled episodes settled"}
     return {**out, "verdict": "promote",
             "reason": "every gate passed: " + "; ".join(g["detail"] for g in checked)}
 

@@ -231,6 +231,22 @@ def test_a_model_that_flags_everything_passes_the_alarm_rate_gate_where_anomalie
     assert next(g for g in unlabelled["gates"] if g["gate"] == "false_alarm_rate")["measured"] is None
 
 
+def test_a_failing_gate_aborts_without_waiting_for_clean_windows_but_a_promotion_waits_for_them():
+    """The clean windows (outside labelled episodes and the recovery after them) come slowly on a
+    fleet with frequent faults: they are the false-alarm gate's evidence only."""
+    flags_all = shadow("2", "1", 200, 70, 200, 70)
+    flags_all.update(clean_windows=5)
+    out = canary.evaluate({"a": flags_all}, ["a"], CONFIG, 120)
+    assert out["verdict"] == "abort" and "candidate alarm rate 1.0000" in out["reason"]
+    assert "false-alarm" not in out["reason"]  # not judged on 5 windows
+    good = shadow("2", "1", 200, 70, 70, 70)
+    good.update(clean_windows=5)
+    waiting = canary.evaluate({"a": good}, ["a"], CONFIG, 120)
+    assert waiting["verdict"] == "wait" and f"5 of {CONFIG['min_clean_windows']} windows outside" in waiting["reason"]
+    good.update(clean_windows=CONFIG["min_clean_windows"])
+    assert canary.evaluate({"a": good}, ["a"], CONFIG, 120)["verdict"] == "promote"
+
+
 def test_canary_size_by_count_or_percent():
     assert canary.canary_size(10, {"devices": 2}) == 2
     assert canary.canary_size(10, {"devices": 2, "percent": 25}) == 3

@@ -152,8 +152,10 @@ def test_captured_windows_carry_labels_once_labels_arrive():
     offer(sampler, [False], ends=[99])
     assert bus.captures()[-1]["label"] is None  # no ground truth yet
     sampler.label("gw1-t00", 500, 600)  # samples 500..599
-    # a 10-sample window ending at e covers e-9..e
-    for end, label in ((400, 0), (499, 0), (500, 1), (599, 1), (608, 1), (609, 0)):
+    # a 10-sample window ending at e covers e-9..e; the turbine's recovery after the episode
+    # (payloads.LABEL_RECOVERY_SAMPLES) is no normal data either
+    after = 600 + payloads.LABEL_RECOVERY_SAMPLES
+    for end, label in ((400, 0), (499, 0), (500, 1), (599, 1), (608, 1), (after + 8, 1), (after + 9, 0)):
         offer(sampler, [False], ends=[end])
         assert bus.captures()[-1]["label"] == label, end
     offer(sampler, [False], ends=[550], turbine="gw1-t01")

@@ -17,7 +17,7 @@ import pytest
 
 from tests.mqtt_fixtures import wait_until
 from tests.test_dashboard import browser, page, shot  # noqa: F401 - fixtures
-from tests.test_demo import GATEWAYS, TURBINES, _demo, _leftovers, demo_model  # noqa: F401 - the demo's model
+from tests.demo_fixtures import GATEWAYS, TURBINES, leftovers, run_demo
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.browser]
 
@@ -30,7 +30,7 @@ def _get(url: str) -> dict:
 @pytest.fixture
 def served_fleet(demo_model, tmp_path):
     work = tmp_path / "work"
-    proc = _demo(work, demo_model, "--serve", "--no-drift")  # the drift stages: test_demo.py
+    proc = run_demo(work, demo_model, "--serve", "--no-drift")  # the drift stages: test_demo.py
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
     try:
@@ -142,4 +142,4 @@ def test_operator_watches_the_fleet_and_approves_a_version(served_fleet, page, m
     assert report["counters_source"] == "component logs (final totals)"
     assert report["readings_unscored"] == 0 and report["telemetry_lost"] == 0
     assert set(report["model_version"].values()) == {"1.0.5"}
-    assert _leftovers(served_fleet["work"]) == []
+    assert leftovers(served_fleet["work"]) == []

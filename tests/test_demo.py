@@ -1,7 +1,8 @@
 """``windfleet demo`` as a user runs it: a real process that starts Mosquitto, the dashboard and
 the device runtimes, rolls a model out through a canary, stops a bad one at its canary, rolls a
 corrupt one back, flags a drifting turbine, retrains from the captured windows and clears the
-flag with the retrained model, reports, and leaves nothing running.  Pre-trained packages (``--model-v1/--model-v2``) keep the training stages out of CI time;
+flag with the retrained model, reports, and leaves nothing running.  A pre-trained package
+(``--model-v1/--model-v2``, conftest's ``demo_model``) keeps the training stages out of CI time;
 training itself is tested in test_training.py.
 """
 
@@ -10,51 +11,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from windfleet import model_contract as mc
-from windfleet.nucleus.fleet import leftover_processes
-
+from tests.demo_fixtures import GATEWAYS, leftovers, run_demo
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
-
-GATEWAYS, TURBINES = 2, 3  # gw02-t01 drifts
-
-
-_leftovers = leftover_processes  # processes of a run still alive (should be none)
-
-
-def _demo(work: Path, model_dir: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "windfleet.cli", "demo", "--gateways", str(GATEWAYS), "--turbines-per-gateway",
-         str(TURBINES), "--duration", "6", "--anomaly-every", "20", "--model-v1", str(model_dir),
-         "--model-v2", str(model_dir), "--work", str(work), "--retrain-hours", "0.5", "--retrain-epochs", "6",
-         *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-@pytest.fixture(scope="module")
-def demo_model(tmp_path_factory) -> Path:
-    """A small ``windfleet train`` package (3 turbines across the wind envelope x 0.5 h, 6 epochs):
-    thresholds calibrated on held-out turbines, so the current model raises few false alarms all
-    demo long and v3 alarming on normal data shows in the canary's gates; its card carries the
-    drift reference training builds.  (The session's ``model_dir``, trained on one 8 m/s turbine
-    for 15 minutes, alarms on most windows once the simulated weather moves on.)"""
-    from windfleet.training.pipeline import train_simulated
-
-    out = tmp_path_factory.mktemp("m") / "demo-model"
-    train_simulated(out, seed=1, turbines=3, hours=0.5, epochs=6, evaluate=False, progress=False, log=lambda *_: None)
-    assert "drift" in json.loads((out / mc.CARD_FILE).read_text())
-    return out
 
 
 def test_demo_runs_the_lifecycle_and_stops_everything(demo_model, tmp_path):
     work, report_path = tmp_path / "work", tmp_path / "out" / "report.json"
-    proc = _demo(work, demo_model, "--report", str(report_path))
+    proc = run_demo(work, demo_model, "--report", str(report_path))
     try:
         out, _ = proc.communicate(timeout=420)
     finally:
@@ -114,6 +81,6 @@ def test_demo_runs_the_lifecycle_and_stops_everything(demo_model, tmp_path):
     for line in ("Summary", "rollout 1.0.2 (update)", "canary 1.0.3", "rollback of 1.0.4", "drift flagged on",
                  "retrained from captures", "dashboard: http://127.0.0.1:"):
         assert line in out
-    assert _leftovers(work) == []
+    assert leftovers(work) == []
 
 # --serve (the fleet stays up for the operator, Ctrl-C closes the books): tests/test_dashboard_fleet.py

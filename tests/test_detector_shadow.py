@@ -13,6 +13,7 @@ import pytest
 from windfleet import model_contract as mc
 from windfleet import payloads, topics
 from windfleet.cloud import canary, settings
+from windfleet.components.detector.model import window_geometry
 from windfleet.components.detector.service import CANDIDATE_COMPONENT, model_locator
 
 from tests.test_detector import THING, drain, make_detector, messages, simulate_stream
@@ -113,6 +114,28 @@ def test_a_label_handled_after_its_readings_still_keeps_the_fault_out_of_the_cle
 
     first, late = clean_after(3), clean_after(5)  # the label before / after samples 300..499 were scored
     assert SETTLE_SAMPLES >= 100 and first["clean_windows"] == late["clean_windows"] > 0
+
+
+def test_the_recovery_after_an_episode_is_not_counted_as_clean(model_dir, tmp_path):
+    """A turbine is not normal the moment its fault ends (an overspeeding rotor slows down, a
+    yawed nacelle slews back): windows starting less than LABEL_RECOVERY_SAMPLES after a labelled
+    episode are neither false alarms nor clean, so a model alarming on a recovering turbine is
+    not charged for it by the canary's false-alarm gate (seen: a good model's "false-alarm rate"
+    0.65 on a demo fleet with an episode every 20 s)."""
+    from windfleet.components.detector.shadow import SETTLE_SAMPLES
+
+    det, bus = make_detector(model_dir, tmp_path, turbines=(T0,))
+    assert det.shadow_candidate(model_dir).active
+    feed(det, bus, n=2000, labels=True)  # episode: samples 300..499
+    ends = [s["window_end_seq"] for s in bus.scores()]
+    window = window_geometry(mc.load_card(model_dir))[0]
+    recovered = 500 + payloads.LABEL_RECOVERY_SAMPLES
+    expected = sum(1 for e in ends if e <= max(ends) - SETTLE_SAMPLES and (e < 300 or e - window + 1 >= recovered))
+    shadow = det.health()["shadow"]
+    assert shadow["labelled_episodes"] == 1
+    assert shadow["clean_windows"] == expected > 0
+    # without the recovery allowance the windows just after the episode would count too
+    assert expected < sum(1 for e in ends if e <= max(ends) - SETTLE_SAMPLES and (e < 300 or e - window + 1 >= 500))
 
 
 def test_same_model_in_shadow_agrees(model_dir, model_dir_factory, tmp_path):

@@ -139,18 +139,29 @@ def test_a_card_without_drift_means_no_monitoring_and_a_bad_one_is_refused():
         dr.Reference.from_card({"features": ["x"], "drift": {"method": "psi", "edges": {"x": [2, 1]}}})
 
 
-def test_a_new_model_restarts_every_window_and_one_without_drift_stops_the_records():
+def test_a_new_model_judges_the_turbines_window_against_its_own_reference_at_once():
+    """After a rollout the records name the new model and compare the turbine's last window of
+    readings with the new model's training data straight away (no minute of fresh readings
+    first); a model without drift stops the records, one on other features starts over."""
     rng = np.random.default_rng(7)
-    card = {"features": ["x"], "drift": one_feature_reference([rng.normal(0, 1, 12_000)], [rng.normal(0, 1, 6_000)],
-                                                                samples=600)}
-    v1, v2 = (SimpleNamespace(card=card, version=v) for v in ("1.0.0", "2.0.0"))
-    old = SimpleNamespace(card={"features": ["x"]}, version="0.9.0")
+
+    def card(mean: float, features=("x",)) -> dict:
+        return {"features": list(features), "drift": one_feature_reference(
+            [rng.normal(mean, 1, 12_000)], [rng.normal(mean, 1, 6_000)], samples=600)}
+
+    v1, v2 = SimpleNamespace(card=card(0.0), version="1.0.0"), SimpleNamespace(card=card(4.0), version="2.0.0")
     tracker = DriftTracker(["t"])
     for seq in range(0, 600, 20):
         tracker.update(v1, "t", seq, rng.normal(0, 1, (20, 1)))
     assert [(t, r["model_version"], r["samples"], r["drifted"]) for t, r in tracker.records(v1)] == \
         [("t", "1.0.0", 600, [])]
-    assert tracker.records(v2) == []  # the new model's reference: the window starts over
+    # v2 learnt a turbine reading 4 sigma higher: the same 600 readings are drifted against it
+    assert [(t, r["model_version"], r["samples"], r["drifted"]) for t, r in tracker.records(v2)] == \
+        [("t", "2.0.0", 600, ["x"])]
+    assert tracker.records(v1)[0][1]["drifted"] == []  # and back (a rollback): the window carried over again
+    other = SimpleNamespace(card={**card(0.0), "features": ["y"]}, version="3.0.0")
+    assert tracker.records(other) == []  # other features: the window starts over
+    old = SimpleNamespace(card={"features": ["x"]}, version="0.9.0")
     tracker.update(old, "t", 600, rng.normal(0, 1, (20, 1)))
     assert tracker.records(old) == [] and tracker.monitors == {}
 
@@ -163,15 +174,15 @@ def test_readings_inside_a_labelled_anomaly_episode_are_not_drift():
                                                                 samples=600)}
     model = SimpleNamespace(card=card, version="1.0.0")
     labelled, unlabelled = DriftTracker(["t"]), DriftTracker(["t"])
-    episodes = [(400, 800)]  # samples 400..799 read 8 sigma high: a fault
-    for seq in range(0, 1000, 20):
-        rows = rng.normal(8 if 400 <= seq < 800 else 0, 1, (20, 1))
+    episodes = [(900, 1300)]  # samples 900..1299 read 8 sigma high: a fault (then 300 of recovery)
+    for seq in range(0, 1600, 20):
+        rows = rng.normal(8 if 900 <= seq < 1300 else 0, 1, (20, 1))
         labelled.update(model, "t", seq, rows, episodes)
         unlabelled.update(model, "t", seq, rows)
     (_, without), = labelled.records(model)
     (_, with_fault), = unlabelled.records(model)
     assert without["samples"] == 600 and without["drifted"] == []
-    assert with_fault["drifted"] == ["x"]
+    assert with_fault["drifted"] == ["x"], with_fault
 
 
 # ---------------------------------------------------------------- the detector

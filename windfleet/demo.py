@@ -46,12 +46,14 @@ from windfleet import model_contract as mc
 log = logging.getLogger("windfleet.demo")
 
 TERMINAL = {"SUCCEEDED", "COMPLETED", "FAILED", "REJECTED", "CANCELED", "TIMED_OUT"}
+EPISODE_S = 5.0  # each injected anomaly: long enough to fill a model window
 # The demo's canary settings (``windfleet canary configure``): one gateway, a short observation
-# window.  The demo injects an anomaly every 20 s per turbine, so well over half its windows are
-# anomalous and a model that flags everything alarms at most ~1.6x as often as a good one: a
-# tighter alarm-rate factor than the default 2, and agreement >= 0.75 (two good models agree on
-# well over 0.9 of the windows either flags here; v3 on the current model's share).  Recall
-# over a few labelled episodes is coarse: some tolerance.
+# window.  The demo injects a 5 s anomaly every 40 s per turbine, and a turbine takes up to 15 s
+# to recover from one (``payloads.LABEL_RECOVERY_SAMPLES``), so about a third of its windows are
+# not normal and a model that flags everything alarms at most ~3x as often as a good one: a tighter
+# alarm-rate factor than the default 2, and agreement >= 0.75 (two good models agree on well over
+# 0.9 of the windows either flags here; v3 on the current model's share).  Recall over a few
+# labelled episodes is coarse: some tolerance.
 DEMO_CANARY = {"enabled": True, "devices": 1, "percent": None, "min_seconds": 10.0, "min_windows": 100,
                "alarm_rate_factor": 1.25, "alarm_rate_epsilon": 0.02, "min_agreement": 0.75, "recall_tolerance": 0.25}
 BAD_THRESHOLD_FACTOR = 0.02  # v3: v2's thresholds x this -- loads and self-tests, alarms on normal data
@@ -81,7 +83,7 @@ class DemoOptions:
     report: Path | None = None
     serve: bool = False
     dashboard_port: int = 0
-    anomaly_every: float = 20.0
+    anomaly_every: float = 40.0  # an EPISODE_S episode each, then 15 s of recovery, then normal data
     model_v1: Path | None = None  # pre-trained packages skip the training stages
     model_v2: Path | None = None
     stage_timeout: float = 240.0
@@ -186,6 +188,7 @@ class Demo:
         self.drift: dict[str, Any] = {}
         self.dashboard_url = self.token = None
         self.retrain: subprocess.Popen | None = None
+        self.v2_training: subprocess.Popen | None = None
 
     # -- stages ----------------------------------------------------------------
     def run(self) -> dict:
@@ -201,6 +204,7 @@ class Demo:
         t_start = time.time()
         with ExitStack() as self.stack:
             v1 = self._train_v1()
+            self._start_training_v2()  # trains while the fleet starts and streams
             self._publish_and_approve_v1(v1)
             self._start_cloud_side()
             self._start_fleet()
@@ -273,7 +277,8 @@ class Demo:
         self.s3_endpoint = S3Endpoint(self.home).start()
         self.stack.callback(self.s3_endpoint.close)
         config = component_config(self.o.turbines_per_gateway, 20.0, self.o.anomaly_every, 3600.0,
-                                  capture_endpoint=self.s3_endpoint.url, capture_batch_interval=5.0)
+                                  capture_endpoint=self.s3_endpoint.url, capture_batch_interval=5.0,
+                                  anomaly_seconds=min(EPISODE_S, self.o.anomaly_every / 2))
         self.drift_turbine = min(DRIFT_TURBINE, self.o.turbines_per_gateway - 1)
         self.drift_things = self.things[1:] or self.things  # not the canary gateway (gw01), unless alone
         if self.o.drift:
@@ -340,15 +345,20 @@ class Demo:
         self._wait_scoring("1.0.1", t0)
         self.rollouts.append(self._rollout_entry("1.0.1", "install", t0, outcome))
 
-    def _stream_while_training_v2(self, v1: Path) -> Path:
-        self.c.stage(f"Streaming for {self.o.duration:.0f} s while the data scientist trains v2")
+    def _start_training_v2(self) -> None:
+        """v2: the pre-trained package, or ``windfleet train`` in the background from now on."""
         out = self.work / "models" / "v2"
-        proc = None
+        self.v2_training = None
         if self.o.model_v2:
             stamp(self.o.model_v2, out, "1.0.2")
         else:
-            proc = train(out, "1.0.2", seed=2, background=True, log_path=self.work / "train-v2.log")
-            self.stack.callback(_stop_process, proc)
+            self.v2_training = train(out, "1.0.2", seed=2, background=True, log_path=self.work / "train-v2.log")
+            self.stack.callback(_stop_process, self.v2_training)
+            self.c.info(f"training v2 in the background (log: {self.work / 'train-v2.log'})")
+
+    def _stream_while_training_v2(self, v1: Path) -> Path:
+        self.c.stage(f"Streaming for {self.o.duration:.0f} s while the data scientist trains v2")
+        out, proc = self.work / "models" / "v2", self.v2_training
         t0 = last_line = time.monotonic()
         with _progress(self.o.duration, "streaming", "s") as bar:
             while True:
@@ -851,8 +861,8 @@ def register(group: click.Group) -> None:
     @click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=None,
                   help="Work directory (default: runs/demo-YYYYmmdd-HHMMSS).")
     @click.option("--dashboard-port", default=0, type=click.IntRange(0, 65535), help="Default: a free port.")
-    @click.option("--anomaly-every", default=20.0, show_default=True, type=click.FloatRange(min=2),
-                  help="Seconds between injected anomalies per turbine.")
+    @click.option("--anomaly-every", default=40.0, show_default=True, type=click.FloatRange(min=2),
+                  help="Seconds between injected anomalies per turbine (each lasts 5 s, or half of it when shorter).")
     @click.option("--model-v1", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
                   help="Use this trained package as v1 instead of training it.")
     @click.option("--model-v2", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,

@@ -269,6 +269,14 @@ def validate_readings(obj: dict) -> dict:
 
 
 # ---------------------------------------------------------------- labels (ground truth)
+# A turbine is not normal the moment a fault ends: a rotor spun up by overspeed takes ~6 s to
+# slow down, a yawed nacelle ~12 s to slew back (measured on the simulator: a model's alarm rate
+# on windows starting 0-3 s after a yaw fault 1.00, 9-12 s 0.22, 12-15 s 0.05, later 0.01).
+# Consumers judging "normal" data (the canary's false-alarm count, drift, captured windows'
+# labels) treat this many samples after an episode as part of it; recall uses the episode alone.
+LABEL_RECOVERY_SAMPLES = 300  # 15 s at the simulator's 20 Hz
+
+
 def label(turbine_id: str, kind: str, start_seq: int, end_seq: int, severity: float) -> dict:
     """An injected anomaly episode covering samples ``start_seq <= seq < end_seq``."""
     return {

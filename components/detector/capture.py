@@ -12,7 +12,8 @@ Policy (:class:`CaptureSampler`), per scored window:
 Each kept window goes out as one ``payloads.capture`` message on ``topics.capture(thing)``
 with its raw rows (the model's inputs before ``prepare``: what the scoring queue holds),
 the model version, per-feature errors and thresholds.  ``label``: 1 when the window
-overlaps a labelled anomaly episode (the simulator's ``topics.labels``), 0 once labels are
+overlaps a labelled anomaly episode (the simulator's ``topics.labels``) or the turbine's
+recovery after one (``payloads.LABEL_RECOVERY_SAMPLES``), 0 once labels are
 being received for that turbine and it overlaps none, None while none have arrived.
 
 Publishing is synchronous on the scoring thread (about 0.5 ms a message); the bound keeps
@@ -103,7 +104,8 @@ class CaptureSampler:
             if episodes is None:
                 return None
             # a window ending at e covers samples e - window + 1 .. e
-            return int(any(end >= s and end - window + 1 < e for s, e in episodes))
+            # ... and the turbine's recovery after an episode is no normal data to learn from either
+            return int(any(end >= s and end - window + 1 < e + payloads.LABEL_RECOVERY_SAMPLES for s, e in episodes))
 
     # ------------------------------------------------------------ sampling
     def choose(self, turbine: str, flagged: np.ndarray) -> list[tuple[int, str]]:

@@ -5,8 +5,10 @@ The readings handler feeds each accepted message's raw features (:meth:`DriftTra
 a few microseconds per message); the scoring thread publishes (:meth:`DriftTracker.publish`).
 A model whose card has no ``drift`` object (trained before drift monitoring) means no drift
 records, never an error; an unusable one is logged once per model and treated the same.  A new
-model brings a new reference: every monitor starts over, so a record always compares readings
-with the training data of the model named in it.
+model brings a new reference: every monitor is rebuilt against it from the turbine's last window
+of raw readings (kept beside the histograms), so a record always compares readings with the
+training data of the model named in it, and a rollout is judged on the turbine's data at once
+rather than after a window of fresh readings (e.g. 600 at 20 Hz, outside faults: about a minute).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class DriftTracker:
         self._model: Any = None  # the model whose reference the monitors use
         self.reference: Reference | None = None
         self.monitors: dict[str, DriftMonitor] = {}
+        self._recent: dict[str, np.ndarray] = {}  # per turbine: the raw readings its window holds
         self._lock = threading.Lock()
         self._next = time.monotonic() + self.interval
         self._limited = jsonlog.RateLimited(log, interval=60.0)
@@ -55,20 +58,32 @@ class DriftTracker:
                 except DriftCardError as exc:
                     jsonlog.event(log, "model card's drift reference unusable; no drift monitoring",
                                   logging.WARNING, model_version=model.version, reason=str(exc))
-            self.monitors = {t: DriftMonitor(reference) for t in self.turbines} if reference is not None else {}
+            same_features = self._model is not None and model is not None and \
+                self._model.card.get("features") == model.card.get("features")
+            self.monitors = {}
+            for turbine in self.turbines if reference is not None else ():
+                monitor = self.monitors[turbine] = DriftMonitor(reference)
+                recent = self._recent.get(turbine) if same_features else None
+                if recent is not None and len(recent):
+                    monitor.update(recent[-reference.samples:])
+            if not same_features:
+                self._recent = {}
             self.reference, self._model = reference, model
             return reference
 
     def update(self, model: Any, turbine: str, seq: int, rows: np.ndarray,
                episodes: Iterable[tuple[int, int]] = ()) -> None:
         """Count one accepted readings message's raw features ``(n, F)``, leaving out the readings
-        inside labelled anomaly ``episodes`` (``start <= seq < end``): a fault is not drift, and
+        inside labelled anomaly ``episodes`` (``start <= seq < end``, plus the recovery after each:
+        ``payloads.LABEL_RECOVERY_SAMPLES``): a fault is not drift, and
         a simulated fleet with frequent faults would otherwise look drifted.  Never raises."""
         try:
             if self._follow(model) is None:
                 return
             end = seq + len(rows)
-            overlapping = [(a, b) for a, b in episodes if a < end and b > seq]
+            # the turbine's recovery after a fault is not its normal either
+            overlapping = [(a, b + payloads.LABEL_RECOVERY_SAMPLES) for a, b in episodes]
+            overlapping = [(a, b) for a, b in overlapping if a < end and b > seq]
             if overlapping:
                 at = seq + np.arange(len(rows))
                 inside = np.zeros(len(rows), dtype=bool)
@@ -77,7 +92,12 @@ class DriftTracker:
                 rows, seq = rows[~inside], None  # not contiguous any more: no redelivery check for it
             monitor = self.monitors.get(turbine)
             if monitor is not None:
-                monitor.update(rows, seq)
+                new = monitor.update(rows, seq)
+                if new:  # the next model's monitor starts from these
+                    recent = self._recent.get(turbine)
+                    rows = rows[len(rows) - new:]
+                    self._recent[turbine] = (rows if recent is None else np.concatenate([recent, rows])
+                                             )[-monitor.reference.samples:]
         except Exception as exc:  # noqa: BLE001 - drift is advisory: it never costs a reading its score
             self._limited.warn("drift_update", "drift update failed", error=repr(exc)[:200])
 

@@ -178,7 +178,8 @@ class Shadow:
 
     def _match_episodes(self, parts, cur_flag, cand_flag, window) -> None:
         """Count detected episodes, and the windows of labelled turbines (ones whose simulator or
-        operator publishes labels) that overlap none: there a flag is a false alarm.  A label is
+        operator publishes labels) that overlap none, nor the turbine's recovery after one
+        (``payloads.LABEL_RECOVERY_SAMPLES``): there a flag is a false alarm.  A label is
         published before the readings of its first sample, so it is known when they are scored."""
         offset = 0
         for turbine, ends in parts:
@@ -200,14 +201,14 @@ class Shadow:
                             ep.current, self.current_detected = True, self.current_detected + 1
                         if not ep.candidate and cand_flag[offset:offset + n][overlap].any():
                             ep.candidate, self.candidate_detected = True, self.candidate_detected + 1
-                    if horizon - window + 1 >= ep.end:  # even unsettled windows are past it
+                    if horizon - window + 1 >= ep.end + payloads.LABEL_RECOVERY_SAMPLES:  # all later windows are past it
                         episodes.remove(ep)
             offset += n
 
     def _count_clean(self, episodes, ends: np.ndarray, cur: np.ndarray, cand: np.ndarray, window: int) -> None:
         inside = np.zeros(len(ends), dtype=bool)
-        for ep in episodes:
-            inside |= (ends >= ep.start) & (ends - window + 1 < ep.end)
+        for ep in episodes:  # a window inside an episode or the turbine's recovery from it is not clean
+            inside |= (ends >= ep.start) & (ends - window + 1 < ep.end + payloads.LABEL_RECOVERY_SAMPLES)
         clean = ~inside
         self.clean += int(clean.sum())
         self.current_false += int(cur[clean].sum())

@@ -153,14 +153,19 @@ class FleetCollector:
 
     def detection(self) -> dict[str, Any]:
         """Window-level precision/recall of the scores against the injected labels, and
-        the share of labelled episodes with at least one anomalous window."""
+        the share of labelled episodes with at least one anomalous window.  Windows in a
+        turbine's recovery after an episode (``payloads.LABEL_RECOVERY_SAMPLES``) count as
+        neither: the turbine is not normal yet, and the fault is over."""
         with self._lock:
             scores, labels = dict(self.scores), {t: list(e) for t, e in self.labels.items()}
         tp = fp = fn = tn = 0
+        recovery = payloads.LABEL_RECOVERY_SAMPLES
         detected: set[tuple[str, int, int]] = set()
         for (turbine, end), flagged in scores.items():
             start = end - self.window + 1
             hits = [(s, e) for s, e in labels.get(turbine, ()) if s <= end and e > start]
+            if not hits and any(s <= end and e + recovery > start for s, e in labels.get(turbine, ())):
+                continue
             if hits and flagged:
                 tp += 1
                 detected.update((turbine, s, e) for s, e in hits)
@@ -272,21 +277,25 @@ def _newest_model() -> Path | None:
     return cards[-1].parent if cards else None
 
 
-def anomaly_schedule(turbines: int, seconds: float, every: float, warmup: float = 10.0) -> list[dict]:
+def anomaly_schedule(turbines: int, seconds: float, every: float, warmup: float = 10.0,
+                     duration: float | None = None) -> list[dict]:
     """The simulator's explicit ``anomalies``: per turbine, an episode every ``every``
-    seconds lasting half of it, kinds in turn, turbines staggered so episodes overlap
-    normal data on other turbines.  Explicit (not the simulator's random rate, whose
-    first episode comes after a minute) so a short run is scored against labels too."""
+    seconds lasting ``duration`` (default: half of ``every``, at most 10 s, so a period
+    longer than 35 s leaves the turbine normal after its recovery, ``payloads.LABEL_RECOVERY_SAMPLES``),
+    kinds in turn, turbines staggered so episodes overlap normal data on other turbines.
+    Explicit (not the simulator's random rate, whose first episode comes after a minute)
+    so a short run is scored against labels too."""
     from windfleet.simulation import KINDS
 
     if every <= 0:
         return []
+    duration = min(every / 2, 10.0) if duration is None else duration
     out, n = [], 0
     for t in range(turbines):
         start = warmup + (t * every / max(turbines, 1)) % every
         while start < seconds:
             out.append({"turbine": t, "kind": KINDS[n % len(KINDS)], "start_s": round(start, 2),
-                         "duration_s": round(every / 2, 2), "severity": 0.9})
+                         "duration_s": round(duration, 2), "severity": 0.9})
             start += every
             n += 1
     return out
@@ -294,8 +303,8 @@ def anomaly_schedule(turbines: int, seconds: float, every: float, warmup: float 
 
 def component_config(turbines: int, sample_rate: float, anomaly_every: float, seconds: float,
                      health_interval: float = 2.0, capture_endpoint: str | None = None,
-                     capture_batch_interval: float = 10.0) -> dict:
-    """greengrass-cli ``--update-config`` for a fleet run's gateways.
+                     capture_batch_interval: float = 10.0, anomaly_seconds: float | None = None) -> dict:
+    """greengrass-cli ``--update-config`` for a fleet run's gateways (anomalies: :func:`anomaly_schedule`).
 
     ``capture_endpoint``: the local S3 endpoint (``cloud/local/s3_server.py``) the forwarders
     upload captured windows to, every ``capture_batch_interval`` s; without one the detectors
@@ -305,7 +314,8 @@ def component_config(turbines: int, sample_rate: float, anomaly_every: float, se
                if capture_endpoint else {})
     return {
         SIMULATOR: {"MERGE": {**common, "rate": sample_rate, "anomalies_per_hour": 0,
-                              "anomalies": anomaly_schedule(turbines, seconds, anomaly_every)}},
+                              "anomalies": anomaly_schedule(turbines, seconds, anomaly_every,
+                                                                duration=anomaly_seconds)}},
         DETECTOR: {"MERGE": {**common, "capture": bool(capture_endpoint)}},
         FORWARDER: {"MERGE": {**common, **capture}},
         MODEL: {"RESET": [""]},  # the version's own OnnxSha256 (see cloud.settings.MODEL_CONFIGURATION_UPDATE)
