@@ -33,8 +33,8 @@ from windfleet.build import build
 from windfleet.cli import main
 from windfleet.cloud.backends import Backend
 from windfleet.cloud.local.s3_server import S3Endpoint
-from windfleet.nucleus.fleet import (DETECTOR, FORWARDER, SIMULATOR, component_config, leftover_processes,
-                                     stop_devices)
+from windfleet.nucleus.fleet import (DETECTOR, FORWARDER, SIMULATOR, component_config, device_status,
+                                     leftover_processes, stop_devices)
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -43,12 +43,7 @@ STEADY, DRIFTED = f"{THING}-t00", f"{THING}-t01"
 PER_TURBINE = 12  # captured windows per turbine in S3 before retraining (6 s of scoring)
 
 
-def status(root: Path) -> dict:
-    """The runtime's ``status.json`` (components' states and their last health), {} until written."""
-    try:
-        return json.loads((root / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}
+status = device_status  # the runtime's status.json (components' states and their last health)
 
 
 def health(root: Path, component: str) -> dict:

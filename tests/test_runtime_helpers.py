@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from windfleet import topics
+from windfleet.nucleus.fleet import device_status
 from windfleet.nucleus.runtime import DeviceRuntime, Settings
 
 STANDIN = r'''
@@ -130,11 +131,7 @@ def events(root: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def status(root: Path) -> dict:
-    try:
-        return json.loads((Path(root) / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}
+status = device_status  # the runtime's status.json, {} until written
 
 
 def state_of(root: Path, name: str) -> str | None:

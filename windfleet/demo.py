@@ -610,11 +610,9 @@ class Demo:
 
     def _installed(self, thing: str) -> dict[str, str]:
         """Component -> version, as the gateway reports it (its runtime's status.json)."""
-        try:
-            status = json.loads((self.roots[thing] / "status.json").read_text())
-        except (OSError, ValueError):
-            return {}
-        return {n: c.get("version") for n, c in (status.get("components") or {}).items()}
+        from windfleet.nucleus.fleet import device_status
+
+        return {n: c.get("version") for n, c in (device_status(self.roots[thing]).get("components") or {}).items()}
 
     def _approve_corrupt_v4(self, v2: Path) -> None:
         from windfleet.cloud import canary

@@ -22,10 +22,9 @@ import hashlib
 import hmac
 import logging
 import re
-import threading
 from datetime import datetime, timezone
 from email.utils import formatdate
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
@@ -37,6 +36,7 @@ from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
 from windfleet import jsonlog
+from windfleet.loopback import LoopbackServer
 from windfleet.nucleus.tes import CredentialAuthority
 
 from ..settings import BUCKET
@@ -87,8 +87,10 @@ def check_signature(method: str, path: str, headers: dict[str, str], body: bytes
     return access_key
 
 
-class S3Endpoint:
+class S3Endpoint(LoopbackServer):
     """The HTTP server.  ``home``: the local backend's store (a :class:`Store` or its directory)."""
+
+    thread_name = "s3-endpoint"
 
     def __init__(self, home: Store | str | Path | None = None, host: str = "127.0.0.1", port: int = 0):
         self.store = home if isinstance(home, Store) else Store(home)
@@ -109,34 +111,23 @@ class S3Endpoint:
             def log_message(self, *_args) -> None:
                 pass
 
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
-        self._httpd.daemon_threads = True
-        self._serving = False
+        super().__init__(Handler, host, port)
 
     @property
     def url(self) -> str:
         """The ``endpoint_url`` to give boto3 (and the forwarder's ``capture_endpoint``)."""
-        host, port = self._httpd.server_address[:2]
+        host, port = self.address
         return f"http://{host}:{port}"
 
     def start(self) -> "S3Endpoint":
         """Serve on a daemon thread; returns self."""
-        self._serving = True
-        threading.Thread(target=self._httpd.serve_forever, name="s3-endpoint", daemon=True).start()
+        super().start()
         jsonlog.event(log, "S3 endpoint listening", url=self.url, home=str(self.store.home))
         return self
 
     def serve_forever(self) -> None:
         jsonlog.event(log, "S3 endpoint listening", url=self.url, home=str(self.store.home))
-        self._serving = True
-        self._httpd.serve_forever()
-
-    def close(self) -> None:
-        """Stop serving and release the port (requests in progress finish)."""
-        if self._serving:
-            self._httpd.shutdown()
-            self._serving = False
-        self._httpd.server_close()
+        super().serve_forever()
 
     # ------------------------------------------------------------ requests
     def handle(self, req: BaseHTTPRequestHandler) -> None:

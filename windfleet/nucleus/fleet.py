@@ -256,9 +256,11 @@ def _kill_group(pgid: int, sig: int) -> None:
         pass
 
 
-def _device_status(root: Path) -> dict:
+def device_status(root: str | Path) -> dict:
+    """A device runtime's ``status.json`` (its components' states, versions and last health,
+    its last deployment), {} until the runtime has written it."""
     try:
-        return json.loads((root / "status.json").read_text())
+        return json.loads((Path(root) / "status.json").read_text())
     except (OSError, ValueError):
         return {}
 
@@ -396,7 +398,7 @@ def run_fleet(*, gateways: int, turbines_per_gateway: int, duration: float, repo
         # Wait for every gateway's deployment to finish (bounded), then run for `duration`.
         deadline = time.monotonic() + startup_timeout
         while not stop.is_set() and time.monotonic() < deadline:
-            statuses = {t: (_device_status(roots[t]).get("deployment") or {}).get("status") for t in things}
+            statuses = {t: (device_status(roots[t]).get("deployment") or {}).get("status") for t in things}
             if all(s not in (None, "IN_PROGRESS") for s in statuses.values()):
                 break
             dead = [t for t, p in procs.items() if p.poll() is not None]
@@ -404,7 +406,7 @@ def run_fleet(*, gateways: int, turbines_per_gateway: int, duration: float, repo
                 raise FleetError(f"device runtime(s) exited: {dead} (see {roots[dead[0]] / 'runtime.out'})")
             stop.wait(0.5)
         started_at = time.time()
-        jsonlog.event(log, "fleet running", deployments={t: (_device_status(roots[t]).get("deployment") or {})
+        jsonlog.event(log, "fleet running", deployments={t: (device_status(roots[t]).get("deployment") or {})
                                                         .get("status") for t in things})
         if on_running is not None:
             on_running({"things": list(things), "roots": dict(roots), "runtime_pids": {t: p.pid for t, p in procs.items()},
@@ -458,7 +460,7 @@ def stop_devices(procs: dict[str, subprocess.Popen], roots: dict[str, Path], gra
             pass
     for thing, proc in procs.items():
         _kill_group(proc.pid, signal.SIGKILL)
-        for comp in (_device_status(roots[thing]).get("components") or {}).values():
+        for comp in (device_status(roots[thing]).get("components") or {}).values():
             for pgid in comp.get("pgids") or []:
                 _kill_group(int(pgid), signal.SIGKILL)
         try:
@@ -473,7 +475,7 @@ def build_report(collector: FleetCollector, things: list[str], roots: dict[str, 
     per_gateway = {}
     restarts = 0
     for thing in things:
-        st = _device_status(roots[thing])
+        st = device_status(roots[thing])
         comps = st.get("components") or {}
         restarts += int(st.get("restarts") or 0)
         det_health = collector.health.get((thing, DETECTOR)) or {}

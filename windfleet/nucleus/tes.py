@@ -29,11 +29,12 @@ import secrets
 import threading
 import time
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Callable
 
 from windfleet import jsonlog
+from windfleet.loopback import LoopbackServer
 
 log = logging.getLogger("windfleet.nucleus.tes")
 
@@ -104,9 +105,11 @@ class CredentialAuthority:
         return self._secret(access_key, token)
 
 
-class TokenExchangeServer:
+class TokenExchangeServer(LoopbackServer):
     """The loopback HTTP server.  ``principal_of(token)``: the component a token belongs to
     (None: refused); ``authorized(component)``: its ``getCredentials`` permission."""
+
+    thread_name = "tes"
 
     def __init__(self, authority: CredentialAuthority, principal_of: Callable[[str], str | None],
                  authorized: Callable[[str], bool] = lambda _: True, *, host: str = "127.0.0.1", port: int = 0,
@@ -131,14 +134,12 @@ class TokenExchangeServer:
             def log_message(self, *_args) -> None:  # requests are counted, not printed
                 pass
 
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
-        self._httpd.daemon_threads = True
-        self._serving = False
+        super().__init__(Handler, host, port)
 
     @property
     def uri(self) -> str:
         """``AWS_CONTAINER_CREDENTIALS_FULL_URI``."""
-        host, port = self._httpd.server_address[:2]
+        host, port = self.address
         return f"http://{host}:{port}{PATH}"
 
     def answer(self, path: str, token: str | None) -> tuple[int, dict]:
@@ -156,14 +157,3 @@ class TokenExchangeServer:
             if self._cached is None or self._cached[0] - now < min(REFRESH_BEFORE, self.ttl / 2):
                 self._cached = (now + self.ttl, self.authority.issue(self.ttl, now))
             return 200, dict(self._cached[1])
-
-    def start(self) -> "TokenExchangeServer":
-        self._serving = True
-        threading.Thread(target=self._httpd.serve_forever, name="tes", daemon=True).start()
-        return self
-
-    def close(self) -> None:
-        if self._serving:
-            self._httpd.shutdown()
-            self._serving = False
-        self._httpd.server_close()
