@@ -345,6 +345,27 @@ def test_a_restart_before_the_cloud_confirmed_loses_nothing(make, tmp_path):
     assert [r["body"]["window_end_seq"] for m in again for r in m["records"] if r["type"] == "score"] == list(range(5))
 
 
+def test_a_nucleus_refusing_the_ack_subscription_costs_no_data_and_no_restart(make):
+    """A nucleus configured to run offline refuses SubscribeToIoTCore (aws-greengrass-nucleus
+    MqttClient.subscribe: "Device is not configured to connect to AWS"): the forwarder keeps
+    running and spooling, and subscribes once the nucleus accepts (asked again every health tick)."""
+    class Refusing(MemoryBus):
+        refusals = 2
+
+        def subscribe_cloud(self, topic, handler):
+            if self.refusals:
+                self.refusals -= 1
+                raise RuntimeError("ServiceError: Device is not configured to connect to AWS")
+            super().subscribe_cloud(topic, handler)
+
+    bus, fwd = make(bus=Refusing(config={"turbines": 1}), batch_records=5, ack_timeout=0.2, health_interval=0.1)
+    _scores(bus, "gw1-t00", 0, 5)
+    assert fwd.counters["ack_subscribe_failures"] >= 1  # started all the same
+    wait_until(lambda: fwd.spool.records == 0, 10)  # acks flow once the subscription is accepted
+    assert bus.score_numbers()[-5:] == list(range(5)) and bus.refusals == 0
+    assert fwd.health_counters()["ack_subscribe_failures"] == 2
+
+
 def test_delivery_nucleus_trusts_the_nucleus(make):
     bus = MemoryBus(config={"turbines": 1, "delivery": "nucleus"})
     bus.acking = False

@@ -144,8 +144,7 @@ class Forwarder:
                       spool=str(self.spool.path), spool_records=self.spool.records, next_seq=self.spool.next_seq,
                       max_records=self.spool.max_records, max_bytes=self.spool.max_bytes,
                       policy="drop oldest when full")
-        if self.delivery == "cloud_ack":
-            self.bus.subscribe_cloud(topics.telemetry_ack(self.thing), self.on_ack)
+        self._acks_subscribed = self.delivery != "cloud_ack" or self._subscribe_acks()
         self.bus.subscribe(topics.health(self.thing), self.handle)
         self.bus.subscribe(topics.logs(self.thing), self.handle)
         if self.uploader is not None:
@@ -359,7 +358,7 @@ class Forwarder:
     # ------------------------------------------------------------ health
     def health_counters(self) -> dict[str, int]:
         counters = {k: 0 for k in ("received", "sent", "messages_sent", "malformed_dropped", "cloud_failures",
-                                   "spool_errors", "dropped_spool_error", "ack_timeouts")}
+                                   "spool_errors", "dropped_spool_error", "ack_timeouts", "ack_subscribe_failures")}
         counters.update(self.counters)
         counters.update(
             spooled=self.spool.records,
@@ -387,8 +386,25 @@ class Forwarder:
         self.bus.update_state("RUNNING", counters=self.health_counters(),
                               malformed_by_kind=dict(self.malformed_by_kind))
 
+    def _subscribe_acks(self) -> bool:
+        """Subscribe to the cloud's telemetry acks; False (logged) when the nucleus refuses.
+        A nucleus configured to run offline refuses every SubscribeToIoTCore ("Device is not
+        configured to connect to AWS", MqttClient.subscribe); the forwarder then keeps
+        spooling, nothing is acknowledged so nothing leaves the spool, and the health loop
+        asks again (rather than exiting and being restarted into the same refusal)."""
+        try:
+            self.bus.subscribe_cloud(topics.telemetry_ack(self.thing), self.on_ack)
+            return True
+        except Exception as exc:  # noqa: BLE001 - the SDK raises ServiceError and friends
+            self.counters["ack_subscribe_failures"] = self.counters.get("ack_subscribe_failures", 0) + 1
+            self._limited.warn("ack_subscribe", "cannot subscribe to the cloud's acks; spooling meanwhile",
+                               error=repr(exc)[:200])
+            return False
+
     def _health_loop(self) -> None:
         while not self._stop.wait(self.health_interval):
+            if not self._acks_subscribed:
+                self._acks_subscribed = self._subscribe_acks()
             try:
                 self.publish_health()
             except Exception as exc:
