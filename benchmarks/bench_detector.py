@@ -99,7 +99,7 @@ def model_package(arg: str | None, version: str = "1.0.0", seed: int = 0) -> Pat
     # An untrained Conv-AE of the contract's shape costs exactly what a trained one does.
     # Built in a child process so torch never sits in this process's memory.
     out = Path(tempfile.mkdtemp(prefix="wf-bench-model-")) / "model"
-    code = ("import sys; sys.path.insert(0, %r); from tests.test_detector_model import build_model_package; "
+    code = ("import sys; sys.path.insert(0, %r); from tests.detector_fixtures import build_model_package; "
             "build_model_package(%r, %r, seed=%d)" % (str(REPO), str(out), version, seed))
     subprocess.run([sys.executable, "-W", "ignore", "-c", code], check=True, cwd=REPO)
     return out

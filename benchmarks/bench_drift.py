@@ -85,7 +85,7 @@ def packages(tmp: Path) -> tuple[Path, Path]:
     does; built in a child process so torch stays out of this one), its card without and with a
     ``drift`` object made from a simulated 3 + 3 turbine fleet (10 minutes each)."""
     plain = tmp / "plain"
-    code = ("import sys; sys.path.insert(0, %r); from tests.test_detector_model import build_model_package; "
+    code = ("import sys; sys.path.insert(0, %r); from tests.detector_fixtures import build_model_package; "
             "build_model_package(%r, '1.0.0', seed=0)" % (str(REPO), str(plain)))
     subprocess.run([sys.executable, "-W", "ignore", "-c", code], check=True, cwd=REPO)
     fleets = []

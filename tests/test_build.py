@@ -111,7 +111,7 @@ def test_built_recipes_install_idempotently_and_import_from_the_artifact(tmp_pat
     """The real Install steps of the built detector and model recipes, executed by the runtime:
     the detector's makes the venv once, the code imported is the unpacked artifact's, and the
     model component validates its package with that venv and code (check_model) each time."""
-    from tests.test_detector_model import build_model_package
+    from tests.detector_fixtures import build_model_package
 
     built = tmp_path / "greengrass-build"
     build(built, build_model_package(tmp_path / "model", "1.2.0"))  # a real package: check_model loads it

@@ -80,7 +80,7 @@ def test_approval_rolls_out_and_a_broken_model_rolls_back(broker, runtimes, tmp_
     from windfleet.nucleus.fleet import component_config
     from windfleet.nucleus.sources import configuration_update
 
-    from tests.test_detector_model import build_model_package, edit_card
+    from tests.detector_fixtures import build_model_package, edit_card
 
     home = tmp_path / "home"
     backend = Backend.local(home, thing_group=GROUP)

@@ -18,99 +18,13 @@ import pytest
 
 from windfleet import model_contract as mc
 from windfleet import payloads, topics
-from windfleet.components.bus.base import Bus
-from windfleet.components.detector import Detector, load_model
 from windfleet.components.detector.model import session_options
 from windfleet.components.detector.service import MODEL_COMPONENT, model_locator
 from windfleet.components.detector.service import run as run_detector
 from windfleet.preprocessing import prepare, raw_features, sliding_windows
-from windfleet.simulation import Turbine, turbine_seed
 
-from tests.test_detector_model import build_model_package, edit_card
-
-THING = "gw1"
-FIELDS = payloads.SAMPLE_FIELDS + payloads.EXTRA_SAMPLE_FIELDS
-
-
-class FakeBus(Bus):
-    """Records everything; ``deliver`` plays the broker's part."""
-
-    def __init__(self, thing: str = THING, config: dict | None = None, others: dict[str, dict] | None = None):
-        self.thing_name, self.component_name, self.version = thing, "test", "0.1.0"
-        self.config = config or {}
-        self.others = dict(others or {})  # other deployed components' configuration
-        self.published: list[tuple[str, dict]] = []
-        self.states: list[tuple[str, dict]] = []
-        self.handlers: dict[str, list] = {}
-        self.config_handlers: list = []
-        self.other_config_handlers: dict[str, list] = {}
-        self.update_handlers: list = []
-        self.closed = False
-        self._lock = threading.Lock()
-
-    def publish(self, topic, payload, qos=0):
-        assert not self.closed, "publish after close"
-        body = payload if isinstance(payload, dict) else json.loads(payload)
-        json.dumps(body, allow_nan=False)  # what the real bus would send
-        with self._lock:
-            self.published.append((topic, body))
-
-    def subscribe(self, topic, handler):
-        self.handlers.setdefault(topic, []).append(handler)
-
-    def deliver(self, topic, payload):
-        for handler in self.handlers.get(topic, []):
-            handler(topic, payload)
-
-    def publish_cloud(self, topic, payload, qos=1):
-        return False
-
-    def get_configuration(self, component=None):
-        if component is None:
-            return dict(self.config)
-        if component not in self.others:
-            raise LookupError(f"{component} is not deployed")  # as GetConfiguration's ResourceNotFoundError
-        return dict(self.others[component])
-
-    def on_configuration_update(self, handler, component=None):
-        if component is None:
-            self.config_handlers.append(handler)
-        else:
-            self.other_config_handlers.setdefault(component, []).append(handler)
-
-    def on_component_update(self, handler):
-        self.update_handlers.append(handler)
-
-    def update_state(self, state, **extra):
-        self.states.append((state, extra))
-
-    def close(self):
-        self.closed = True
-
-    def scores(self) -> list[dict]:
-        with self._lock:
-            batches = [b for t, b in self.published if t.endswith("/scores")]
-        # one message per turbine per scoring batch; the records the forwarder makes of them
-        return [r for b in batches for r in payloads.score_records(payloads.validate_score_batch(b))]
-
-
-def simulate_stream(tid: str, n: int, seed: int = 3) -> dict[str, np.ndarray]:
-    return Turbine(tid, turbine_seed(seed, int(tid[-2:])), 20.0, [], 8.0, 1_700_000_000.0).step(n)
-
-
-def messages(tid: str, data: dict, batch: int = 10, start: int = 0, end: int | None = None,
-             version: int = payloads.BATCH_VERSION) -> list[bytes]:
-    """Readings messages: columnar batches (version 2) or one object per sample (version 1)."""
-    n = len(data["ts"]) if end is None else end
-    out = []
-    for s in range(start, n, batch):
-        e = min(s + batch, n)
-        if version == payloads.BATCH_VERSION:
-            out.append(payloads.encode(payloads.readings_batch(tid, s, {f: data[f][s:e] for f in FIELDS})))
-        else:
-            rows = [{f: float(data[f][i]) for f in FIELDS} for i in range(s, e)]
-            out.append(payloads.encode(payloads.readings(tid, s, rows)))
-    return out
+from tests.detector_fixtures import (THING, FakeBus, build_model_package, drain, edit_card, make_detector, messages,
+                                     simulate_stream)
 
 
 @pytest.fixture(scope="module")
@@ -121,18 +35,6 @@ def model_v1(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def model_v2(tmp_path_factory) -> Path:
     return build_model_package(tmp_path_factory.mktemp("m") / "v2", "2.0.0", seed=1)
-
-
-def make_detector(model_dir, tmp_path, turbines=(f"{THING}-t00", f"{THING}-t01"), **kw) -> tuple[Detector, FakeBus]:
-    bus = FakeBus()
-    det = Detector(bus, load_model(model_dir), list(turbines), tmp_path / "work", **kw)
-    det.subscribe()
-    return det, bus
-
-
-def drain(det: Detector) -> None:
-    while det.score_available(timeout=0):
-        pass
 
 
 def offline_errors(model_dir: Path, data: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -25,8 +25,8 @@ from windfleet.preprocessing import raw_features, sliding_windows
 
 from tests.ipc_fixtures import Nucleus, recipe_access_control
 from tests.mqtt_fixtures import wait_until
-from tests.test_detector import messages, simulate_stream
-from tests.test_detector_model import build_model_package, edit_card
+from tests.detector_fixtures import messages, simulate_stream
+from tests.detector_fixtures import build_model_package, edit_card
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

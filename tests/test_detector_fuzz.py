@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from windfleet import payloads, topics
 
 from tests.conftest import FUZZ_BATCH
-from tests.test_detector import FIELDS, THING, make_detector, messages, simulate_stream
-from tests.test_detector_model import build_model_package
+from tests.detector_fixtures import FIELDS, THING, make_detector, messages, simulate_stream
+from tests.detector_fixtures import build_model_package
 
 TID = f"{THING}-t00"
 

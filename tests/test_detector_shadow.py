@@ -16,8 +16,8 @@ from windfleet.cloud import canary, settings
 from windfleet.components.detector.model import window_geometry
 from windfleet.components.detector.service import CANDIDATE_COMPONENT, model_locator
 
-from tests.test_detector import THING, drain, make_detector, messages, simulate_stream
-from tests.test_detector_model import build_model_package
+from tests.detector_fixtures import THING, drain, make_detector, messages, simulate_stream
+from tests.detector_fixtures import build_model_package
 
 T0 = f"{THING}-t00"
 

@@ -20,8 +20,8 @@ from windfleet import topics
 from windfleet.components.detector import ModelRejected, load_model
 from windfleet.preprocessing import denoise, raw_features, sliding_windows, standardize
 
-from tests.test_detector import THING, drain, make_detector, messages, simulate_stream
-from tests.test_detector_model import _statistics, build_model_package, edit_card
+from tests.detector_fixtures import THING, drain, make_detector, messages, simulate_stream
+from tests.detector_fixtures import _statistics, build_model_package, edit_card
 
 WINDOW, STRIDE, DIMS = 64, 8, (64,)
 

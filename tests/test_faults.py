@@ -75,7 +75,7 @@ def suite(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """One ``windfleet build`` (with a model package) for every device of this module."""
     from windfleet.build import build
 
-    from tests.test_detector_model import build_model_package
+    from tests.detector_fixtures import build_model_package
 
     root = tmp_path_factory.mktemp("suite")
     components = build(root / "greengrass-build", build_model_package(root / "model", "1.0.0"))

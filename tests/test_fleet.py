@@ -96,7 +96,7 @@ def test_fleet_run_end_to_end_with_ctrl_c(tmp_path):
     import windfleet.components.detector.main  # noqa: F401
     import windfleet.components.forwarder.main  # noqa: F401
     import windfleet.components.simulator.main  # noqa: F401
-    from tests.test_detector_model import build_model_package
+    from tests.detector_fixtures import build_model_package
 
     model = build_model_package(tmp_path / "model", "1.0.0")
     work, report_path = tmp_path / "work", tmp_path / "report.json"

@@ -188,7 +188,7 @@ def ok(proc: subprocess.CompletedProcess) -> str:
 # ------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
-    from tests.test_detector_model import build_model_package
+    from tests.detector_fixtures import build_model_package
 
     out = tmp_path_factory.mktemp("suite") / "greengrass-build"
     B.build(out, build_model_package(out.parent / "model", "1.2.0"))

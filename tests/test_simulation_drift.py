@@ -12,7 +12,7 @@ from windfleet.components.simulator import run
 from windfleet.components.simulator.service import ConfigError, drift_schedule
 from windfleet.simulation import ANEMO_PER_MS, RATED, RPS_PER_MS, Anomaly, Drift, Turbine, simulate
 
-from tests.test_detector import FakeBus
+from tests.detector_fixtures import FakeBus
 
 
 def ramp(n: int, start: int, length: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from windfleet.components.simulator import run
 from windfleet.components.simulator.service import SimConfig
 from windfleet.simulation import KINDS
 
-from tests.test_detector import FakeBus
+from tests.detector_fixtures import FakeBus
 
 
 def collect(thing="gw1", **config) -> tuple[FakeBus, dict]:
