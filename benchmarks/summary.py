@@ -30,6 +30,7 @@ Keys:
 - ``training_quick_wall_s``, ``onnxruntime_over_torch_batch_1``   training.json
 - ``training_seeds_meeting_targets``      seeds.json: seeds 0-9 of ``train --quick`` with held-out F1 >= 0.95
                                           and FAR <= 1 %
+- ``training_seeds_per_kind_recall_ok``  seeds.json: of those seeds, how many have recall >= 0.90 on every kind
 - ``ingest_records_per_s``, ``dashboard_overview_ms``             dashboard.json
 - ``dashboard_overview_200_gateways_ms``  dashboard.json: fleet page (first 50 of 200 gateways) load
 - ``ipc_sync_msgs_per_s``, ``ipc_pipelined_msgs_per_s``           ipc.json: local pub/sub over the nucleus' IPC server
@@ -166,6 +167,7 @@ KEYS: list[tuple[str, str, Callable[[dict], tuple[Any, str | None]]]] = [
     ("training_quick_wall_s", "training.json", _path("training.quick.wall_s")),
     ("onnxruntime_over_torch_batch_1", "training.json", _path("scoring.batch_1.ratio_onnxruntime_over_torch")),
     ("training_seeds_meeting_targets", "seeds.json", _path("training_seeds_meeting_targets")),
+    ("training_seeds_per_kind_recall_ok", "seeds.json", _path("training_seeds_per_kind_recall_ok")),
     ("ingest_records_per_s", "dashboard.json", _path("ingest.batched_records_per_s")),
     ("dashboard_overview_ms", "dashboard.json", _path("pages_loaded.overview_ms")),
     ("dashboard_overview_200_gateways_ms", "dashboard.json", _path("pages_200_gateways.overview_ms")),

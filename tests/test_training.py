@@ -93,10 +93,63 @@ def test_model_dir_factory_versions(model_dir_factory):
 
 def test_yaw_misalignment_is_labelled_where_the_nacelle_is_misaligned():
     from windfleet.simulation import Anomaly, Turbine
-    from windfleet.training.data import YAW_MISALIGNED, physical_labels
+    from windfleet.training.data import IDLE_WIND_RPS, YAW_MISALIGNED, physical_labels
 
     data = Turbine("t", 5, anomalies=[Anomaly("yaw_misalignment", 2000, 800, 0.9)]).step(3600)
     labels, off = physical_labels(data), np.abs(data["misalignment"]) > YAW_MISALIGNED
+    turning = data["wind_speed_rps"] >= IDLE_WIND_RPS  # below cut-in: excluded (the next test)
     assert (labels[2000:2060] == EXCLUDED).all()  # turning away: still inside the deadband
-    assert (labels[off] == "yaw_misalignment").all() and off[2800:].any()  # still off the wind after the fault
+    assert (labels[off & turning] == "yaw_misalignment").all()
+    assert (off & turning)[2800:].any()  # still off the wind after the fault
     assert (labels[:2000] == "").all() and set(labels) == {"", EXCLUDED, "yaw_misalignment"}
+
+
+def test_faults_acting_through_the_rotor_are_excluded_while_it_idles_not_missed():
+    """Below cut-in a misaligned nacelle costs no power and an imbalanced rotor barely turns:
+    no feature can show them, so those samples are neither anomalies to catch nor normal."""
+    from windfleet.simulation import Anomaly, Turbine
+    from windfleet.training.data import IDLE_WIND_RPS, YAW_MISALIGNED, physical_labels
+
+    faults = [Anomaly("yaw_misalignment", 2000, 800, 0.9), Anomaly("rotor_imbalance", 4000, 400, 0.9),
+              Anomaly("overspeed", 5000, 200, 0.9)]
+    calm = Turbine("t", 5, anomalies=faults, mean_wind=-5.0).step(6000)
+    labels = physical_labels(calm)
+    assert (calm["wind_speed_rps"] < IDLE_WIND_RPS).all() and (np.abs(calm["misalignment"]) > YAW_MISALIGNED).any()
+    assert (labels[2000:2800] == EXCLUDED).all() and (labels[4000:4400] == EXCLUDED).all()
+    assert (labels[5000:5200] == "overspeed").all()  # it spins the rotor up: plain to see
+    assert (calm["rps"][5100:5200] > 1).all()
+    windy = Turbine("t", 5, anomalies=faults[1:2], mean_wind=9.0).step(6000)
+    assert (physical_labels(windy)[4000:4400] == "rotor_imbalance").all()
+
+
+def test_regime_calibration_evens_out_the_level_score_across_operating_regimes(tmp_path):
+    """A level's score is heavier-tailed in some regimes (an idling rotor spinning down from a
+    gust) than in others (partial load): after calibrate_regimes no regime's 99th percentile
+    is above the median regime's, regimes at or below it score exactly as before, and the
+    calibrated model still exports with torch/onnxruntime parity."""
+    import torch
+
+    from windfleet.training import pipeline as P
+    from windfleet.training import train as tr
+    from windfleet.training.model import REGIME_BINS, REGIME_QUANTILE
+
+    ds = P.simulated_dataset(1, 3, 0.25, test=False)
+    stats = P.fit_statistics_windows(ds.train.raw, ds.circular)
+    x_train, x_val, x_cal = (P.prepare(w.raw, stats, mc.grid_shape(ds.window)) for w in (ds.train, ds.val, ds.calib))
+    model, _ = tr.fit(x_train, x_val, seed=1, epochs=2, progress=False, free=[2], check=x_cal)
+    before = tr.reconstruct(model, x_cal)
+    fit = tr.calibrate_regimes(model, x_cal)
+    assert fit and all(min(r["scale"]) >= 1.0 for r in fit.values())
+    with torch.no_grad():
+        level, _, mu, log_sigma = model._paths(torch.from_numpy(x_cal))
+        z2 = (((level.flatten(1) - mu) * torch.exp(-log_sigma)) / model.regime_scale(mu)) ** 2
+    for f, r in fit.items():
+        f = int(f)
+        which = np.searchsorted(np.array(r["edges"]), mu[:, f].numpy(), side="left")
+        q = [np.quantile(z2[which == b, f].numpy(), REGIME_QUANTILE) for b in range(REGIME_BINS)]
+        assert max(q) <= np.median(q) * 1.01 + 1e-9, (f, q)
+    after = tr.reconstruct(model, x_cal)
+    unscaled = (model.regime_scale(mu) == 1.0).all(dim=1).numpy()
+    assert unscaled.any() and (~unscaled).any()
+    assert np.allclose(after[unscaled], before[unscaled])
+    assert ex.export_onnx(model, tmp_path / "m.onnx", x_cal[:256]) <= ex.PARITY_ATOL

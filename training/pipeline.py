@@ -174,6 +174,7 @@ def fit_package(ds: Dataset, out_dir: str | Path, *, seed: int = 0, epochs: int 
         raise DataError("training data has values too large to standardise")
     circular = stats.get("circular", [pp.YAW] if len(ds.features) == len(mc.FEATURES) else [])
     model, history = tr.fit(x_train, x_val, seed=seed, epochs=epochs, progress=progress, free=circular, check=x_cal)
+    regimes = {ds.features[int(f)]: fit for f, fit in tr.calibrate_regimes(model, x_cal).items()}
     errors_cal = mc.window_errors(x_cal, tr.reconstruct(model, x_cal))
     thresholds = th.floor_levels(th.calibrate(errors_cal, rate), model.predicted.numpy())
     metrics: dict[str, Any] = {
@@ -208,7 +209,7 @@ def fit_package(ds: Dataset, out_dir: str | Path, *, seed: int = 0, epochs: int 
         card = ex.model_card(
             onnx_path=onnx_path, version=version, features=ds.features, statistics=stats, thresholds=thresholds,
             fingerprint=D.fingerprint(ds.train.raw, ds.val.raw), metrics=metrics,
-            extra={"model": model.config(), "training": {**history.as_dict(), "seed": seed, "data": ds.source},
+            extra={"model": {**model.config(), "regimes": regimes}, "training": {**history.as_dict(), "seed": seed, "data": ds.source},
                    **({"lineage": ds.lineage} if ds.lineage else {}), **({"drift": drift} if drift else {})},
             window=ds.window, stride=ds.stride, shape=shape,
         )

@@ -183,6 +183,13 @@ def fit_levels(model: ConvAutoencoder, train: torch.Tensor, val: torch.Tensor, *
     return out
 
 
+def calibrate_regimes(model: ConvAutoencoder, x: np.ndarray) -> dict:
+    """:meth:`ConvAutoencoder.calibrate_regimes` on prepared normal windows of turbines
+    training never saw (the calibration fleet), before the thresholds are set on them."""
+    model.eval()
+    return model.calibrate_regimes(torch.from_numpy(np.ascontiguousarray(x)))
+
+
 def reconstruct(model: nn.Module, x: np.ndarray, batch: int = 4096) -> np.ndarray:
     """Torch eager reconstructions of prepared windows (evaluation, parity checks)."""
     model.eval()
