@@ -72,43 +72,6 @@ class GroupedLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(groups, d_in, d_out).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(groups, d_out).uniform_(-bound, bound))
 
-    def regime_scale(self, mu: torch.Tensor) -> torch.Tensor:
-        """``(B, F)``: the spread multiplier of each level in the regime ``mu`` puts it in."""
-        above = (mu.unsqueeze(-1) > self.regime_edges.unsqueeze(0)).to(mu.dtype)
-        return self.regime_base.unsqueeze(0) + (above * self.regime_steps.unsqueeze(0)).sum(dim=-1)
-
-    @torch.no_grad()
-    def calibrate_regimes(self, x: torch.Tensor, bins: int = REGIME_BINS, quantile: float = REGIME_QUANTILE) -> dict:
-        """Fit :meth:`regime_scale` on normal windows ``x`` of turbines training never saw.
-
-        Each predicted level's score ``((level - mu) / sigma)^2`` is not equally heavy-tailed
-        in every regime: an idling rotor, spinning down from a gust below cut-in, scores up to
-        ~80 on held-out turbines where a rotor at partial load scores ~2 (seed 1, quick: 99.9 %
-        quantiles), and one threshold per feature then sits where partial load's faults -- a
-        yaw misalignment slowing the rotor by 15 % -- stay under it.  Per feature, windows are
-        binned by mu (``bins`` equal-mass bins) and a bin whose ``quantile`` of the score is
-        above the median bin's is scaled down to it (never up).  Returns the fit (the card's
-        ``model.level.regimes``)."""
-        level, _, mu, log_sigma = self._paths(x)
-        z2 = ((level.flatten(1) - mu) * torch.exp(-log_sigma)) ** 2
-        base, edges, steps = torch.ones_like(self.regime_base), torch.zeros_like(self.regime_edges), \
-            torch.zeros_like(self.regime_steps)
-        out = {}
-        for f in range(self.features):
-            if not self.predicted[f] or len(x) < bins * 50:
-                continue
-            e = torch.quantile(mu[:, f], torch.linspace(0, 1, bins + 1)[1:-1])
-            which = (mu[:, f].unsqueeze(-1) > e.unsqueeze(0)).sum(dim=-1)
-            q = torch.stack([torch.quantile(z2[which == b, f], quantile) if (which == b).sum() >= 20
-                             else torch.tensor(0.0) for b in range(bins)])
-            scale = torch.sqrt(torch.clamp(q / torch.clamp(q.median(), min=1e-12), min=1.0))
-            base[f], edges[f], steps[f] = scale[0], e, scale[1:] - scale[:-1]
-            out[str(f)] = {"edges": [round(float(v), 5) for v in e], "scale": [round(float(v), 4) for v in scale]}
-        self.regime_base.copy_(base)
-        self.regime_edges.copy_(edges)
-        self.regime_steps.copy_(steps)
-        return out
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x.unsqueeze(2) @ self.weight).squeeze(2) + self.bias
 
@@ -212,7 +175,7 @@ class ConvAutoencoder(nn.Module):
         yaw misalignment slowing the rotor by 15 % -- stay under it.  Per feature, windows are
         binned by mu (``bins`` equal-mass bins) and a bin whose ``quantile`` of the score is
         above the median bin's is scaled down to it (never up).  Returns the fit (the card's
-        ``model.level.regimes``)."""
+        ``model.regimes``)."""
         level, _, mu, log_sigma = self._paths(x)
         z2 = ((level.flatten(1) - mu) * torch.exp(-log_sigma)) ** 2
         base, edges, steps = torch.ones_like(self.regime_base), torch.zeros_like(self.regime_edges), \
