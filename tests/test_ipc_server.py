@@ -208,15 +208,16 @@ def test_unsubscribe_stops_delivery(nucleus):
     c = nucleus.client(nucleus.principal(TESTER, {"accessControl": ALL_PUBSUB}))
     closed_events, on_closed = _collector()
     open_events, on_open = _collector()
-    base = rt.ipc.subscriber_count()
+    base = rt.ipc.subscriber_count("demo/unsub")
     _, op = subscribe(c, "subscribe_to_topic", topic="demo/unsub", on_stream_event=on_closed)
     subscribe(c, "subscribe_to_topic", topic="demo/unsub", on_stream_event=on_open)
-    assert rt.ipc.subscriber_count() == base + 2
+    assert rt.ipc.subscriber_count("demo/unsub") == base + 2
     call(c, "publish_to_topic", topic="demo/unsub",
          publish_message=PublishMessage(json_message=JsonMessage(message={"i": 1})))
     wait_until(lambda: len(closed_events) == 1 and len(open_events) == 1, 10, message="both subscribers got #1")
     op.close().result(CALL_TIMEOUT)
-    wait_until(lambda: rt.ipc.subscriber_count() == base + 1, 10, message="server dropped the closed stream")
+    wait_until(lambda: rt.ipc.subscriber_count("demo/unsub") == base + 1, 10,
+               message="server dropped the closed stream")
     call(c, "publish_to_topic", topic="demo/unsub",
          publish_message=PublishMessage(json_message=JsonMessage(message={"i": 2})))
     wait_until(lambda: len(open_events) == 2, 10, message="open subscriber got #2")
@@ -345,7 +346,7 @@ def test_client_killed_mid_stream(nucleus, tmp_path):
     subscriptions and keeps serving everyone else ("a client that dies mid-stream")."""
     rt = nucleus.runtime
     token = nucleus.principal(TESTER, {"accessControl": ALL_PUBSUB})
-    base = rt.ipc.subscriber_count()
+    base = rt.ipc.subscriber_count("demo/dying")  # the topic's own: another test's stream may still be closing
     script = tmp_path / "dying.py"
     script.write_text(DYING_CLIENT)
     proc = subprocess.Popen([sys.executable, str(script), nucleus.socket, token, "demo/dying"],
@@ -353,7 +354,7 @@ def test_client_killed_mid_stream(nucleus, tmp_path):
     try:
         line = proc.stdout.readline()
         assert line.strip() == "subscribed", line
-        assert rt.ipc.subscriber_count() == base + 1
+        assert rt.ipc.subscriber_count("demo/dying") == base + 1
         c = nucleus.client(token)
         call(c, "publish_to_topic", topic="demo/dying",
              publish_message=PublishMessage(json_message=JsonMessage(message={"to": "dying"})))
@@ -365,7 +366,8 @@ def test_client_killed_mid_stream(nucleus, tmp_path):
             proc.kill()
             proc.wait()
         proc.stdout.close()
-    wait_until(lambda: rt.ipc.subscriber_count() == base, 10, message="dead client's subscription dropped")
+    wait_until(lambda: rt.ipc.subscriber_count("demo/dying") == base, 10,
+               message="dead client's subscription dropped")
     # publishing to the dead client's topic still succeeds; other clients are served
     call(c, "publish_to_topic", topic="demo/dying",
          publish_message=PublishMessage(json_message=JsonMessage(message={"to": "nobody"})))

@@ -426,9 +426,10 @@ class IpcServer:
                     self._subs[topic].remove(stream)
         return unsubscribe
 
-    def subscriber_count(self) -> int:
+    def subscriber_count(self, topic: str | None = None) -> int:
+        """Open SubscribeToTopic streams (on ``topic``'s filter only, when given)."""
         with self._lock:
-            return sum(len(s) for s in self._subs.values())
+            return sum(len(s) for t, s in self._subs.items() if topic is None or t == topic)
 
 
 class _LocalStream:
