@@ -277,6 +277,13 @@ def validate_readings(obj: dict) -> dict:
 LABEL_RECOVERY_SAMPLES = 300  # 15 s at the simulator's 20 Hz
 
 
+def in_episode(ends, window: int, start: int, end: int, recovery: int = 0):
+    """Whether the window of ``window`` samples ending at sample ``ends`` (covering ``ends - window
+    + 1 .. ends``; a number, or a NumPy array of them) overlaps the labelled episode ``start <= seq
+    < end`` -- or, with ``recovery=LABEL_RECOVERY_SAMPLES``, the turbine's recovery after it."""
+    return (ends >= start) & (ends - window + 1 < end + recovery)
+
+
 def label(turbine_id: str, kind: str, start_seq: int, end_seq: int, severity: float) -> dict:
     """An injected anomaly episode covering samples ``start_seq <= seq < end_seq``."""
     return {

@@ -103,9 +103,9 @@ class CaptureSampler:
             episodes = self._episodes.get(turbine)
             if episodes is None:
                 return None
-            # a window ending at e covers samples e - window + 1 .. e
-            # ... and the turbine's recovery after an episode is no normal data to learn from either
-            return int(any(end >= s and end - window + 1 < e + payloads.LABEL_RECOVERY_SAMPLES for s, e in episodes))
+            # the turbine's recovery after an episode is no normal data to learn from either
+            return int(any(payloads.in_episode(end, window, s, e, payloads.LABEL_RECOVERY_SAMPLES)
+                           for s, e in episodes))
 
     # ------------------------------------------------------------ sampling
     def choose(self, turbine: str, flagged: np.ndarray) -> list[tuple[int, str]]:

@@ -80,15 +80,15 @@ class DriftTracker:
         try:
             if self._follow(model) is None:
                 return
-            end = seq + len(rows)
             # the turbine's recovery after a fault is not its normal either
-            overlapping = [(a, b + payloads.LABEL_RECOVERY_SAMPLES) for a, b in episodes]
-            overlapping = [(a, b) for a, b in overlapping if a < end and b > seq]
-            if overlapping:
+            recovery = payloads.LABEL_RECOVERY_SAMPLES
+            last, n = seq + len(rows) - 1, len(rows)  # the message as one window of its readings
+            touching = [(a, b) for a, b in episodes if payloads.in_episode(last, n, a, b, recovery)]
+            if touching:
                 at = seq + np.arange(len(rows))
                 inside = np.zeros(len(rows), dtype=bool)
-                for a, b in overlapping:
-                    inside |= (at >= a) & (at < b)
+                for a, b in touching:
+                    inside |= payloads.in_episode(at, 1, a, b, recovery)
                 rows, seq = rows[~inside], None  # not contiguous any more: no redelivery check for it
             monitor = self.monitors.get(turbine)
             if monitor is not None:

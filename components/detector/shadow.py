@@ -192,8 +192,7 @@ class Shadow:
                 while pending and int(pending[0][0][-1]) <= horizon:
                     self._count_clean(episodes, *pending.pop(0), window)
                 for ep in list(episodes):
-                    # a window ending at e covers samples e - window + 1 .. e
-                    overlap = (ends >= ep.start) & (ends - window + 1 < ep.end)
+                    overlap = payloads.in_episode(ends, window, ep.start, ep.end)
                     if overlap.any():
                         if not ep.counted:
                             ep.counted, self.labelled = True, self.labelled + 1
@@ -201,14 +200,14 @@ class Shadow:
                             ep.current, self.current_detected = True, self.current_detected + 1
                         if not ep.candidate and cand_flag[offset:offset + n][overlap].any():
                             ep.candidate, self.candidate_detected = True, self.candidate_detected + 1
-                    if horizon - window + 1 >= ep.end + payloads.LABEL_RECOVERY_SAMPLES:  # all later windows are past it
-                        episodes.remove(ep)
+                    if horizon - window + 1 >= ep.end + payloads.LABEL_RECOVERY_SAMPLES:
+                        episodes.remove(ep)  # every window still to be counted starts past its recovery
             offset += n
 
     def _count_clean(self, episodes, ends: np.ndarray, cur: np.ndarray, cand: np.ndarray, window: int) -> None:
         inside = np.zeros(len(ends), dtype=bool)
         for ep in episodes:  # a window inside an episode or the turbine's recovery from it is not clean
-            inside |= (ends >= ep.start) & (ends - window + 1 < ep.end + payloads.LABEL_RECOVERY_SAMPLES)
+            inside |= payloads.in_episode(ends, window, ep.start, ep.end, payloads.LABEL_RECOVERY_SAMPLES)
         clean = ~inside
         self.clean += int(clean.sum())
         self.current_false += int(cur[clean].sum())

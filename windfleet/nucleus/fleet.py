@@ -162,9 +162,9 @@ class FleetCollector:
         recovery = payloads.LABEL_RECOVERY_SAMPLES
         detected: set[tuple[str, int, int]] = set()
         for (turbine, end), flagged in scores.items():
-            start = end - self.window + 1
-            hits = [(s, e) for s, e in labels.get(turbine, ()) if s <= end and e > start]
-            if not hits and any(s <= end and e + recovery > start for s, e in labels.get(turbine, ())):
+            episodes = labels.get(turbine, ())
+            hits = [(s, e) for s, e in episodes if payloads.in_episode(end, self.window, s, e)]
+            if not hits and any(payloads.in_episode(end, self.window, s, e, recovery) for s, e in episodes):
                 continue
             if hits and flagged:
                 tp += 1
