@@ -36,7 +36,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import click
 
@@ -121,18 +121,25 @@ def _progress(total: float, desc: str, unit: str):
 
 
 # ------------------------------------------------------------------------------ model packages
-def train(out: Path, version: str, seed: int, *, background: bool = False, log_path: Path | None = None):
-    """``windfleet train --quick``: in this process, or as a subprocess (``background``)."""
+def train(out: Path, version: str, seed: int, *, background: bool = False, log_path: Path | None = None,
+          args: Sequence[str] = ()):
+    """``windfleet train --quick``: in this process, or as a subprocess (``background``, with
+    more ``windfleet train`` options in ``args``)."""
     if background:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # leave a core to the fleet
         with open(log_path or out.with_suffix(".log"), "wb") as sink:
             return subprocess.Popen([sys.executable, "-m", "windfleet.cli", "train", "--quick", "--seed", str(seed),
-                                     "--version", version, "--out", str(out)], stdout=sink,
+                                     "--version", version, "--out", str(out), *args], stdout=sink,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     start_new_session=True)
     from windfleet.training.pipeline import train_simulated
 
     return train_simulated(out, seed=seed, quick=True, version=version, log=lambda *_: None)
+
+
+def _over_limit(record: dict) -> dict[str, float]:
+    """Per feature of a ``payloads.drift`` record: its score / its threshold (> 1: drifted)."""
+    return {f: record["score"][f] / record["thresholds"][f] for f in record["score"]}
 
 
 def stamp(src: Path, dst: Path, version: str) -> Path:
@@ -429,11 +436,8 @@ class Demo:
         from windfleet.cloud.settings import CANARY_COMPONENT, MODEL_COMPONENT
 
         canary_devices = set(dep["devices"])
-        deadline = time.time() + 60
-        while any(self._installed(t).get(CANARY_COMPONENT) for t in canary_devices):
-            if time.time() > deadline:
-                raise DemoError("the aborted candidate is still installed on the canary gateway")
-            time.sleep(0.5)
+        if not self._wait_until(lambda: not any(self._installed(t).get(CANARY_COMPONENT) for t in canary_devices), 60):
+            raise DemoError("the aborted candidate is still installed on the canary gateway")
         self._wait_scoring("1.0.2", time.time())
         info = self.registry.get(entry["version"])
         self.c.info(f"package {entry['version']} is {info['status']}; model component per gateway: "
@@ -514,47 +518,37 @@ class Demo:
         """Stage: the devices flag the drift; wait for their captures of it in S3; then train v5
         from them in the background (``windfleet train --from-capture``) while v3 and v4 go on."""
         self.c.stage("Drift: the devices flag it, capture the windows and upload them; v5 retrains from them")
-        drifted, t0 = self._drifted_turbines(), time.time()
-        deadline = t0 + 120
-        while not drifted <= self._flagged():
-            if time.time() > deadline:
-                raise DemoError(f"drift on {sorted(drifted - self._flagged())} not flagged within 120 s "
-                                f"(drift records: {self.collector.drift_status()})")
-            self._check_runtimes()
-            time.sleep(0.5)
+        drifted, deadline = self._drifted_turbines(), time.monotonic() + 120
+        if not self._wait_until(lambda: drifted <= self._flagged(), 120):
+            raise DemoError(f"drift on {sorted(drifted - self._flagged())} not flagged within 120 s "
+                            f"(drift records: {self.collector.drift_status()})")
         status = self.collector.drift_status()
         self.drift["flagged"] = sorted(self._flagged())
         self.drift["flagged_features"] = {t: status[t]["drifted"] for t in self.drift["flagged"]}
-        self.c.info("drift flagged on " + ", ".join(f"{t} ({', '.join(status[t]['drifted'])}: "
-                                                     f"{max(status[t]['score'][f] / status[t]['thresholds'][f] for f in status[t]['drifted']):.1f}x its limit)"
-                                                     for t in self.drift["flagged"]))
+        self.c.info("drift flagged on " + ", ".join(
+            f"{t} ({', '.join(status[t]['drifted'])}: {max(_over_limit(status[t]).values()):.1f}x its limit)"
+            for t in self.drift["flagged"]))
         # from the first drifted record (the ramp is over by then): what the turbines read now
         since = min(self.collector.drift_first_flagged[t] for t in drifted) - 5.0
         need = 20  # captured windows per drifted turbine, since then, before retraining
-        while min((self._captured(since).get(t, 0) for t in drifted), default=0) < need:
-            if time.time() > deadline:
-                raise DemoError(f"fewer than {need} captured windows per drifted turbine reached S3 within 120 s "
-                                f"({self._captured(since)})")
-            self._check_runtimes()
-            time.sleep(1.0)
+        if not self._wait_until(lambda: min((self._captured(since).get(t, 0) for t in drifted), default=0) >= need,
+                                deadline - time.monotonic(), interval=1.0):
+            raise DemoError(f"fewer than {need} captured windows per drifted turbine reached S3 within 120 s "
+                            f"({self._captured(since)})")
         captured = self._captured(since)
         self.c.info(f"captured windows in s3://{self.backend.bucket}/captures/ since the drift was flagged: "
                     f"{sum(captured.values())} ({', '.join(f'{t} {captured[t]}' for t in sorted(drifted))} "
                     "from the drifted turbines)")
-        out = self.work / "models" / "v5"
         self.drift["retrain_since"] = round(since, 3)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # leave a core to the fleet
-        with open(self.work / "train-v5.log", "wb") as sink:
-            self.retrain = subprocess.Popen(
-                [sys.executable, "-m", "windfleet.cli", "train", "--quick", "--seed", "3", "--version", "1.0.5",
-                 "--out", str(out), "--from-capture", f"s3://{self.backend.bucket}/captures/", "--since",
-                 f"{since:.3f}", "--home", str(self.home),
-                 # the drifted turbines are healthy: the windows v2 flags there are their new normal
-                 # (windows inside labelled anomaly episodes still never train)
-                 "--include-flagged",
-                 *(["--epochs", str(self.o.retrain_epochs)] if self.o.retrain_epochs else []),
-                 *(["--hours", str(self.o.retrain_hours)] if self.o.retrain_hours else [])],
-                stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        self.retrain = train(
+            self.work / "models" / "v5", "1.0.5", 3, background=True, log_path=self.work / "train-v5.log",
+            args=["--from-capture", f"s3://{self.backend.bucket}/captures/", "--since", f"{since:.3f}",
+                  "--home", str(self.home),
+                  # the drifted turbines are healthy: the windows v2 flags there are their new normal
+                  # (windows inside labelled anomaly episodes, or the recovery after one, never train)
+                  "--include-flagged",
+                  *(["--epochs", str(self.o.retrain_epochs)] if self.o.retrain_epochs else []),
+                  *(["--hours", str(self.o.retrain_hours)] if self.o.retrain_hours else [])])
         self.stack.callback(_stop_process, self.retrain)
         self.c.info("training v5 in the background: windfleet train --quick --from-capture "
                     f"s3://{self.backend.bucket}/captures/ --since {since:.0f} --include-flagged "
@@ -566,12 +560,8 @@ class Demo:
         from windfleet.cloud import canary
 
         self.c.stage("Retrained v5: register with lineage, canary, rollout; the drift flag clears")
-        deadline = time.monotonic() + self.o.stage_timeout
-        while self.retrain.poll() is None:
-            if time.monotonic() > deadline:
-                raise DemoError("training v5 did not finish in time (see train-v5.log)")
-            self._check_runtimes()
-            time.sleep(0.5)
+        if not self._wait_until(lambda: self.retrain.poll() is not None, self.o.stage_timeout):
+            raise DemoError("training v5 did not finish in time (see train-v5.log)")
         if self.retrain.returncode != 0:
             tail = (self.work / "train-v5.log").read_text(errors="replace").strip().splitlines()[-1:]
             raise DemoError(f"training v5 from the captures failed: {tail[0] if tail else self.retrain.returncode}")
@@ -587,22 +577,19 @@ class Demo:
         self._through_canary(v5, "1.0.5", reason="retrained from the drifted turbines' captures",
                              actor="windfleet-demo")
         # every turbine that drifted reports on v5, with nothing over its limit
-        flagged, deadline = set(self.drift["flagged"]), time.time() + 90
-        while True:
+        flagged = set(self.drift["flagged"])
+
+        def cleared() -> bool:
+            # the detector judges each turbine's window on v5's reference from its first record on v5
             status = self.collector.drift_status()
-            # a monitor reports once its window (the card's ``samples``) has filled on the new model
-            on_v5 = {t for t in flagged if status.get(t, {}).get("model_version") == "1.0.5"}
-            if on_v5 == flagged and not (flagged & self._flagged("1.0.5")):
-                self.drift["cleared"] = True
-                break
-            if time.time() > deadline:
-                self.drift["cleared"] = False
-                break
-            self._check_runtimes()
-            time.sleep(1.0)
+            return ({t for t in flagged if status.get(t, {}).get("model_version") == "1.0.5"} == flagged
+                    and not flagged & self._flagged("1.0.5"))
+
+        self.drift["cleared"] = self._wait_until(cleared, 90, interval=1.0)
+        status = self.collector.drift_status()
         self.drift["still_flagged"] = sorted(self._flagged("1.0.5"))
-        self.drift["scores_on_v5"] = {t: {f: round(status[t]["score"][f] / status[t]["thresholds"][f], 3)
-                                          for f in status[t]["score"]} for t in flagged if t in status}
+        self.drift["scores_on_v5"] = {t: {f: round(v, 3) for f, v in _over_limit(status[t]).items()}
+                                      for t in flagged if t in status}
         self.c.info("drift " + ("cleared" if self.drift["cleared"] else "NOT cleared") + " on v1.0.5: "
                     + ", ".join(f"{t} worst feature at {max(v.values()):.2f}x its limit"
                                 for t, v in self.drift["scores_on_v5"].items()))
@@ -677,16 +664,25 @@ class Demo:
                 time.sleep(0.25)
         return done
 
+    def _wait_until(self, done: Callable[[], object], seconds: float, interval: float = 0.5) -> bool:
+        """Poll ``done`` every ``interval`` s for up to ``seconds``, failing at once when a device
+        runtime exits; whether it came true."""
+        deadline = time.monotonic() + seconds
+        while not done():
+            if time.monotonic() > deadline:
+                return False
+            self._check_runtimes()
+            time.sleep(interval)
+        return True
+
     def _wait_scoring(self, version: str, since: float) -> None:
         """Until scores from every gateway carry ``version`` (what the devices *do*, not only report)."""
-        deadline = time.time() + 60
-        while time.time() < deadline:
+        def scoring() -> bool:
             versions = self.collector.scoring_versions(since)
-            if all(version in versions.get(t, ()) for t in self.things):
-                return
-            self._check_runtimes()
-            time.sleep(0.25)
-        raise DemoError(f"not every gateway scores with model {version} a minute later")
+            return all(version in versions.get(t, ()) for t in self.things)
+
+        if not self._wait_until(scoring, 60, interval=0.25):
+            raise DemoError(f"not every gateway scores with model {version} a minute later")
 
     def _window_loss(self, since: float, until: float) -> int:
         return sum(self.collector.windows_lost(since, until).values())
