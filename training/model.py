@@ -176,8 +176,8 @@ class ConvAutoencoder(nn.Module):
         binned by mu (``bins`` equal-mass bins) and a bin whose ``quantile`` of the score is
         above the median bin's is scaled down to it (never up).  Returns the fit (the card's
         ``model.regimes``)."""
-        level, _, mu, log_sigma = self._paths(x)
-        z2 = ((level.flatten(1) - mu) * torch.exp(-log_sigma)) ** 2
+        mu, log_sigma = self.level_head(self.level_inputs(x))  # the level path alone: no shape to reconstruct
+        z2 = ((x.mean(dim=(2, 3)) - mu) * torch.exp(-log_sigma)) ** 2
         base, edges, steps = torch.ones_like(self.regime_base), torch.zeros_like(self.regime_edges), \
             torch.zeros_like(self.regime_steps)
         out = {}
